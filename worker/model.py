@@ -1,0 +1,344 @@
+"""The model worker: read a batch, forward it once, train on the segments it completed, commit.
+
+One observation's path: ``XREADGROUP`` (:meth:`ModelWorker.poll`) -> :func:`~worker.protocol.decode_entry`
+and :func:`~worker.protocol.parse_observation` -> one batched forward (:meth:`ModelWorker._forward`) ->
+:func:`~worker.memory.observe` turns it into a transition -> :mod:`worker.a2c` trains on completed
+segments -> :meth:`~worker.state.ModelStore.commit` publishes the logits and acknowledges the entry.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+
+from worker import a2c, logs
+from worker.connections import ensure_group
+from worker.memory import EnvMemory, Segment, observe
+from worker.policy import load_weight_vector, make_policy, n_params, pack_state, unpack_state, weights_as_vector
+from worker.protocol import (
+    Command,
+    Observation,
+    ProtocolError,
+    Streams,
+    dead_letter,
+    decode_entry,
+    encode_entry,
+    logits_reply,
+    parse_command,
+    parse_observation,
+    parse_weight_vector,
+)
+from worker.settings import ModelSettings
+from worker.state import Counters, LostLease, ModelStore
+
+log = logs.get("worker.model")
+
+Entry = tuple[str, str, dict[bytes, bytes]]  # (stream, entry ID, fields)
+
+
+def _id_key(entry: Entry) -> tuple[int, int]:
+    ms, _, seq = entry[1].partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass
+class Outbox:
+    """Everything one batch changes, committed together by :meth:`ModelStore.commit`."""
+
+    messages: list[tuple[str, dict]] = field(default_factory=list)
+    acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    touched_envs: set[str] = field(default_factory=set)
+    segments: list[Segment] = field(default_factory=list)
+    weights_changed: bool = False
+
+
+class ModelWorker:
+    """One model (component ID): its policy, its per-environment memory, its consumer group.
+
+    :param settings: the worker's settings
+    :param client: a redis-py client with ``decode_responses`` off
+    """
+
+    def __init__(self, settings: ModelSettings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.redis = client
+        self.streams = Streams(settings.prefix)
+        self.component_id = settings.component_id or uuid.uuid4().hex
+        if settings.component_id is None:
+            log.warning("no component ID given: using a random one, so this model cannot resume",
+                        component_id=self.component_id)
+        self.consumer = settings.consumer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.group = Streams.group(self.component_id)
+        self.store = ModelStore(client, self.streams, self.component_id)
+        torch.set_num_threads(settings.torch_threads)
+        self.policy = make_policy(settings)
+        self.obs_shape: tuple[int, ...] = self.policy.observation_space.shape
+        self.n_actions = int(self.policy.action_space.n)
+        self.n_params = n_params(self.policy)
+        self.memories: dict[str, EnvMemory] = {}
+        self.counters = Counters()
+        self.paused_until = 0.0
+        self.last_buffer = None  # the RolloutBuffer of the latest update, for inspection
+        self._pending_first = True
+        self._stopping = False
+        self._last_heartbeat = 0.0
+
+    # ----------------------------------------------------------------- life cycle
+
+    def start(self) -> None:
+        """Create the groups, take the lease, load (or create) the state and claim orphaned entries."""
+        for stream in (self.streams.observation, self.streams.evolution):
+            ensure_group(self.redis, stream, self.group)
+        self._acquire_lease()
+        self._load()
+        claimed = self._claim_pending()
+        self._heartbeat(force=True)
+        log.info("ready", component_id=self.component_id, consumer=self.consumer, version=self.counters.version,
+                 envs=len(self.memories), reclaimed=claimed, params=self.n_params)
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then finish the batch in hand and release the lease."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.stop)
+        self.start()
+        backoff = 0.1
+        while not self._stopping:
+            try:
+                self.poll()
+                backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis unreachable, retrying", error=str(exc), sleep=backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._recover()
+            except LostLease as exc:
+                log.warning("lease lost, reloading", reason=str(exc))
+                self._recover()
+        self.shutdown()
+
+    def stop(self, *_: Any) -> None:
+        self._stopping = True
+
+    def shutdown(self) -> None:
+        """Every batch is committed as it completes, so a drained worker only leaves the registry."""
+        try:
+            self.store.unregister()
+            self.store.release(self.consumer)
+        except redis.RedisError as exc:
+            log.warning("could not release lease", error=str(exc))
+        log.info("stopped", component_id=self.component_id, **vars(self.counters))
+
+    def _recover(self) -> None:
+        try:
+            self._acquire_lease()
+            self._load()
+            self._claim_pending()
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # the next poll fails again and backs off further
+
+    def _acquire_lease(self) -> None:
+        announced = False
+        while (holder := self.store.acquire(self.consumer, self.settings.lease_ttl)) is not None:
+            if self._stopping:
+                raise SystemExit(0)
+            if not announced:
+                log.info("waiting for the lease", holder=holder, ttl=self.settings.lease_ttl)
+                announced = True
+            time.sleep(min(0.25, self.settings.lease_ttl / 4))
+
+    def _load(self) -> None:
+        """Make local state equal to the last commit (or write the first checkpoint)."""
+        snapshot = self.store.load()
+        if snapshot.policy is None:
+            self.policy = make_policy(self.settings)
+            self.counters, self.paused_until, self.memories = Counters(), 0.0, {}
+            self.store.commit(self.consumer, self.settings.lease_ttl, self.counters, 0.0, {},
+                              self._checkpoint(), [], {}, self.group, self.settings.stream_maxlen)
+        else:
+            self.policy.load_state_dict(unpack_state(snapshot.policy))
+            if snapshot.optimizer is not None:
+                self.policy.optimizer.load_state_dict(unpack_state(snapshot.optimizer))
+            self.counters, self.paused_until = snapshot.counters, snapshot.paused_until
+            self.memories = {env: EnvMemory.unpack(blob) for env, blob in snapshot.memory.items()}
+        self._pending_first = True
+
+    def _claim_pending(self) -> int:
+        """Take over entries a dead predecessor read but never committed (we hold the lease)."""
+        claimed = 0
+        for stream in (self.streams.observation, self.streams.evolution):
+            cursor = "0-0"
+            while True:
+                cursor, entries, *_ = self.redis.xautoclaim(stream, self.group, self.consumer, 0, cursor,
+                                                            count=1000)
+                claimed += len(entries)
+                if cursor in (b"0-0", "0-0"):
+                    break
+        return claimed
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_heartbeat >= self.settings.heartbeat_interval:
+            self._last_heartbeat = now
+            if self.store.acquire(self.consumer, self.settings.lease_ttl) is not None:
+                raise LostLease("lease taken by another consumer")
+            self.store.heartbeat({"consumer": self.consumer, "version": self.counters.version,
+                                  "updates": self.counters.updates, "paused": int(self._paused())})
+
+    # ----------------------------------------------------------------- the loop
+
+    def poll(self) -> int:
+        """Read one batch (our pending entries first), handle and commit it; return its size."""
+        self._heartbeat()
+        ids = "0" if self._pending_first else ">"
+        reply = self.redis.xreadgroup(
+            self.group, self.consumer, {self.streams.observation: ids, self.streams.evolution: ids},
+            count=self.settings.batch_size, block=None if self._pending_first else self.settings.block_ms,
+        )
+        entries: list[Entry] = []
+        for stream, items in reply or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            for entry_id, fields in items:
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                entries.append((name, eid, fields or {}))  # fields are None if the entry was trimmed
+        if not entries:
+            self._pending_first = False
+            return 0
+        entries.sort(key=_id_key)  # one order across both streams: commands apply between observations
+        self.handle(entries)
+        return len(entries)
+
+    def handle(self, entries: list[Entry]) -> None:
+        """Handle and commit ``entries``; a bug triggered by one entry dead-letters only that entry."""
+        try:
+            outbox = self._process(entries)
+        except (redis.RedisError, LostLease):
+            raise
+        except Exception as exc:
+            log.exception("internal error while handling a batch; isolating", size=len(entries))
+            self._load()  # forget whatever the failed batch changed
+            if len(entries) > 1:
+                for entry in entries:
+                    self.handle([entry])
+                return
+            outbox = Outbox()
+            self._reject(outbox, entries[0], f"internal error: {type(exc).__name__}: {exc}")
+        self._commit(outbox)
+
+    def _process(self, entries: list[Entry]) -> Outbox:
+        outbox = Outbox()
+        run: list[Observation] = []
+        for entry in entries:
+            stream, entry_id, fields = entry
+            outbox.acks[stream].append(entry_id)
+            try:
+                message, encoding = decode_entry(fields, self.settings.max_entry_bytes)
+                if stream == self.streams.observation:
+                    run.append(parse_observation(message, entry_id, encoding, self.obs_shape, self.n_actions))
+                    continue
+                command = parse_command(message, entry_id, encoding)
+                self._forward(run, outbox)
+                run = []
+                self._command(command, outbox)
+            except ProtocolError as exc:
+                self._reject(outbox, entry, str(exc))
+        self._forward(run, outbox)
+        self._train(outbox)
+        return outbox
+
+    def _forward(self, run: list[Observation], outbox: Outbox) -> None:
+        """One forward pass for a run of observations (and the terminal ones of truncated steps)."""
+        if not run:
+            return
+        terminal = [o.terminal_observation for o in run if o.truncated]
+        batch = torch.as_tensor(np.stack([o.observation for o in run] + terminal))
+        with torch.no_grad():
+            latent_pi, latent_vf = self.policy.mlp_extractor(self.policy.extract_features(batch))
+            logits = self.policy.action_net(latent_pi)
+            log_probs = torch.log_softmax(logits, dim=1).numpy()
+            values = self.policy.value_net(latent_vf).flatten().tolist()
+        logits_list = logits.tolist()
+        next_terminal = len(run)
+        s = self.settings
+        for i, obs in enumerate(run):
+            terminal_value = None
+            if obs.truncated:
+                terminal_value, next_terminal = values[next_terminal], next_terminal + 1
+            memory, step = observe(self.memories.get(obs.env_id), obs, values[i], log_probs[i], terminal_value,
+                                   s.gamma, s.n_steps, s.train_deterministic)
+            self.memories[obs.env_id] = memory
+            outbox.touched_envs.add(obs.env_id)
+            self.counters.observations += 1
+            self.counters.transitions += step.transition
+            self.counters.dropped += step.dropped
+            if step.segment is not None:
+                outbox.segments.append(step.segment)
+            reply = logits_reply(obs, logits_list[i], self.component_id)
+            outbox.messages.append((self.streams.logits, encode_entry(reply, obs.encoding)))
+
+    def _train(self, outbox: Outbox) -> None:
+        """One A2C update over every segment completed so far in this batch."""
+        if not outbox.segments:
+            return
+        if self._paused():
+            self.counters.discarded += len(outbox.segments)
+        else:
+            self.last_buffer = a2c.fill_buffer(self.policy, outbox.segments, self.settings)
+            stats = a2c.update(self.policy, self.last_buffer, self.settings)
+            self.counters.updates += 1
+            self.counters.segments += stats.segments
+            outbox.weights_changed = True
+            log.debug("update", **vars(stats), updates=self.counters.updates)
+        outbox.segments = []
+
+    def _paused(self) -> bool:
+        return self.paused_until > time.time()
+
+    def _command(self, command: Command, outbox: Outbox) -> None:
+        """GET publishes the weights and pauses training; SET (naming this model) loads and resumes."""
+        self._train(outbox)  # segments before the command belong to the weights before it
+        if command.cmd == "GET":
+            reply = {"WEIGHTS": weights_as_vector(self.policy).tolist(), "COMPONENT_ID": self.component_id,
+                     "REQUEST_ID": command.entry_id}
+            self.paused_until = time.time() + self.settings.evolution_timeout
+        else:
+            assert command.weights is not None
+            if self.component_id not in command.weights:
+                return  # a SET for other models
+            vector = parse_weight_vector(command.weights[self.component_id], self.n_params)
+            load_weight_vector(self.policy, vector)
+            self.paused_until = 0.0
+            outbox.weights_changed = True
+            reply = {"ACK": "SET", "COMPONENT_ID": self.component_id, "REQUEST_ID": command.entry_id}
+        self.counters.commands += 1
+        outbox.messages.append((self.streams.weights, encode_entry(reply, command.encoding)))
+
+    def _reject(self, outbox: Outbox, entry: Entry, reason: str) -> None:
+        stream, entry_id, fields = entry
+        log.warning("rejected entry", stream=stream, id=entry_id, reason=reason)
+        self.counters.dead += 1
+        letter = dead_letter(fields, stream, entry_id, reason, self.component_id, self.settings.max_entry_bytes)
+        outbox.messages.append((self.streams.dead, letter))
+
+    def _checkpoint(self) -> dict[str, bytes]:
+        return {"policy": pack_state(self.policy.state_dict()),
+                "optimizer": pack_state(self.policy.optimizer.state_dict())}
+
+    def _commit(self, outbox: Outbox) -> None:
+        if not outbox.acks:
+            return
+        memory = {env: self.memories[env].pack() for env in outbox.touched_envs}
+        self.store.commit(
+            self.consumer, self.settings.lease_ttl, self.counters, self.paused_until, memory,
+            self._checkpoint() if outbox.weights_changed else None,
+            outbox.messages, outbox.acks, self.group, self.settings.stream_maxlen,
+        )

@@ -1,0 +1,91 @@
+"""Typed settings: every option is a command-line flag and an environment variable.
+
+``python -m worker model --help`` prints these; the environment variable of ``--foo-bar`` is
+``FOO_BAR`` unless ``validation_alias`` names another one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(name: str, *more: str) -> AliasChoices:
+    """Accept the field's own name (CLI) and the documented environment variable(s)."""
+    return AliasChoices(name, *more)
+
+
+class CommonSettings(BaseSettings):
+    """Settings every component shares: where Redis is, which deployment, how to log."""
+
+    model_config = SettingsConfigDict(
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        case_sensitive=False,
+        extra="ignore",
+    )
+
+    redis_url: str = Field(
+        "redis://localhost:6379/0", description="Redis URL (redis://, rediss:// for TLS); env REDIS_URL"
+    )
+    prefix: str = Field(
+        "rl",
+        validation_alias=_env("prefix", "stream_prefix"),
+        description="prefix of every stream and key; '{rl}' keeps them in one Cluster slot; env STREAM_PREFIX",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_json: bool = Field(False, description="log JSON lines instead of human-readable text")
+
+
+class A2CSettings(BaseSettings):
+    """A2C hyper-parameters under stable-baselines3's names, with the tutorial's defaults."""
+
+    model_config = CommonSettings.model_config
+
+    gym_env: str | None = Field(
+        "CartPole-v1", description="gymnasium env id whose spaces the model uses; 'none' to give them explicitly"
+    )
+    obs_shape: list[int] | None = Field(None, description="observation shape, when --gym-env is none")
+    n_actions: int | None = Field(None, gt=1, description="number of discrete actions, when --gym-env is none")
+    learning_rate: float = Field(7e-4, gt=0)
+    n_steps: int = Field(5, gt=0, description="transitions per environment in one A2C segment")
+    gamma: float = Field(0.99, ge=0, le=1)
+    gae_lambda: float = Field(1.0, ge=0, le=1)
+    ent_coef: float = Field(0.0, ge=0)
+    vf_coef: float = Field(0.5, ge=0)
+    max_grad_norm: float = Field(0.5, gt=0)
+    normalize_advantage: bool = False
+    use_rms_prop: bool = Field(False, description="RMSprop as SB3's A2C class; the tutorial's policy uses Adam")
+    rms_prop_eps: float = Field(1e-5, gt=0)
+    net_arch: dict[str, list[int]] = Field(
+        {"pi": [16, 16], "vf": [16, 16]}, description="JSON, as SB3's net_arch"
+    )
+    activation_fn: Literal["tanh", "relu"] = "tanh"
+    ortho_init: bool = True
+    seed: int | None = Field(None, description="seed for the initial weights")
+
+
+class ModelSettings(CommonSettings, A2CSettings):
+    """``python -m worker model``: one model worker."""
+
+    component_id: str | None = Field(
+        None, description="this model's ID; it names its state in Redis, so give one to resume after a crash"
+    )
+    consumer: str | None = Field(None, description="consumer name in the group (default host:pid:random)")
+    batch_size: int = Field(256, gt=0, description="entries read (and forwarded as one batch) per XREADGROUP")
+    block_ms: int = Field(500, gt=0, description="how long one XREADGROUP blocks for new entries")
+    max_entry_bytes: int = Field(4 << 20, gt=0, description="larger entries are dead-lettered unread")
+    evolution_timeout: float = Field(60.0, gt=0, description="seconds after a GET until training resumes")
+    train_deterministic: bool = Field(False, description="also train on DETERMINISTIC (evaluation) steps")
+    lease_ttl: float = Field(5.0, gt=0, description="seconds a dead worker's lease blocks its successor")
+    heartbeat_interval: float = Field(1.0, gt=0, description="seconds between registry heartbeats")
+    max_deliveries: int = Field(5, gt=0, description="an entry delivered this often without commit is dead")
+    stream_maxlen: int = Field(100_000, gt=0, description="approximate MAXLEN of the streams this worker writes")
+    torch_threads: int = Field(1, gt=0, description="torch intra-op threads (small nets run best on one)")
+
+
+def policy_kwargs(settings: A2CSettings) -> dict[str, Any]:
+    """What the policy builder needs, without the runtime options."""
+    return settings.model_dump(include=set(A2CSettings.model_fields))

@@ -46,9 +46,10 @@ log = logs.get("worker.model")
 Entry = tuple[str, str, dict[bytes, bytes]]  # (stream, entry ID, fields)
 
 
-def _id_key(entry: Entry) -> tuple[int, int]:
+def _order(entry: Entry, command_stream: str) -> tuple[int, int, int]:
+    """Stream IDs order entries across both streams; on a tie the command goes first."""
     ms, _, seq = entry[1].partition("-")
-    return int(ms), int(seq or 0)
+    return int(ms), int(seq or 0), entry[0] != command_stream
 
 
 @dataclass
@@ -199,10 +200,19 @@ class ModelWorker:
     def poll(self) -> int:
         """Read one batch (our pending entries first), handle and commit it; return its size."""
         self._heartbeat()
-        ids = "0" if self._pending_first else ">"
+        entries = self._read("0", None) if self._pending_first else []
+        if not entries:
+            self._pending_first = False
+            entries = self._read(">", self.settings.block_ms)
+        if entries:
+            self.handle(entries)
+        return len(entries)
+
+    def _read(self, ids: str, block: int | None) -> list[Entry]:
+        """XREADGROUP both input streams; ``0`` re-reads our pending entries, ``>`` new ones."""
         reply = self.redis.xreadgroup(
             self.group, self.consumer, {self.streams.observation: ids, self.streams.evolution: ids},
-            count=self.settings.batch_size, block=None if self._pending_first else self.settings.block_ms,
+            count=self.settings.batch_size, block=block,
         )
         entries: list[Entry] = []
         for stream, items in reply or []:
@@ -210,12 +220,9 @@ class ModelWorker:
             for entry_id, fields in items:
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                 entries.append((name, eid, fields or {}))  # fields are None if the entry was trimmed
-        if not entries:
-            self._pending_first = False
-            return 0
-        entries.sort(key=_id_key)  # one order across both streams: commands apply between observations
-        self.handle(entries)
-        return len(entries)
+        # One order across both streams, so a command applies between the observations around it.
+        entries.sort(key=lambda entry: _order(entry, self.streams.evolution))
+        return entries
 
     def handle(self, entries: list[Entry]) -> None:
         """Handle and commit ``entries``; a bug triggered by one entry dead-letters only that entry."""

@@ -1,0 +1,48 @@
+"""Small helpers the tests share: publish entries as other programs would, read replies back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+import redis
+
+from worker.model import ModelWorker
+
+
+def xadd(client: redis.Redis, stream: str, message: dict[str, Any], encoding: str = "json") -> str:
+    """Publish ``message`` the way an environment or ``redis-cli`` would."""
+    if encoding == "msgpack":
+        fields = {"data": msgpack.packb(message, use_bin_type=True)}
+    else:
+        fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in message.items()}
+    return client.xadd(stream, fields).decode()
+
+
+def read(client: redis.Redis, stream: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every entry of ``stream``, decoded from either encoding."""
+    out = []
+    for entry_id, fields in client.xrange(stream):
+        if b"data" in fields:
+            message = msgpack.unpackb(fields[b"data"], raw=False)
+        else:
+            message = {}
+            for k, v in fields.items():
+                try:
+                    message[k.decode()] = json.loads(v)
+                except ValueError:
+                    message[k.decode()] = v.decode(errors="replace")
+        out.append((entry_id.decode(), message))
+    return out
+
+
+def drain(worker: ModelWorker, limit: int = 10_000) -> int:
+    """Poll until the worker finds nothing more to read; return the entries handled."""
+    total = 0
+    for _ in range(limit):
+        n = worker.poll()
+        if n == 0:
+            return total
+        total += n
+    raise AssertionError("worker did not drain")

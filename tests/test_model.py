@@ -1,0 +1,176 @@
+"""The model worker through the wire protocol: logits, many environments, GET/SET, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import drain, read, xadd
+from worker.model import ModelWorker
+from worker.policy import make_policy, weights_as_vector
+from worker.settings import ModelSettings
+
+OBS = [0.01, -0.02, 0.03, 0.04]
+
+
+def numpy_forward(vector: np.ndarray, settings: ModelSettings, obs: np.ndarray) -> np.ndarray:
+    """Action logits of a flat weight vector, by hand: tanh MLP then the action head.
+
+    Independent of the worker's code path: only the layout (state_dict order and shapes) comes
+    from a fresh policy.
+    """
+    shapes = {name: tuple(t.shape) for name, t in make_policy(settings).state_dict().items()}
+    params, start = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        params[name] = vector[start : start + size].reshape(shape)
+        start += size
+    assert start == len(vector)
+    h = obs
+    for i in range(len(settings.net_arch["pi"])):
+        h = np.tanh(h @ params[f"mlp_extractor.policy_net.{2 * i}.weight"].T
+                    + params[f"mlp_extractor.policy_net.{2 * i}.bias"])
+    return h @ params["action_net.weight"].T + params["action_net.bias"]
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_logits_for_each_encoding(any_redis, settings: ModelSettings, encoding: str) -> None:
+    worker = ModelWorker(settings, any_redis)
+    worker.start()
+    obs_id = xadd(any_redis, "rl:observation", {"OBSERVATION": OBS, "ENV_ID": "e1", "DETERMINISTIC": True},
+                  encoding)
+    assert drain(worker) == 1
+
+    [(_, reply)] = read(any_redis, "rl:logits")
+    raw = any_redis.xrange("rl:logits")[0][1]
+    assert (b"data" in raw) == (encoding == "msgpack")  # a reply uses the encoding it answers
+    assert reply["OBS_ID"] == obs_id and reply["ENV_ID"] == "e1" and reply["COMPONENT_ID"] == "m1"
+    assert reply["DETERMINISTIC"] is True
+    expected = numpy_forward(weights_as_vector(worker.policy), settings, np.array(OBS, dtype=np.float32))
+    np.testing.assert_allclose(reply["LOGITS"], expected, rtol=1e-5, atol=1e-6)
+    assert any_redis.xpending("rl:observation", "model:m1")["pending"] == 0
+
+
+def test_plain_fields_as_redis_cli_sends_them(real_redis, settings: ModelSettings) -> None:
+    """``redis-cli XADD rl:observation '*' OBSERVATION '[...]' ENV_ID cart-1``: no JSON quotes needed."""
+    worker = ModelWorker(settings, real_redis)
+    worker.start()
+    real_redis.xadd("rl:observation", {"OBSERVATION": "[0.01,0.02,0.03,0.04]", "ENV_ID": "cart-1"})
+    real_redis.xadd("rl:observation", {"OBSERVATION": "[0.01,0.02,0.03,0.05]", "ENV_ID": "cart-1",
+                                       "REWARD": "1", "ACTION": "0", "DONE": "false"})
+    drain(worker)
+    replies = read(real_redis, "rl:logits")
+    assert [r["ENV_ID"] for _, r in replies] == ["cart-1", "cart-1"]
+    assert worker.counters.transitions == 1
+
+
+def test_many_environments_interleaved_train_on_their_own_transitions(real_redis, settings: ModelSettings):
+    """Four environments share one stream; each segment holds only its own environment's steps."""
+    settings = settings.model_copy(update={"n_steps": 3, "batch_size": 1000})
+    worker = ModelWorker(settings, real_redis)
+    worker.start()
+    envs = [f"env-{i}" for i in range(4)]
+    for t in range(7):  # 7 observations -> 6 transitions -> 2 segments per environment
+        for k, env in enumerate(envs):
+            # the observation encodes (environment, step) so we can trace it into the buffer
+            message = {"OBSERVATION": [k, t, 0.0, 0.0], "ENV_ID": env}
+            if t:
+                message |= {"REWARD": float(10 * k + t), "ACTION": (k + t) % 2}
+            xadd(real_redis, "rl:observation", message)
+    drain(worker)
+
+    assert worker.counters.transitions == 4 * 6
+    assert worker.counters.segments == 8 and worker.counters.updates == 1  # one update for the batch
+    buffer = worker.last_buffer
+    # after get() SB3 flattens env-major: rows [col * n_steps + t]
+    obs = buffer.observations.reshape(8, 3, 4)
+    rewards = buffer.rewards.T  # get() leaves rewards unflattened: (n_steps, n_envs)
+    actions = buffer.actions.reshape(8, 3)
+    seen = set()
+    for col in range(8):
+        k = int(obs[col, 0, 0])
+        steps = obs[col, :, 1].astype(int)
+        assert (obs[col, :, 0] == k).all(), "a segment mixes environments"
+        assert list(steps) == list(range(steps[0], steps[0] + 3)), "a segment is not consecutive"
+        np.testing.assert_array_equal(rewards[col], 10 * k + steps + 1)  # reward of step t arrives at t+1
+        np.testing.assert_array_equal(actions[col], (k + steps + 1) % 2)
+        seen.add((k, int(steps[0])))
+    assert seen == {(k, s) for k in range(4) for s in (0, 3)}
+    assert len(read(real_redis, "rl:logits")) == 28
+
+
+def test_get_and_set_round_trip(any_redis, settings: ModelSettings) -> None:
+    worker = ModelWorker(settings, any_redis)
+    worker.start()
+    before = weights_as_vector(worker.policy)
+
+    get_id = xadd(any_redis, "rl:evolution", {"CMD": "GET"})
+    drain(worker)
+    [(_, reply)] = read(any_redis, "rl:weights")
+    assert reply["COMPONENT_ID"] == "m1" and reply["REQUEST_ID"] == get_id
+    np.testing.assert_array_equal(np.array(reply["WEIGHTS"], dtype=np.float32), before)
+    assert worker._paused()
+
+    new = np.random.default_rng(1).normal(0, 0.5, size=len(before)).astype(np.float32)
+    set_id = xadd(any_redis, "rl:evolution", {"CMD": "SET", "WEIGHTS": {"m1": new.tolist(), "other": [1.0]}},
+                  "msgpack")
+    obs_id = xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
+    drain(worker)
+
+    ack = read(any_redis, "rl:weights")[-1][1]
+    assert ack == {"ACK": "SET", "COMPONENT_ID": "m1", "REQUEST_ID": set_id}
+    assert not worker._paused()
+    np.testing.assert_array_equal(weights_as_vector(worker.policy), new)
+    [(_, logits)] = read(any_redis, "rl:logits")
+    assert logits["OBS_ID"] == obs_id
+    expected = numpy_forward(new, settings, np.array(OBS, dtype=np.float32))
+    np.testing.assert_allclose(logits["LOGITS"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_paused_after_get_resumes_after_timeout(real_redis, settings: ModelSettings) -> None:
+    settings = settings.model_copy(update={"n_steps": 2, "evolution_timeout": 0.3})
+    worker = ModelWorker(settings, real_redis)
+    worker.start()
+
+    def steps(n: int) -> None:
+        for t in range(n):
+            xadd(real_redis, "rl:observation", {"OBSERVATION": OBS, "REWARD": 1.0, "ACTION": t % 2})
+        drain(worker)
+
+    xadd(real_redis, "rl:observation", {"OBSERVATION": OBS})
+    xadd(real_redis, "rl:evolution", {"CMD": "GET"})
+    steps(4)
+    assert worker.counters.updates == 0 and worker.counters.discarded == 2
+    frozen = weights_as_vector(worker.policy)
+    import time
+
+    time.sleep(0.35)
+    steps(2)
+    assert worker.counters.updates == 1
+    assert not np.array_equal(weights_as_vector(worker.policy), frozen)
+
+
+def test_restart_resumes_from_redis(real_redis, settings: ModelSettings) -> None:
+    """A new worker with the same component ID continues the same memory, weights and optimizer."""
+    settings = settings.model_copy(update={"n_steps": 2})
+    first = ModelWorker(settings, real_redis)
+    first.start()
+    for t in range(3):
+        xadd(real_redis, "rl:observation", {"OBSERVATION": [t, 0, 0, 0], **({"REWARD": 1.0, "ACTION": 1} if t else {})})
+    drain(first)
+    first.shutdown()
+    assert first.counters.updates == 1
+
+    second = ModelWorker(settings.model_copy(update={"seed": 123}), real_redis)  # seed must not matter
+    second.start()
+    np.testing.assert_array_equal(weights_as_vector(second.policy), weights_as_vector(first.policy))
+    for a, b in zip(first.policy.optimizer.state_dict()["state"].values(),
+                    second.policy.optimizer.state_dict()["state"].values(), strict=True):
+        for key in a:
+            assert torch.equal(a[key], b[key])
+    assert second.counters == first.counters
+    np.testing.assert_array_equal(second.memories["default"].obs, [2, 0, 0, 0])
+    xadd(real_redis, "rl:observation", {"OBSERVATION": [3, 0, 0, 0], "REWARD": 1.0, "ACTION": 0})
+    drain(second)
+    assert second.counters.transitions == 3 and len(second.memories["default"].rollout) == 1

@@ -188,7 +188,9 @@ class ModelWorker:
 
     def _heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()
-        if force or now - self._last_heartbeat >= self.settings.heartbeat_interval:
+        # Renew well inside the lease's lifetime, or an idle worker would lose it between reads.
+        interval = min(self.settings.heartbeat_interval, self.settings.lease_ttl / 3)
+        if force or now - self._last_heartbeat >= interval:
             self._last_heartbeat = now
             if self.store.acquire(self.consumer, self.settings.lease_ttl) is not None:
                 raise LostLease("lease taken by another consumer")
@@ -203,7 +205,7 @@ class ModelWorker:
         entries = self._read("0", None) if self._pending_first else []
         if not entries:
             self._pending_first = False
-            entries = self._read(">", self.settings.block_ms)
+            entries = self._read(">", min(self.settings.block_ms, int(self.settings.lease_ttl * 1000 / 3)))
         if entries:
             self.handle(entries)
         return len(entries)

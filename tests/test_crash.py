@@ -17,10 +17,8 @@ from tests.helpers import drain, read
 from worker.connections import ensure_group
 from worker.model import ModelWorker
 from worker.policy import make_policy, unpack_state, weights_as_vector
-from worker.protocol import Encoding, encode_entry
-from worker.settings import ModelSettings
+from worker.protocol import Encoding, Streams, encode_entry
 from worker.state import ModelStore
-from worker.protocol import Streams
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +57,21 @@ def publish(client: redis.Redis, prefix: str, rounds: list[list[dict]]) -> list[
 
 def start_worker(url: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "REDIS_URL": url, "COMPONENT_ID": "m1", "STREAM_PREFIX": "rl"}
-    args = [sys.executable, "-m", "worker", "model", "--seed", "0", "--batch-size", str(K),
-            "--lease-ttl", "0.6", "--n-steps", str(N_STEPS), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "worker",
+        "model",
+        "--seed",
+        "0",
+        "--batch-size",
+        str(K),
+        "--lease-ttl",
+        "0.6",
+        "--n-steps",
+        str(N_STEPS),
+        *extra,
+    ]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -82,15 +93,18 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(real_redis, redis_serve
     killed_at = []
     for threshold in (150, 600, 1000, 1400, 1800):
         proc = start_worker(redis_server_url)
-        wait_for(lambda t=threshold: answered() >= t or proc.poll() is not None, 120, "progress")
+        wait_for(lambda t=threshold, p=proc: answered() >= t or p.poll() is not None, 120, "progress")
         proc.kill()  # SIGKILL: no chance to clean up
         proc.wait()
         killed_at.append(answered())
     assert sum(n < total for n in killed_at) >= 4, f"kills did not land mid-stream: {killed_at}"
 
     proc = start_worker(redis_server_url)
-    wait_for(lambda: answered() >= total and real_redis.xpending("rl:observation", "model:m1")["pending"] == 0,
-             120, "the rest of the stream")
+    wait_for(
+        lambda: answered() >= total and real_redis.xpending("rl:observation", "model:m1")["pending"] == 0,
+        120,
+        "the rest of the stream",
+    )
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
@@ -118,7 +132,9 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(real_redis, redis_serve
     assert reference.counters.updates == counters.updates
     final = make_policy(settings)
     final.load_state_dict(unpack_state(snapshot.policy))
-    np.testing.assert_allclose(weights_as_vector(final), weights_as_vector(reference.policy), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        weights_as_vector(final), weights_as_vector(reference.policy), rtol=1e-4, atol=1e-5
+    )
     ref_logits = [r["LOGITS"] for _, r in read(real_redis, "ref:logits")]
     by_id = {r["OBS_ID"]: r["LOGITS"] for _, r in replies}
     np.testing.assert_allclose([by_id[i] for i in ids], ref_logits, rtol=1e-4, atol=1e-5)

@@ -29,8 +29,10 @@ def numpy_forward(vector: np.ndarray, settings: ModelSettings, obs: np.ndarray) 
     assert start == len(vector)
     h = obs
     for i in range(len(settings.net_arch["pi"])):
-        h = np.tanh(h @ params[f"mlp_extractor.policy_net.{2 * i}.weight"].T
-                    + params[f"mlp_extractor.policy_net.{2 * i}.bias"])
+        h = np.tanh(
+            h @ params[f"mlp_extractor.policy_net.{2 * i}.weight"].T
+            + params[f"mlp_extractor.policy_net.{2 * i}.bias"]
+        )
     return h @ params["action_net.weight"].T + params["action_net.bias"]
 
 
@@ -38,8 +40,9 @@ def numpy_forward(vector: np.ndarray, settings: ModelSettings, obs: np.ndarray) 
 def test_logits_for_each_encoding(any_redis, settings: ModelSettings, encoding: str) -> None:
     worker = ModelWorker(settings, any_redis)
     worker.start()
-    obs_id = xadd(any_redis, "rl:observation", {"OBSERVATION": OBS, "ENV_ID": "e1", "DETERMINISTIC": True},
-                  encoding)
+    obs_id = xadd(
+        any_redis, "rl:observation", {"OBSERVATION": OBS, "ENV_ID": "e1", "DETERMINISTIC": True}, encoding
+    )
     assert drain(worker) == 1
 
     [(_, reply)] = read(any_redis, "rl:logits")
@@ -57,8 +60,16 @@ def test_plain_fields_as_redis_cli_sends_them(real_redis, settings: ModelSetting
     worker = ModelWorker(settings, real_redis)
     worker.start()
     real_redis.xadd("rl:observation", {"OBSERVATION": "[0.01,0.02,0.03,0.04]", "ENV_ID": "cart-1"})
-    real_redis.xadd("rl:observation", {"OBSERVATION": "[0.01,0.02,0.03,0.05]", "ENV_ID": "cart-1",
-                                       "REWARD": "1", "ACTION": "0", "DONE": "false"})
+    real_redis.xadd(
+        "rl:observation",
+        {
+            "OBSERVATION": "[0.01,0.02,0.03,0.05]",
+            "ENV_ID": "cart-1",
+            "REWARD": "1",
+            "ACTION": "0",
+            "DONE": "false",
+        },
+    )
     drain(worker)
     replies = read(real_redis, "rl:logits")
     assert [r["ENV_ID"] for _, r in replies] == ["cart-1", "cart-1"]
@@ -113,8 +124,9 @@ def test_get_and_set_round_trip(any_redis, settings: ModelSettings) -> None:
     assert worker._paused()
 
     new = np.random.default_rng(1).normal(0, 0.5, size=len(before)).astype(np.float32)
-    set_id = xadd(any_redis, "rl:evolution", {"CMD": "SET", "WEIGHTS": {"m1": new.tolist(), "other": [1.0]}},
-                  "msgpack")
+    set_id = xadd(
+        any_redis, "rl:evolution", {"CMD": "SET", "WEIGHTS": {"m1": new.tolist(), "other": [1.0]}}, "msgpack"
+    )
     obs_id = xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
     drain(worker)
 
@@ -157,7 +169,11 @@ def test_restart_resumes_from_redis(real_redis, settings: ModelSettings) -> None
     first = ModelWorker(settings, real_redis)
     first.start()
     for t in range(3):
-        xadd(real_redis, "rl:observation", {"OBSERVATION": [t, 0, 0, 0], **({"REWARD": 1.0, "ACTION": 1} if t else {})})
+        xadd(
+            real_redis,
+            "rl:observation",
+            {"OBSERVATION": [t, 0, 0, 0], **({"REWARD": 1.0, "ACTION": 1} if t else {})},
+        )
     drain(first)
     first.shutdown()
     assert first.counters.updates == 1
@@ -165,8 +181,11 @@ def test_restart_resumes_from_redis(real_redis, settings: ModelSettings) -> None
     second = ModelWorker(settings.model_copy(update={"seed": 123}), real_redis)  # seed must not matter
     second.start()
     np.testing.assert_array_equal(weights_as_vector(second.policy), weights_as_vector(first.policy))
-    for a, b in zip(first.policy.optimizer.state_dict()["state"].values(),
-                    second.policy.optimizer.state_dict()["state"].values(), strict=True):
+    for a, b in zip(
+        first.policy.optimizer.state_dict()["state"].values(),
+        second.policy.optimizer.state_dict()["state"].values(),
+        strict=True,
+    ):
         for key in a:
             assert torch.equal(a[key], b[key])
     assert second.counters == first.counters

@@ -75,29 +75,44 @@ def test_returns_and_advantages_match_stable_baselines3(real_redis, settings: Mo
             return float(reference.predict_values(torch.tensor([o], dtype=torch.float32))[0, 0])
 
     # What stable-baselines3's A2C.collect_rollouts would have stored for these steps.
-    expected = RolloutBuffer(5, reference.observation_space, reference.action_space, device="cpu",
-                             gamma=GAMMA, gae_lambda=LAMBDA, n_envs=2)
+    expected = RolloutBuffer(
+        5,
+        reference.observation_space,
+        reference.action_space,
+        device="cpu",
+        gamma=GAMMA,
+        gae_lambda=LAMBDA,
+        n_envs=2,
+    )
     columns = {}
     for k, env in enumerate(SEQUENCES):
         seq = SEQUENCES[env]
         rewards = [seq[t + 1]["REWARD"] for t in range(5)]
         if "TRUNCATED" in seq[4]:  # step 3 was truncated: SB3 adds gamma * V(terminal observation)
             rewards[3] += GAMMA * value(TERMINAL)
-        starts = [1.0] + [float(seq[t].get("DONE", False) or seq[t].get("TRUNCATED", False)) for t in range(1, 5)]
+        starts = [1.0] + [
+            float(seq[t].get("DONE", False) or seq[t].get("TRUNCATED", False)) for t in range(1, 5)
+        ]
         values = [value(obs(k, t)) for t in range(5)]
         columns[env] = dict(
-            obs=[obs(k, t) for t in range(5)], actions=[seq[t + 1]["ACTION"] for t in range(5)],
-            rewards=rewards, starts=starts, values=values,
-            last_value=value(obs(k, 5)), last_done=float(seq[5].get("DONE", False)),
+            obs=[obs(k, t) for t in range(5)],
+            actions=[seq[t + 1]["ACTION"] for t in range(5)],
+            rewards=rewards,
+            starts=starts,
+            values=values,
+            last_value=value(obs(k, 5)),
+            last_done=float(seq[5].get("DONE", False)),
         )
     assert columns["A"]["starts"] == [1.0, 0.0, 1.0, 0.0, 1.0]
     for t in range(5):
         col = [columns["A"], columns["B"]]
         expected.add(
-            np.array([c["obs"][t] for c in col], dtype=np.float32), np.array([[c["actions"][t]] for c in col]),
+            np.array([c["obs"][t] for c in col], dtype=np.float32),
+            np.array([[c["actions"][t]] for c in col]),
             np.array([c["rewards"][t] for c in col], dtype=np.float32),
             np.array([c["starts"][t] for c in col], dtype=np.float32),
-            torch.tensor([c["values"][t] for c in col]), torch.zeros(2),
+            torch.tensor([c["values"][t] for c in col]),
+            torch.zeros(2),
         )
     expected.compute_returns_and_advantage(
         last_values=torch.tensor([columns["A"]["last_value"], columns["B"]["last_value"]]),
@@ -114,8 +129,9 @@ def test_returns_and_advantages_match_stable_baselines3(real_redis, settings: Mo
 
     for i, env in enumerate(SEQUENCES):  # and SB3 agrees with the equations written out by hand
         c = columns[env]
-        advantages, returns = reference_gae(np.array(c["rewards"]), np.array(c["values"]), c["starts"],
-                                            c["last_value"], c["last_done"])
+        advantages, returns = reference_gae(
+            np.array(c["rewards"]), np.array(c["values"]), c["starts"], c["last_value"], c["last_done"]
+        )
         np.testing.assert_allclose(got.advantages.reshape(2, 5)[i], advantages, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got.returns.reshape(2, 5)[i], returns, rtol=1e-4, atol=1e-5)
 

@@ -22,7 +22,11 @@ def run_model(settings: ModelSettings) -> int:
 
 
 COMMANDS: dict[str, tuple[type[BaseSettings], Callable[[Any], int], str]] = {
-    "model": (ModelSettings, run_model, "serve one model: logits for observations, online A2C, evolution hooks"),
+    "model": (
+        ModelSettings,
+        run_model,
+        "serve one model: logits for observations, online A2C, evolution hooks",
+    ),
 }
 
 

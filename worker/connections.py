@@ -7,8 +7,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -55,8 +55,20 @@ def embedded_redis(appendonly: bool = False, extra: tuple[str, ...] = ()) -> Ite
         raise RuntimeError("redis-server is not on PATH (Debian: apt-get install redis-server)")
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="rl-redis-")
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir,
-            "--appendonly", "yes" if appendonly else "no", *extra]
+    args = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--dir",
+        workdir,
+        "--appendonly",
+        "yes" if appendonly else "no",
+        *extra,
+    ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     try:

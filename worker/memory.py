@@ -74,7 +74,9 @@ class EnvMemory:
         obs_array = np.frombuffer(obs, "<f4").reshape(shape)
         obs_rows = np.frombuffer(rollout_obs, "<f4").reshape((len(rows), *shape))
         rollout = [Transition(o.copy(), *row) for o, row in zip(obs_rows, rows, strict=True)]
-        return cls(obs_array.copy(), value, np.frombuffer(log_probs, "<f4").copy(), start, deterministic, rollout)
+        return cls(
+            obs_array.copy(), value, np.frombuffer(log_probs, "<f4").copy(), start, deterministic, rollout
+        )
 
 
 @dataclass(slots=True)
@@ -116,7 +118,11 @@ def observe(
             reward += gamma * terminal_value
         rollout.append(
             Transition(
-                memory.obs, obs.action, reward, memory.episode_start, memory.value,
+                memory.obs,
+                obs.action,
+                reward,
+                memory.episode_start,
+                memory.value,
                 float(memory.log_probs[obs.action]),
             )
         )

@@ -24,7 +24,14 @@ import torch
 from worker import a2c, logs
 from worker.connections import ensure_group
 from worker.memory import EnvMemory, Segment, observe
-from worker.policy import load_weight_vector, make_policy, n_params, pack_state, unpack_state, weights_as_vector
+from worker.policy import (
+    load_weight_vector,
+    make_policy,
+    n_params,
+    pack_state,
+    unpack_state,
+    weights_as_vector,
+)
 from worker.protocol import (
     Command,
     Observation,
@@ -44,6 +51,10 @@ from worker.state import Counters, LostLease, ModelStore
 log = logs.get("worker.model")
 
 Entry = tuple[str, str, dict[bytes, bytes]]  # (stream, entry ID, fields)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _order(entry: Entry, command_stream: str) -> tuple[int, int, int]:
@@ -76,8 +87,10 @@ class ModelWorker:
         self.streams = Streams(settings.prefix)
         self.component_id = settings.component_id or uuid.uuid4().hex
         if settings.component_id is None:
-            log.warning("no component ID given: using a random one, so this model cannot resume",
-                        component_id=self.component_id)
+            log.warning(
+                "no component ID given: using a random one, so this model cannot resume",
+                component_id=self.component_id,
+            )
         self.consumer = settings.consumer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.group = Streams.group(self.component_id)
         self.store = ModelStore(client, self.streams, self.component_id)
@@ -93,6 +106,7 @@ class ModelWorker:
         self._pending_first = True
         self._stopping = False
         self._last_heartbeat = 0.0
+        self._suspects: set[str] = set()  # pending entries that may have crashed a predecessor
 
     # ----------------------------------------------------------------- life cycle
 
@@ -104,8 +118,15 @@ class ModelWorker:
         self._load()
         claimed = self._claim_pending()
         self._heartbeat(force=True)
-        log.info("ready", component_id=self.component_id, consumer=self.consumer, version=self.counters.version,
-                 envs=len(self.memories), reclaimed=claimed, params=self.n_params)
+        log.info(
+            "ready",
+            component_id=self.component_id,
+            consumer=self.consumer,
+            version=self.counters.version,
+            envs=len(self.memories),
+            reclaimed=claimed,
+            params=self.n_params,
+        )
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT, then finish the batch in hand and release the lease."""
@@ -163,8 +184,18 @@ class ModelWorker:
         if snapshot.policy is None:
             self.policy = make_policy(self.settings)
             self.counters, self.paused_until, self.memories = Counters(), 0.0, {}
-            self.store.commit(self.consumer, self.settings.lease_ttl, self.counters, 0.0, {},
-                              self._checkpoint(), [], {}, self.group, self.settings.stream_maxlen)
+            self.store.commit(
+                self.consumer,
+                self.settings.lease_ttl,
+                self.counters,
+                0.0,
+                {},
+                self._checkpoint(),
+                [],
+                {},
+                self.group,
+                self.settings.stream_maxlen,
+            )
         else:
             self.policy.load_state_dict(unpack_state(snapshot.policy))
             if snapshot.optimizer is not None:
@@ -173,17 +204,47 @@ class ModelWorker:
             self.memories = {env: EnvMemory.unpack(blob) for env, blob in snapshot.memory.items()}
         self._pending_first = True
 
-    def _claim_pending(self) -> int:
-        """Take over entries a dead predecessor read but never committed (we hold the lease)."""
-        claimed = 0
+    def _claim_pending(self, min_idle_ms: int = 0) -> int:
+        """Take over entries a dead predecessor read but never committed (we hold the lease).
+
+        At start every pending entry is ours to replay; later, a periodic call with ``min_idle_ms``
+        picks up what a stale worker (one that lost the lease mid-batch) read and left behind.
+
+        Each takeover counts as a delivery. An entry delivered ``max_deliveries`` times has likely
+        killed every worker that read it: it goes to the dead stream. Entries delivered more than
+        twice are replayed one by one, so a killer entry cannot take a whole batch down with it.
+        """
+        claimed, doomed = 0, Outbox()
+        self._suspects = set()
         for stream in (self.streams.observation, self.streams.evolution):
-            cursor = "0-0"
+            cursor, entries = "0-0", {}
             while True:
-                cursor, entries, *_ = self.redis.xautoclaim(stream, self.group, self.consumer, 0, cursor,
-                                                            count=1000)
-                claimed += len(entries)
-                if cursor in (b"0-0", "0-0"):
+                cursor, batch, *_ = self.redis.xautoclaim(
+                    stream, self.group, self.consumer, min_idle_ms, cursor, count=1000
+                )
+                entries.update({_text(i): f or {} for i, f in batch})
+                if _text(cursor) == "0-0":
                     break
+            claimed += len(entries)
+            if not entries:
+                continue
+            pending = self.redis.xpending_range(stream, self.group, "-", "+", len(entries), self.consumer)
+            for info in pending:
+                entry_id, deliveries = _text(info["message_id"]), info["times_delivered"]
+                if entry_id not in entries:
+                    continue
+                if deliveries > self.settings.max_deliveries:
+                    doomed.acks[stream].append(entry_id)
+                    self._reject(
+                        doomed,
+                        (stream, entry_id, entries[entry_id]),
+                        f"delivered {deliveries} times without a commit: it may crash the worker",
+                    )
+                elif deliveries > 2:
+                    self._suspects.add(entry_id)
+        self._commit(doomed)
+        if claimed:
+            self._pending_first = True
         return claimed
 
     def _heartbeat(self, force: bool = False) -> None:
@@ -194,8 +255,16 @@ class ModelWorker:
             self._last_heartbeat = now
             if self.store.acquire(self.consumer, self.settings.lease_ttl) is not None:
                 raise LostLease("lease taken by another consumer")
-            self.store.heartbeat({"consumer": self.consumer, "version": self.counters.version,
-                                  "updates": self.counters.updates, "paused": int(self._paused())})
+            self.store.heartbeat(
+                {
+                    "consumer": self.consumer,
+                    "version": self.counters.version,
+                    "updates": self.counters.updates,
+                    "paused": int(self._paused()),
+                }
+            )
+            if not force:
+                self._claim_pending(self.settings.claim_idle_ms)
 
     # ----------------------------------------------------------------- the loop
 
@@ -206,22 +275,27 @@ class ModelWorker:
         if not entries:
             self._pending_first = False
             entries = self._read(">", min(self.settings.block_ms, int(self.settings.lease_ttl * 1000 / 3)))
-        if entries:
+        if self._suspects and any(entry[1] in self._suspects for entry in entries):
+            for entry in entries:  # one at a time, so only an entry that kills us is blamed
+                self.handle([entry])
+        elif entries:
             self.handle(entries)
         return len(entries)
 
     def _read(self, ids: str, block: int | None) -> list[Entry]:
         """XREADGROUP both input streams; ``0`` re-reads our pending entries, ``>`` new ones."""
         reply = self.redis.xreadgroup(
-            self.group, self.consumer, {self.streams.observation: ids, self.streams.evolution: ids},
-            count=self.settings.batch_size, block=block,
+            self.group,
+            self.consumer,
+            {self.streams.observation: ids, self.streams.evolution: ids},
+            count=self.settings.batch_size,
+            block=block,
         )
         entries: list[Entry] = []
         for stream, items in reply or []:
-            name = stream.decode() if isinstance(stream, bytes) else stream
+            name = _text(stream)
             for entry_id, fields in items:
-                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                entries.append((name, eid, fields or {}))  # fields are None if the entry was trimmed
+                entries.append((name, _text(entry_id), fields or {}))  # None if the entry was trimmed
         # One order across both streams, so a command applies between the observations around it.
         entries.sort(key=lambda entry: _order(entry, self.streams.evolution))
         return entries
@@ -282,8 +356,16 @@ class ModelWorker:
             terminal_value = None
             if obs.truncated:
                 terminal_value, next_terminal = values[next_terminal], next_terminal + 1
-            memory, step = observe(self.memories.get(obs.env_id), obs, values[i], log_probs[i], terminal_value,
-                                   s.gamma, s.n_steps, s.train_deterministic)
+            memory, step = observe(
+                self.memories.get(obs.env_id),
+                obs,
+                values[i],
+                log_probs[i],
+                terminal_value,
+                s.gamma,
+                s.n_steps,
+                s.train_deterministic,
+            )
             self.memories[obs.env_id] = memory
             outbox.touched_envs.add(obs.env_id)
             self.counters.observations += 1
@@ -316,8 +398,11 @@ class ModelWorker:
         """GET publishes the weights and pauses training; SET (naming this model) loads and resumes."""
         self._train(outbox)  # segments before the command belong to the weights before it
         if command.cmd == "GET":
-            reply = {"WEIGHTS": weights_as_vector(self.policy).tolist(), "COMPONENT_ID": self.component_id,
-                     "REQUEST_ID": command.entry_id}
+            reply = {
+                "WEIGHTS": weights_as_vector(self.policy).tolist(),
+                "COMPONENT_ID": self.component_id,
+                "REQUEST_ID": command.entry_id,
+            }
             self.paused_until = time.time() + self.settings.evolution_timeout
         else:
             assert command.weights is not None
@@ -335,19 +420,30 @@ class ModelWorker:
         stream, entry_id, fields = entry
         log.warning("rejected entry", stream=stream, id=entry_id, reason=reason)
         self.counters.dead += 1
-        letter = dead_letter(fields, stream, entry_id, reason, self.component_id, self.settings.max_entry_bytes)
+        letter = dead_letter(
+            fields, stream, entry_id, reason, self.component_id, self.settings.max_entry_bytes
+        )
         outbox.messages.append((self.streams.dead, letter))
 
     def _checkpoint(self) -> dict[str, bytes]:
-        return {"policy": pack_state(self.policy.state_dict()),
-                "optimizer": pack_state(self.policy.optimizer.state_dict())}
+        return {
+            "policy": pack_state(self.policy.state_dict()),
+            "optimizer": pack_state(self.policy.optimizer.state_dict()),
+        }
 
     def _commit(self, outbox: Outbox) -> None:
         if not outbox.acks:
             return
         memory = {env: self.memories[env].pack() for env in outbox.touched_envs}
         self.store.commit(
-            self.consumer, self.settings.lease_ttl, self.counters, self.paused_until, memory,
+            self.consumer,
+            self.settings.lease_ttl,
+            self.counters,
+            self.paused_until,
+            memory,
             self._checkpoint() if outbox.weights_changed else None,
-            outbox.messages, outbox.acks, self.group, self.settings.stream_maxlen,
+            outbox.messages,
+            outbox.acks,
+            self.group,
+            self.settings.stream_maxlen,
         )

@@ -29,7 +29,9 @@ def make_spaces(settings: A2CSettings) -> tuple[gym.spaces.Box, gym.spaces.Discr
         obs_space = gym.spaces.Box(-np.inf, np.inf, tuple(settings.obs_shape), np.float32)
         act_space = gym.spaces.Discrete(settings.n_actions)
     if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, gym.spaces.Discrete):
-        raise ValueError(f"need a Box observation and a Discrete action space, got {obs_space} and {act_space}")
+        raise ValueError(
+            f"need a Box observation and a Discrete action space, got {obs_space} and {act_space}"
+        )
     return obs_space, act_space
 
 

@@ -33,7 +33,7 @@ class CommonSettings(BaseSettings):
     prefix: str = Field(
         "rl",
         validation_alias=_env("prefix", "stream_prefix"),
-        description="prefix of every stream and key; '{rl}' keeps them in one Cluster slot; env STREAM_PREFIX",
+        description="prefix of all streams and keys; '{rl}' keeps them in one Cluster slot; env STREAM_PREFIX",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_json: bool = Field(False, description="log JSON lines instead of human-readable text")
@@ -45,10 +45,13 @@ class A2CSettings(BaseSettings):
     model_config = CommonSettings.model_config
 
     gym_env: str | None = Field(
-        "CartPole-v1", description="gymnasium env id whose spaces the model uses; 'none' to give them explicitly"
+        "CartPole-v1",
+        description="gymnasium env id whose spaces the model uses; 'none' to give them explicitly",
     )
     obs_shape: list[int] | None = Field(None, description="observation shape, when --gym-env is none")
-    n_actions: int | None = Field(None, gt=1, description="number of discrete actions, when --gym-env is none")
+    n_actions: int | None = Field(
+        None, gt=1, description="number of discrete actions, when --gym-env is none"
+    )
     learning_rate: float = Field(7e-4, gt=0)
     n_steps: int = Field(5, gt=0, description="transitions per environment in one A2C segment")
     gamma: float = Field(0.99, ge=0, le=1)
@@ -57,7 +60,9 @@ class A2CSettings(BaseSettings):
     vf_coef: float = Field(0.5, ge=0)
     max_grad_norm: float = Field(0.5, gt=0)
     normalize_advantage: bool = False
-    use_rms_prop: bool = Field(False, description="RMSprop as SB3's A2C class; the tutorial's policy uses Adam")
+    use_rms_prop: bool = Field(
+        False, description="RMSprop as SB3's A2C class; the tutorial's policy uses Adam"
+    )
     rms_prop_eps: float = Field(1e-5, gt=0)
     net_arch: dict[str, list[int]] = Field(
         {"pi": [16, 16], "vf": [16, 16]}, description="JSON, as SB3's net_arch"
@@ -81,8 +86,13 @@ class ModelSettings(CommonSettings, A2CSettings):
     train_deterministic: bool = Field(False, description="also train on DETERMINISTIC (evaluation) steps")
     lease_ttl: float = Field(5.0, gt=0, description="seconds a dead worker's lease blocks its successor")
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between registry heartbeats")
+    claim_idle_ms: int = Field(
+        10_000, ge=0, description="reclaim entries pending this long on other consumers"
+    )
     max_deliveries: int = Field(5, gt=0, description="an entry delivered this often without commit is dead")
-    stream_maxlen: int = Field(100_000, gt=0, description="approximate MAXLEN of the streams this worker writes")
+    stream_maxlen: int = Field(
+        100_000, gt=0, description="approximate MAXLEN of the streams this worker writes"
+    )
     torch_threads: int = Field(1, gt=0, description="torch intra-op threads (small nets run best on one)")
 
 

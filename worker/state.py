@@ -141,7 +141,9 @@ class ModelStore:
         :param messages: (stream, fields) to XADD: replies, weights, dead letters
         :param acks: stream -> entry IDs this batch consumed
         """
-        meta = msgpack.packb({**asdict(counters), "version": counters.version + 1, "paused_until": paused_until})
+        meta = msgpack.packb(
+            {**asdict(counters), "version": counters.version + 1, "paused_until": paused_until}
+        )
         with self.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(self.lease_key)

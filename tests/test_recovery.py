@@ -1,0 +1,81 @@
+"""Takeover of a dead consumer's entries, entries that keep killing workers, the lease, key layout."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.helpers import drain, read, xadd
+from worker.connections import ensure_group
+from worker.model import ModelWorker
+from worker.settings import ModelSettings
+from worker.state import LostLease, live_models
+
+OBS = [0.0, 0.1, 0.0, -0.1]
+
+
+def test_entries_of_a_dead_consumer_are_replayed_in_order(any_redis, settings: ModelSettings) -> None:
+    ensure_group(any_redis, "rl:observation", "model:m1")
+    ids = [
+        xadd(
+            any_redis,
+            "rl:observation",
+            {"OBSERVATION": OBS, "ENV_ID": "e", **({"REWARD": 1.0, "ACTION": 1} if t else {})},
+        )
+        for t in range(6)
+    ]
+    any_redis.xreadgroup("model:m1", "ghost", {"rl:observation": ">"}, count=4)  # read, never committed
+
+    worker = ModelWorker(settings, any_redis)
+    worker.start()
+    drain(worker)
+    assert [r["OBS_ID"] for _, r in read(any_redis, "rl:logits")] == ids
+    assert worker.counters.transitions == 5
+    assert any_redis.xpending("rl:observation", "model:m1")["pending"] == 0
+
+
+def test_an_entry_that_keeps_killing_workers_goes_to_dead(any_redis, settings: ModelSettings) -> None:
+    ensure_group(any_redis, "rl:observation", "model:m1")
+    killer = xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
+    any_redis.xreadgroup("model:m1", "ghost-0", {"rl:observation": ">"})
+    for n in range(1, 4):  # three more workers claimed it and died
+        any_redis.xclaim("rl:observation", "model:m1", f"ghost-{n}", 0, [killer])
+
+    worker = ModelWorker(settings.model_copy(update={"max_deliveries": 3}), any_redis)
+    worker.start()
+    [(_, letter)] = read(any_redis, "rl:dead")
+    assert letter["dead:id"] == killer and "delivered 5 times" in letter["dead:reason"]
+    assert read(any_redis, "rl:logits") == []
+    assert any_redis.xpending("rl:observation", "model:m1")["pending"] == 0
+
+
+def test_second_worker_waits_for_the_lease_and_a_stale_one_cannot_commit(real_redis, settings) -> None:
+    first = ModelWorker(settings, real_redis)
+    first.start()
+    assert live_models(real_redis, first.streams) == ["m1"]
+    # The lease expires (say the first worker froze); a successor takes over.
+    real_redis.delete("rl:model:m1:lease")
+    second = ModelWorker(
+        settings.model_copy(update={"claim_idle_ms": 0, "heartbeat_interval": 0.01}), real_redis
+    )
+    second.start()
+    xadd(real_redis, "rl:observation", {"OBSERVATION": OBS})
+    with pytest.raises(LostLease):
+        first.poll()
+    assert read(real_redis, "rl:logits") == []  # the stale worker published nothing
+    time.sleep(0.02)
+    assert drain(second) == 1  # and what it had read is reclaimed by the lease holder
+    assert len(read(real_redis, "rl:logits")) == 1
+
+
+def test_cluster_hash_tag_prefix_keeps_every_key_under_it(real_redis, settings: ModelSettings) -> None:
+    worker = ModelWorker(settings.model_copy(update={"prefix": "{rl}"}), real_redis)
+    worker.start()
+    xadd(real_redis, "{rl}:observation", {"OBSERVATION": OBS})
+    xadd(real_redis, "{rl}:observation", {"OBSERVATION": [1, 2]})
+    xadd(real_redis, "{rl}:evolution", {"CMD": "GET"})
+    drain(worker)
+    keys = sorted(k.decode() for k in real_redis.keys("*"))
+    assert keys and all(k.startswith("{rl}:") for k in keys), keys
+    assert {"{rl}:logits", "{rl}:dead", "{rl}:weights", "{rl}:model:m1:checkpoint"} <= set(keys)

@@ -33,7 +33,7 @@ class CommonSettings(BaseSettings):
     prefix: str = Field(
         "rl",
         validation_alias=_env("prefix", "stream_prefix"),
-        description="prefix of all streams and keys; '{rl}' keeps them in one Cluster slot; env STREAM_PREFIX",
+        description="prefix of all streams and keys ('{rl}': one Cluster slot); env STREAM_PREFIX",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_json: bool = Field(False, description="log JSON lines instead of human-readable text")

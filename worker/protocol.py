@@ -65,6 +65,26 @@ class Streams:
         return self.key("dead")
 
     @property
+    def action(self) -> str:
+        """Aggregated actions, aggregator -> environment runners."""
+        return self.key("action")
+
+    @property
+    def control(self) -> str:
+        """Run commands, control -> environment runners."""
+        return self.key("control")
+
+    @property
+    def status(self) -> str:
+        """Episode and run reports, environment runners -> control."""
+        return self.key("status")
+
+    @property
+    def contribution(self) -> str:
+        """Hash: component ID -> accumulated share in the aggregated actions."""
+        return self.key("contribution")
+
+    @property
     def registry(self) -> str:
         """Sorted set of model component IDs scored by their last heartbeat (unix seconds)."""
         return self.key("models")

@@ -1,9 +1,10 @@
-"""The model worker: read a batch, forward it once, train on the segments it completed, commit.
+"""The model worker: read a batch, answer and learn from it, commit it in one transaction.
 
 One observation's path: ``XREADGROUP`` (:meth:`ModelWorker.poll`) -> :func:`~worker.protocol.decode_entry`
-and :func:`~worker.protocol.parse_observation` -> one batched forward (:meth:`ModelWorker._forward`) ->
-:func:`~worker.memory.observe` turns it into a transition -> :mod:`worker.a2c` trains on completed
-segments -> :meth:`~worker.state.ModelStore.commit` publishes the logits and acknowledges the entry.
+and :func:`~worker.protocol.parse_observation` -> one batched forward (:meth:`Learner.step
+<worker.learner.Learner.step>`) -> :func:`~worker.memory.observe` turns it into a transition ->
+:mod:`worker.a2c` trains on the completed segments -> :meth:`~worker.state.ModelStore.commit` publishes
+the logits and acknowledges the entry, together with the new memory and checkpoint.
 """
 
 from __future__ import annotations
@@ -17,21 +18,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import redis
 import torch
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.policies import ActorCriticPolicy
 
-from worker import a2c, logs
+from worker import logs
 from worker.connections import ensure_group
-from worker.memory import EnvMemory, Segment, observe
-from worker.policy import (
-    load_weight_vector,
-    make_policy,
-    n_params,
-    pack_state,
-    unpack_state,
-    weights_as_vector,
-)
+from worker.learner import Learner
+from worker.memory import EnvMemory
 from worker.protocol import (
     Command,
     Observation,
@@ -70,7 +65,6 @@ class Outbox:
     messages: list[tuple[str, dict]] = field(default_factory=list)
     acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     touched_envs: set[str] = field(default_factory=set)
-    segments: list[Segment] = field(default_factory=list)
     weights_changed: bool = False
 
 
@@ -95,14 +89,8 @@ class ModelWorker:
         self.group = Streams.group(self.component_id)
         self.store = ModelStore(client, self.streams, self.component_id)
         torch.set_num_threads(settings.torch_threads)
-        self.policy = make_policy(settings)
-        self.obs_shape: tuple[int, ...] = self.policy.observation_space.shape
-        self.n_actions = int(self.policy.action_space.n)
-        self.n_params = n_params(self.policy)
-        self.memories: dict[str, EnvMemory] = {}
-        self.counters = Counters()
-        self.paused_until = 0.0
-        self.last_buffer = None  # the RolloutBuffer of the latest update, for inspection
+        self.learner = Learner(settings)
+        self._spaces = (self.learner.obs_shape, self.learner.n_actions)  # what observations must fit
         self._pending_first = True
         self._stopping = False
         self._last_heartbeat = 0.0
@@ -125,7 +113,7 @@ class ModelWorker:
             version=self.counters.version,
             envs=len(self.memories),
             reclaimed=claimed,
-            params=self.n_params,
+            params=self.learner.n_params,
         )
 
     def run(self) -> None:
@@ -180,28 +168,19 @@ class ModelWorker:
 
     def _load(self) -> None:
         """Make local state equal to the last commit (or write the first checkpoint)."""
-        snapshot = self.store.load()
-        if snapshot.policy is None:
-            self.policy = make_policy(self.settings)
-            self.counters, self.paused_until, self.memories = Counters(), 0.0, {}
+        if not self.learner.restore(self.store.load()):
             self.store.commit(
                 self.consumer,
                 self.settings.lease_ttl,
-                self.counters,
+                self.learner.counters,
                 0.0,
                 {},
-                self._checkpoint(),
+                self.learner.checkpoint(),
                 [],
                 {},
                 self.group,
                 self.settings.stream_maxlen,
             )
-        else:
-            self.policy.load_state_dict(unpack_state(snapshot.policy))
-            if snapshot.optimizer is not None:
-                self.policy.optimizer.load_state_dict(unpack_state(snapshot.optimizer))
-            self.counters, self.paused_until = snapshot.counters, snapshot.paused_until
-            self.memories = {env: EnvMemory.unpack(blob) for env, blob in snapshot.memory.items()}
         self._pending_first = True
 
     def _claim_pending(self, min_idle_ms: int = 0) -> int:
@@ -326,91 +305,42 @@ class ModelWorker:
             try:
                 message, encoding = decode_entry(fields, self.settings.max_entry_bytes)
                 if stream == self.streams.observation:
-                    run.append(parse_observation(message, entry_id, encoding, self.obs_shape, self.n_actions))
+                    run.append(parse_observation(message, entry_id, encoding, *self._spaces))
                     continue
                 command = parse_command(message, entry_id, encoding)
-                self._forward(run, outbox)
+                self._step(run, outbox)  # observations before a command see the weights before it
                 run = []
                 self._command(command, outbox)
             except ProtocolError as exc:
                 self._reject(outbox, entry, str(exc))
-        self._forward(run, outbox)
-        self._train(outbox)
+        self._step(run, outbox)
         return outbox
 
-    def _forward(self, run: list[Observation], outbox: Outbox) -> None:
-        """One forward pass for a run of observations (and the terminal ones of truncated steps)."""
-        if not run:
-            return
-        terminal = [o.terminal_observation for o in run if o.truncated]
-        batch = torch.as_tensor(np.stack([o.observation for o in run] + terminal))
-        with torch.no_grad():
-            latent_pi, latent_vf = self.policy.mlp_extractor(self.policy.extract_features(batch))
-            logits = self.policy.action_net(latent_pi)
-            log_probs = torch.log_softmax(logits, dim=1).numpy()
-            values = self.policy.value_net(latent_vf).flatten().tolist()
-        logits_list = logits.tolist()
-        next_terminal = len(run)
-        s = self.settings
-        for i, obs in enumerate(run):
-            terminal_value = None
-            if obs.truncated:
-                terminal_value, next_terminal = values[next_terminal], next_terminal + 1
-            memory, step = observe(
-                self.memories.get(obs.env_id),
-                obs,
-                values[i],
-                log_probs[i],
-                terminal_value,
-                s.gamma,
-                s.n_steps,
-                s.train_deterministic,
-            )
-            self.memories[obs.env_id] = memory
+    def _step(self, run: list[Observation], outbox: Outbox) -> None:
+        """Let the learner answer and learn from a run of observations; queue the replies."""
+        logits, trained = self.learner.step(run)
+        outbox.weights_changed |= trained
+        for obs, row in zip(run, logits, strict=True):
             outbox.touched_envs.add(obs.env_id)
-            self.counters.observations += 1
-            self.counters.transitions += step.transition
-            self.counters.dropped += step.dropped
-            if step.segment is not None:
-                outbox.segments.append(step.segment)
-            reply = logits_reply(obs, logits_list[i], self.component_id)
+            reply = logits_reply(obs, row, self.component_id)
             outbox.messages.append((self.streams.logits, encode_entry(reply, obs.encoding)))
-
-    def _train(self, outbox: Outbox) -> None:
-        """One A2C update over every segment completed so far in this batch."""
-        if not outbox.segments:
-            return
-        if self._paused():
-            self.counters.discarded += len(outbox.segments)
-        else:
-            self.last_buffer = a2c.fill_buffer(self.policy, outbox.segments, self.settings)
-            stats = a2c.update(self.policy, self.last_buffer, self.settings)
-            self.counters.updates += 1
-            self.counters.segments += stats.segments
-            outbox.weights_changed = True
-            log.debug("update", **vars(stats), updates=self.counters.updates)
-        outbox.segments = []
-
-    def _paused(self) -> bool:
-        return self.paused_until > time.time()
 
     def _command(self, command: Command, outbox: Outbox) -> None:
         """GET publishes the weights and pauses training; SET (naming this model) loads and resumes."""
-        self._train(outbox)  # segments before the command belong to the weights before it
         if command.cmd == "GET":
             reply = {
-                "WEIGHTS": weights_as_vector(self.policy).tolist(),
+                "WEIGHTS": self.learner.weights().tolist(),
                 "COMPONENT_ID": self.component_id,
                 "REQUEST_ID": command.entry_id,
             }
-            self.paused_until = time.time() + self.settings.evolution_timeout
+            self.learner.pause(self.settings.evolution_timeout)
         else:
             assert command.weights is not None
             if self.component_id not in command.weights:
                 return  # a SET for other models
-            vector = parse_weight_vector(command.weights[self.component_id], self.n_params)
-            load_weight_vector(self.policy, vector)
-            self.paused_until = 0.0
+            self.learner.load_weights(
+                parse_weight_vector(command.weights[self.component_id], self.learner.n_params)
+            )
             outbox.weights_changed = True
             reply = {"ACK": "SET", "COMPONENT_ID": self.component_id, "REQUEST_ID": command.entry_id}
         self.counters.commands += 1
@@ -425,25 +355,40 @@ class ModelWorker:
         )
         outbox.messages.append((self.streams.dead, letter))
 
-    def _checkpoint(self) -> dict[str, bytes]:
-        return {
-            "policy": pack_state(self.policy.state_dict()),
-            "optimizer": pack_state(self.policy.optimizer.state_dict()),
-        }
-
     def _commit(self, outbox: Outbox) -> None:
         if not outbox.acks:
             return
-        memory = {env: self.memories[env].pack() for env in outbox.touched_envs}
+        learner = self.learner
         self.store.commit(
             self.consumer,
             self.settings.lease_ttl,
-            self.counters,
-            self.paused_until,
-            memory,
-            self._checkpoint() if outbox.weights_changed else None,
+            learner.counters,
+            learner.paused_until,
+            {env: learner.memories[env].pack() for env in outbox.touched_envs},
+            learner.checkpoint() if outbox.weights_changed else None,
             outbox.messages,
             outbox.acks,
             self.group,
             self.settings.stream_maxlen,
         )
+
+    # ----------------------------------------------------------------- views of the learner's state
+
+    @property
+    def policy(self) -> ActorCriticPolicy:
+        return self.learner.policy
+
+    @property
+    def counters(self) -> Counters:
+        return self.learner.counters
+
+    @property
+    def memories(self) -> dict[str, EnvMemory]:
+        return self.learner.memories
+
+    @property
+    def last_buffer(self) -> RolloutBuffer | None:
+        return self.learner.last_buffer
+
+    def _paused(self) -> bool:
+        return self.learner.paused()

@@ -1,0 +1,204 @@
+"""``python -m worker control``: run training rounds (episodes, evaluation, evolution) and report.
+
+``train`` repeats what the tutorial's control script did: E training episodes on the environment
+runners, an evaluation with deterministic actions, then one evolution step; it draws a progress bar
+and, with ``--plot``, a learning curve. ``status`` shows live models, stream lengths, consumer-group
+lag, pending and dead entries.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+from tqdm import tqdm
+
+from worker import logs
+from worker.protocol import Encoding, Streams, decode_entry, encode_entry
+from worker.state import live_models
+
+log = logs.get("worker.control")
+
+
+@dataclass
+class RoundResult:
+    """One point of the learning curve."""
+
+    round: int
+    train_steps: int  # environment steps used for training so far
+    train_return: float  # mean return of this round's training episodes
+    eval_return: float  # mean deterministic return of the evaluation episodes
+    seconds: float  # wall-clock since training started
+
+
+def last_id(client: redis.Redis, stream: str) -> str:
+    """ID of the newest entry of ``stream`` (``0-0`` when empty): read from here to see what comes next."""
+    newest = client.xrevrange(stream, count=1)
+    return newest[0][0].decode() if newest else "0-0"
+
+
+def run_episodes(
+    client: redis.Redis,
+    streams: Streams,
+    *,
+    episodes: int | None = None,
+    steps: int | None = None,
+    deterministic: bool = False,
+    runners: int = 1,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Ask the environment runners for one run and wait for all ``runners`` reports.
+
+    :return: ``{"episodes", "steps", "mean_return", "returns"}`` summed over the runners
+    :raises RuntimeError: when a runner reports an error or the reports do not come in time
+    """
+    run_id = uuid.uuid4().hex[:12]
+    cursor = last_id(client, streams.status)
+    command: dict[str, Any] = {"CMD": "RUN", "RUN_ID": run_id, "DETERMINISTIC": deterministic}
+    if episodes is not None:
+        command["EPISODES"] = episodes
+    if steps is not None:
+        command["STEPS"] = steps
+    client.xadd(streams.control, encode_entry(command, Encoding.MSGPACK))
+    reports: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(reports) < runners:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(f"run {run_id}: {len(reports)} of {runners} runner reports after {timeout}s")
+        reply = client.xread({streams.status: cursor}, block=int(min(remaining, 1.0) * 1000), count=100)
+        for _, items in reply or []:
+            for entry_id, fields in items:
+                cursor = entry_id.decode()
+                message, _ = decode_entry(fields, 1 << 24)
+                if message.get("EVENT") == "run" and message.get("RUN_ID") == run_id:
+                    if "ERROR" in message:
+                        raise RuntimeError(f"run {run_id} failed: {message['ERROR']}")
+                    reports.append(message)
+    returns = [r for report in reports for r in report.get("RETURNS", [])]
+    return {
+        "episodes": sum(int(r.get("EPISODES", 0)) for r in reports),
+        "steps": sum(int(r.get("STEPS", 0)) for r in reports),
+        "returns": returns,
+        "mean_return": sum(returns) / len(returns) if returns else float("nan"),
+    }
+
+
+def wait_for_models(client: redis.Redis, streams: Streams, count: int, timeout: float = 120.0) -> list[str]:
+    """Block until ``count`` models heartbeat in the registry."""
+    deadline = time.monotonic() + timeout
+    while len(models := live_models(client, streams)) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(models)} of {count} models live after {timeout}s")
+        time.sleep(0.2)
+    return models
+
+
+def train(
+    client: redis.Redis,
+    streams: Streams,
+    *,
+    rounds: int,
+    episodes: int | None,
+    steps: int | None,
+    eval_episodes: int,
+    evolve: Any | None = None,
+    target: float | None = None,
+    runners: int = 1,
+    run_timeout: float = 600.0,
+    progress: bool = True,
+) -> list[RoundResult]:
+    """Rounds of training, evaluation and (if ``evolve`` is given) one evolution step each.
+
+    :param evolve: a callable doing one generation (``evolution.evolve`` bound to its settings)
+    :param target: stop early once the evaluation's mean return reaches it
+    """
+    curve: list[RoundResult] = []
+    started, train_steps = time.monotonic(), 0
+    bar = tqdm(range(1, rounds + 1), desc="rounds", unit="round", disable=not progress)
+    for r in bar:
+        trained = run_episodes(
+            client, streams, episodes=episodes, steps=steps, runners=runners, timeout=run_timeout
+        )
+        train_steps += trained["steps"]
+        evaluated = run_episodes(
+            client, streams, episodes=eval_episodes, deterministic=True, runners=runners, timeout=run_timeout
+        )
+        point = RoundResult(
+            r, train_steps, trained["mean_return"], evaluated["mean_return"], time.monotonic() - started
+        )
+        curve.append(point)
+        bar.set_postfix(steps=train_steps, train=f"{point.train_return:.1f}", eval=f"{point.eval_return:.1f}")
+        log.info("round", **asdict(point))
+        if target is not None and point.eval_return >= target:
+            break
+        if evolve is not None:
+            evolve()
+    bar.close()
+    return curve
+
+
+def plot(curve: list[RoundResult], path: str, title: str = "CartPole-v1 through Redis Streams") -> None:
+    """Learning curve: mean training and evaluation return against environment steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [p.train_steps for p in curve]
+    ax.plot(steps, [p.train_return for p in curve], marker="o", label="training episodes (sampled)")
+    ax.plot(steps, [p.eval_return for p in curve], marker="s", label="evaluation (deterministic)")
+    ax.set_xlabel("environment steps (training)")
+    ax.set_ylabel("mean episode return")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curve_table(curve: list[RoundResult]) -> str:
+    lines = ["| round | env steps | train return | eval return | seconds |", "|---:" * 5 + "|"]
+    lines += [
+        f"| {p.round} | {p.train_steps} | {p.train_return:.1f} | {p.eval_return:.1f} | {p.seconds:.1f} |"
+        for p in curve
+    ]
+    return "\n".join(lines)
+
+
+def status(client: redis.Redis, streams: Streams) -> dict[str, Any]:
+    """Live models, stream lengths, and per consumer group its lag and pending entries."""
+    report: dict[str, Any] = {"models": {}, "streams": {}, "groups": {}}
+    for cid in live_models(client, streams):
+        info = client.hgetall(streams.model_key(cid, "info"))
+        report["models"][cid] = {k.decode(): v.decode() for k, v in info.items()}
+    names = [
+        streams.observation,
+        streams.evolution,
+        streams.logits,
+        streams.weights,
+        streams.action,
+        streams.control,
+        streams.status,
+        streams.dead,
+    ]
+    for name in names:
+        report["streams"][name] = client.xlen(name)
+    for name in (streams.observation, streams.evolution, streams.logits):
+        if not client.exists(name):
+            continue
+        for group in client.xinfo_groups(name):
+            key = f"{name} {group['name'].decode() if isinstance(group['name'], bytes) else group['name']}"
+            report["groups"][key] = {"pending": group["pending"], "lag": group.get("lag")}
+    report["dead"] = report["streams"][streams.dead]
+    return report
+
+
+def print_status(report: dict[str, Any]) -> None:
+    print(json.dumps(report, indent=2, default=str))

@@ -1,0 +1,150 @@
+"""The learning side of a model, without any I/O: policy, per-environment memory, counters.
+
+:class:`Learner` takes a run of validated observations, answers them with logits from one batched
+forward pass, turns them into transitions, and trains once on the segments they completed.
+:mod:`worker.model` feeds it from Redis and commits what it changed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from stable_baselines3.common.buffers import RolloutBuffer
+
+from worker import a2c, logs
+from worker.memory import EnvMemory, Segment, observe
+from worker.policy import (
+    load_weight_vector,
+    make_policy,
+    n_params,
+    pack_state,
+    unpack_state,
+    weights_as_vector,
+)
+from worker.protocol import Observation
+from worker.settings import ModelSettings
+from worker.state import Counters, Snapshot
+
+log = logs.get("worker.learner")
+
+
+class Learner:
+    """Policy, optimizer, memories and counters of one model.
+
+    :param settings: hyper-parameters and the ``train_deterministic`` switch
+    """
+
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+        self.policy = make_policy(settings)
+        self.obs_shape: tuple[int, ...] = self.policy.observation_space.shape
+        self.n_actions = int(self.policy.action_space.n)
+        self.n_params = n_params(self.policy)
+        self.memories: dict[str, EnvMemory] = {}
+        self.counters = Counters()
+        self.paused_until = 0.0  # unix time; training is paused between an evolution GET and SET
+        self.last_buffer: RolloutBuffer | None = None  # what the latest update trained on
+
+    # ----------------------------------------------------------------- acting and learning
+
+    def evaluate(self, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits, log-probabilities and values of a batch of observations, in one forward pass."""
+        with torch.no_grad():
+            features = self.policy.extract_features(torch.as_tensor(observations))
+            latent_pi, latent_vf = self.policy.mlp_extractor(features)
+            logits = self.policy.action_net(latent_pi)
+            values = self.policy.value_net(latent_vf).flatten()
+            return logits.numpy(), torch.log_softmax(logits, dim=1).numpy(), values.numpy()
+
+    def step(self, run: list[Observation]) -> tuple[list[list[float]], bool]:
+        """Answer ``run`` with logits, record its transitions and train on the segments it completed.
+
+        :return: the logits of each observation, and whether the weights changed
+        """
+        if not run:
+            return [], False
+        terminal = [o.terminal_observation for o in run if o.truncated]
+        logits, log_probs, values = self.evaluate(np.stack([o.observation for o in run] + terminal))
+        s, segments, next_terminal = self.settings, [], len(run)
+        for i, obs in enumerate(run):
+            terminal_value = None
+            if obs.truncated:
+                terminal_value, next_terminal = float(values[next_terminal]), next_terminal + 1
+            memory, result = observe(
+                self.memories.get(obs.env_id),
+                obs,
+                float(values[i]),
+                log_probs[i],
+                terminal_value,
+                s.gamma,
+                s.n_steps,
+                s.train_deterministic,
+            )
+            self.memories[obs.env_id] = memory
+            self.counters.observations += 1
+            self.counters.transitions += result.transition
+            self.counters.dropped += result.dropped
+            if result.segment is not None:
+                segments.append(result.segment)
+        trained = self.train(segments)
+        if trained:
+            # SB3 acts on the newest observations with the updated policy; so do we. The values of
+            # the segments' last observations above stay those of the old policy, as in SB3.
+            logits, log_probs, values = self.evaluate(np.stack([o.observation for o in run]))
+            for i in {o.env_id: i for i, o in enumerate(run)}.values():
+                memory = self.memories[run[i].env_id]
+                memory.value, memory.log_probs = float(values[i]), log_probs[i]
+        return logits[: len(run)].tolist(), trained
+
+    def train(self, segments: list[Segment]) -> bool:
+        """One A2C update over ``segments`` unless training is paused; True if the weights changed."""
+        if not segments:
+            return False
+        if self.paused():
+            self.counters.discarded += len(segments)
+            return False
+        self.last_buffer = a2c.fill_buffer(self.policy, segments, self.settings)
+        stats = a2c.update(self.policy, self.last_buffer, self.settings)
+        self.counters.updates += 1
+        self.counters.segments += stats.segments
+        log.debug("update", updates=self.counters.updates, **vars(stats))
+        return True
+
+    # ----------------------------------------------------------------- evolution
+
+    def paused(self) -> bool:
+        return self.paused_until > time.time()
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = time.time() + seconds
+
+    def weights(self) -> np.ndarray:
+        return weights_as_vector(self.policy)
+
+    def load_weights(self, vector: np.ndarray) -> None:
+        """Take an evolved weight vector and resume training."""
+        load_weight_vector(self.policy, vector)
+        self.paused_until = 0.0
+
+    # ----------------------------------------------------------------- persistence
+
+    def checkpoint(self) -> dict[str, bytes]:
+        return {
+            "policy": pack_state(self.policy.state_dict()),
+            "optimizer": pack_state(self.policy.optimizer.state_dict()),
+        }
+
+    def restore(self, snapshot: Snapshot) -> bool:
+        """Become the committed state; False (and a fresh policy) when there is none yet."""
+        if snapshot.policy is None:
+            self.policy = make_policy(self.settings)
+            self.counters, self.paused_until, self.memories = Counters(), 0.0, {}
+            return False
+        self.policy.load_state_dict(unpack_state(snapshot.policy))
+        if snapshot.optimizer is not None:
+            self.policy.optimizer.load_state_dict(unpack_state(snapshot.optimizer))
+        self.counters, self.paused_until = snapshot.counters, snapshot.paused_until
+        self.memories = {env: EnvMemory.unpack(blob) for env, blob in snapshot.memory.items()}
+        return True

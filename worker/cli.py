@@ -10,6 +10,8 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, CliApp
 
 from worker import logs
+from worker.aggregator import Aggregator, AggregatorSettings
+from worker.envrunner import EnvRunner, EnvSettings
 from worker.settings import CommonSettings, ModelSettings
 
 
@@ -21,12 +23,28 @@ def run_model(settings: ModelSettings) -> int:
     return 0
 
 
+def run_env(settings: EnvSettings) -> int:
+    from worker.connections import connect
+
+    EnvRunner(settings, connect(settings.redis_url)).serve()
+    return 0
+
+
+def run_aggregator(settings: AggregatorSettings) -> int:
+    from worker.connections import connect
+
+    Aggregator(settings, connect(settings.redis_url)).serve()
+    return 0
+
+
 COMMANDS: dict[str, tuple[type[BaseSettings], Callable[[Any], int], str]] = {
     "model": (
         ModelSettings,
         run_model,
         "serve one model: logits for observations, online A2C, evolution hooks",
     ),
+    "env": (EnvSettings, run_env, "run gymnasium environments on the actions of <prefix>:action"),
+    "aggregator": (AggregatorSettings, run_aggregator, "combine the models' logits into actions"),
 }
 
 

@@ -1,0 +1,200 @@
+"""The aggregator: waiting for live models, deadlines, the decision rule, contributions, bad entries."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from tests.helpers import read, xadd
+from worker.aggregator import Aggregator, AggregatorSettings, softmax
+from worker.protocol import Encoding, encode_entry
+
+
+@pytest.fixture
+def agg_settings(redis_server_url: str) -> AggregatorSettings:
+    return AggregatorSettings(
+        _cli_parse_args=False, redis_url=redis_server_url, seed=0, block_ms=20, deadline_ms=300
+    )
+
+
+def register(client: redis.Redis, *component_ids: str) -> None:
+    client.zadd("rl:models", {c: time.time() for c in component_ids})
+
+
+def reply(
+    client: redis.Redis,
+    obs_id: str,
+    component_id: str,
+    logits: list[float],
+    deterministic: bool = True,
+    encoding: str = "json",
+) -> None:
+    """A model's logits reply, as :func:`worker.protocol.logits_reply` shapes it."""
+    message = {"LOGITS": logits, "COMPONENT_ID": component_id, "DETERMINISTIC": deterministic}
+    message.update(ENV_ID="env-0", OBS_ID=obs_id)
+    if encoding == "json":  # strings JSON-quoted, as the worker writes them
+        client.xadd("rl:logits", encode_entry(message, Encoding.JSON))
+    else:
+        xadd(client, "rl:logits", message, "msgpack")
+
+
+def contributions(client: redis.Redis) -> dict[str, float]:
+    return {k.decode(): float(v) for k, v in client.hgetall("rl:contribution").items()}
+
+
+def started(settings: AggregatorSettings, client: redis.Redis, **update: Any) -> Aggregator:
+    aggregator = Aggregator(settings.model_copy(update=update), client)
+    aggregator.start()
+    return aggregator
+
+
+M1, M2 = [3.0, 0.0, 0.0], [0.0, 2.8, -10.0]  # mean of probabilities picks 1, mean of logits 0
+
+
+def test_the_two_combination_rules_disagree_on_the_example() -> None:
+    assert np.argmax(softmax(np.array([M1, M2])).mean(axis=0)) == 1
+    assert np.argmax(np.mean([M1, M2], axis=0)) == 0
+
+
+@pytest.mark.parametrize(("combine", "expected"), [("prob", 1), ("logits", 0)])
+def test_waits_for_every_live_model_then_decides(real_redis, agg_settings, combine, expected) -> None:
+    register(real_redis, "m1", "m2")
+    aggregator = started(agg_settings, real_redis, combine=combine, deadline_ms=10_000)
+    reply(real_redis, "1-1", "m1", M1)
+    assert aggregator.step() == []  # m2 is live and has not answered
+    assert real_redis.xpending("rl:logits", "aggregator")["pending"] == 1  # acked with its decision
+    reply(real_redis, "1-1", "m2", M2)
+    [action] = aggregator.step()
+    assert action == {
+        "ACTION": expected,
+        "ENV_ID": "env-0",
+        "OBS_ID": "1-1",
+        "MODELS": 2,
+        "DETERMINISTIC": True,
+    }
+    assert [m for _, m in read(real_redis, "rl:action")] == [action]
+    assert real_redis.xpending("rl:logits", "aggregator")["pending"] == 0
+
+    shares = contributions(real_redis)
+    p = softmax(np.array([M1, M2]))[:, expected]
+    np.testing.assert_allclose([shares["m1"], shares["m2"]], p / p.sum(), rtol=1e-9)
+    assert shares["m1"] + shares["m2"] == pytest.approx(1.0)
+
+
+def test_contributions_sum_to_one_per_decision(real_redis, agg_settings) -> None:
+    register(real_redis, "m1", "m2", "m3")
+    aggregator = started(agg_settings, real_redis)
+    rng = np.random.default_rng(1)
+    for k in range(20):
+        for component_id in ("m1", "m2", "m3"):
+            reply(real_redis, f"1-{k}", component_id, rng.normal(size=4).tolist(), deterministic=False)
+    decided = []
+    while len(decided) < 20:
+        decided += aggregator.step()
+    assert all(a["MODELS"] == 3 for a in decided)
+    assert sum(contributions(real_redis).values()) == pytest.approx(20.0)
+
+
+def test_deadline_decides_without_a_silent_model_and_ignores_late_replies(real_redis, agg_settings) -> None:
+    register(real_redis, "m1", "m2")
+    aggregator = started(agg_settings, real_redis)  # deadline 300 ms
+    begin = time.monotonic()
+    reply(real_redis, "1-1", "m1", [0.0, 1.0])
+    decided = []
+    while not decided:
+        decided = aggregator.step()
+    assert 0.25 <= time.monotonic() - begin < 2.0
+    assert decided[0]["MODELS"] == 1 and decided[0]["ACTION"] == 1
+
+    reply(real_redis, "1-1", "m2", [5.0, 0.0])  # too late: the environment already has its action
+    reply(real_redis, "1-1", "m1", [0.0, 1.0])  # and a duplicate
+    assert aggregator.step() == [] and aggregator.step() == []
+    assert len(real_redis.xrange("rl:action")) == 1
+    assert contributions(real_redis) == {"m1": 1.0}
+    assert real_redis.xpending("rl:logits", "aggregator")["pending"] == 0
+
+
+def test_dead_models_are_not_awaited(real_redis, agg_settings) -> None:
+    register(real_redis, "m1")
+    real_redis.zadd("rl:models", {"gone": time.time() - 60})  # heartbeat older than registry_max_age
+    aggregator = started(agg_settings, real_redis, deadline_ms=10_000)
+    reply(real_redis, "1-1", "m1", [0.0, 1.0])
+    [action] = aggregator.step()
+    assert action["MODELS"] == 1
+
+
+def test_single_model_samples_its_softmax(real_redis, agg_settings) -> None:
+    """With one model the aggregator is a plain policy: actions ~ softmax(logits)."""
+    register(real_redis, "m1")
+    aggregator = started(agg_settings, real_redis, seed=7)
+    logits, n = [0.5, 0.0, -1.0, 1.5], 4000
+    with real_redis.pipeline(transaction=False) as pipe:
+        for k in range(n):
+            message = {"LOGITS": logits, "COMPONENT_ID": "m1", "DETERMINISTIC": False}
+            pipe.xadd(
+                "rl:logits", encode_entry({**message, "ENV_ID": "e", "OBS_ID": f"1-{k}"}, Encoding.MSGPACK)
+            )
+        pipe.execute()
+    actions: list[int] = []
+    while len(actions) < n:
+        actions += [a["ACTION"] for a in aggregator.step()]
+    counts = np.bincount(actions, minlength=4)
+    expected = n * softmax(np.array(logits))
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.27, (counts, expected)  # 3 degrees of freedom, p = 0.001
+    assert contributions(real_redis) == {"m1": pytest.approx(n)}  # a lone model gets every share
+
+
+def test_reply_encoding_is_kept(real_redis, agg_settings) -> None:
+    register(real_redis, "m1")
+    aggregator = started(agg_settings, real_redis)
+    reply(real_redis, "1-1", "m1", [0.0, 1.0], encoding="msgpack")
+    reply(real_redis, "1-2", "m1", [1.0, 0.0], encoding="json")
+    decided = []
+    while len(decided) < 2:
+        decided += aggregator.step()
+    packed, plain = (fields for _, fields in real_redis.xrange("rl:action"))
+    assert b"data" in packed and b"ACTION" in plain and plain[b"OBS_ID"] == b'"1-2"'
+    assert [m["ACTION"] for _, m in read(real_redis, "rl:action")] == [1, 0]
+
+
+def test_bad_entries_are_dead_lettered(real_redis, agg_settings) -> None:
+    register(real_redis, "m1", "m2")
+    aggregator = started(agg_settings, real_redis, deadline_ms=10_000)
+    real_redis.xadd("rl:logits", {"data": b"\xc1"})
+    real_redis.xadd("rl:logits", {"LOGITS": "[NaN, 1]", "COMPONENT_ID": "m1", "OBS_ID": "1-1"})
+    real_redis.xadd("rl:logits", {"LOGITS": "abc", "COMPONENT_ID": "m1", "OBS_ID": "1-1"})
+    real_redis.xadd("rl:logits", {"LOGITS": "[true, 1]", "COMPONENT_ID": "m1", "OBS_ID": "1-1"})
+    real_redis.xadd("rl:logits", {"LOGITS": "[0, 1]", "COMPONENT_ID": "m1"})
+    real_redis.xadd("rl:logits", {"LOGITS": "[0, 1]", "OBS_ID": "1-1"})
+    real_redis.xadd(
+        "rl:logits", {"LOGITS": "[0, 1]", "COMPONENT_ID": "m1", "OBS_ID": "1-1", "DETERMINISTIC": "2"}
+    )
+    reply(real_redis, "1-1", "m1", [0.0, 1.0])
+    reply(real_redis, "1-1", "m2", [0.0, 1.0, 2.0])  # another number of actions than m1's
+    assert aggregator.step() == []
+    reasons = [fields[b"dead:reason"].decode() for _, fields in real_redis.xrange("rl:dead")]
+    expected = ["msgpack", "finite", "LOGITS", "LOGITS", "OBS_ID", "COMPONENT_ID", "DETERMINISTIC", "actions"]
+    assert len(reasons) == len(expected)
+    for reason, word in zip(reasons, expected, strict=True):
+        assert word in reason, reasons
+    assert all(f[b"dead:stream"] == b"rl:logits" for _, f in real_redis.xrange("rl:dead"))
+    reply(real_redis, "1-1", "m2", [1.0, 0.0])
+    [action] = aggregator.step()
+    assert action["MODELS"] == 2
+    assert real_redis.xpending("rl:logits", "aggregator")["pending"] == 0
+
+
+def test_restart_takes_back_undecided_replies(real_redis, agg_settings) -> None:
+    register(real_redis, "m1", "m2")
+    first = started(agg_settings, real_redis, deadline_ms=10_000)
+    reply(real_redis, "1-1", "m1", [0.0, 1.0])
+    assert first.step() == []
+    second = started(agg_settings, real_redis, deadline_ms=10_000)  # the first one crashed
+    reply(real_redis, "1-1", "m2", [0.0, 1.0])
+    [action] = second.step()
+    assert action["MODELS"] == 2

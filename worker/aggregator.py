@@ -1,0 +1,301 @@
+"""The aggregator: one action per observation from the logits every live model replied with.
+
+It reads ``<prefix>:logits`` through the consumer group ``aggregator`` and collects the replies of
+each observation (``OBS_ID``). The observation is decided once every live model (heartbeat in
+``<prefix>:models`` at most ``registry_max_age`` seconds old) has answered, or ``deadline_ms`` after
+its first reply with whatever arrived, so a dead model never stalls an environment. Replies arriving
+after the decision are ignored. The decision::
+
+    p_i = softmax(logits_i)                            for every model i that answered
+    p   = mean_i p_i   (combine=prob)   or   softmax(mean_i logits_i)   (combine=logits)
+    a   = argmax p     if DETERMINISTIC, else a sample from p
+
+With a single model this is exactly that model's policy. ``{ACTION, ENV_ID, OBS_ID, MODELS,
+DETERMINISTIC}`` goes to ``<prefix>:action`` in the encoding of the logits replies, ``MODELS`` being
+how many models were combined.
+
+**Contribution.** Each decision hands every model that answered the share of the probability mass
+on the chosen action that came from it: ``share_i = p_i(a) / sum_j p_j(a)``. Shares of one decision
+sum to 1; a model that made the action likely gets much, one that made it unlikely little. They are
+accumulated with HINCRBYFLOAT in the hash ``<prefix>:contribution`` (field: COMPONENT_ID), so
+``share / decisions`` is a model's influence on the acting ensemble.
+
+Entries are acknowledged with the decision they led to (one MULTI/EXEC with the actions and the
+contributions), so a restarted aggregator rebuilds undecided observations from its pending entries.
+Run one aggregator per prefix: two consumers of the group would split an observation's replies.
+"""
+
+from __future__ import annotations
+
+import math
+import reprlib
+import signal
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import redis
+from pydantic import Field
+
+from worker import logs
+from worker.connections import ensure_group
+from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
+from worker.settings import CommonSettings
+from worker.state import live_models
+
+log = logs.get("worker.aggregator")
+
+GROUP = "aggregator"
+
+
+class AggregatorSettings(CommonSettings):
+    """``python -m worker aggregator``: the ensemble's action selection."""
+
+    deadline_ms: int = Field(1000, gt=0, description="decide this long after an observation's first reply")
+    registry_max_age: float = Field(5.0, gt=0, description="models with an older heartbeat are not awaited")
+    seed: int | None = Field(None, description="seed of the action sampling")
+    combine: Literal["prob", "logits"] = Field("prob", description="mean of probabilities, or of logits")
+    consumer: str = Field("aggregator", min_length=1, description="consumer name in the group")
+    block_ms: int = Field(100, gt=0, description="longest blocking XREADGROUP")
+    batch_size: int = Field(1000, gt=0, description="entries read per XREADGROUP")
+    max_entry_bytes: int = Field(1 << 20, gt=0, description="larger entries are dead-lettered unread")
+    stream_maxlen: int = Field(100_000, gt=0, description="approximate MAXLEN of the streams written")
+    remembered: int = Field(100_000, gt=0, description="decided OBS_IDs remembered to drop late replies")
+
+
+@dataclass(slots=True)
+class Reply:
+    """One model's logits for one observation."""
+
+    obs_id: str
+    component_id: str
+    env_id: str
+    logits: np.ndarray
+    deterministic: bool
+    encoding: Encoding
+
+
+def _text(message: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    value = message.get(key, default)
+    value = str(value) if type(value) is int else value  # JSON plain fields turn "7" into 7
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{key} must be a non-empty string, got {reprlib.repr(value)}")
+    return str(value)  # a plain str, not the NotJson subclass
+
+
+def parse_reply(message: Mapping[str, Any], encoding: Encoding) -> Reply:
+    """Validate a logits reply ``{LOGITS, COMPONENT_ID, ENV_ID, OBS_ID, DETERMINISTIC}``."""
+    logits = message.get("LOGITS")
+    if not isinstance(logits, list) or not logits or any(type(x) not in (int, float) for x in logits):
+        raise ProtocolError(f"LOGITS must be a non-empty list of numbers, got {reprlib.repr(logits)}")
+    try:
+        array = np.asarray(logits, dtype=np.float64)
+    except OverflowError:  # a JSON integer beyond the float range
+        array = np.array([math.inf])
+    if not np.isfinite(array).all():
+        raise ProtocolError("LOGITS must be finite (no NaN or infinity)")
+    deterministic = message.get("DETERMINISTIC", False)
+    if deterministic not in (True, False) or type(deterministic) not in (bool, int):
+        raise ProtocolError(f"DETERMINISTIC must be true or false, got {reprlib.repr(deterministic)}")
+    return Reply(
+        obs_id=_text(message, "OBS_ID"),
+        component_id=_text(message, "COMPONENT_ID"),
+        env_id=_text(message, "ENV_ID", "default"),
+        logits=array,
+        deterministic=bool(deterministic),
+        encoding=encoding,
+    )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted by the maximum so large logits do not overflow."""
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def combine(logits: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(ensemble probabilities, per-model probabilities)`` of a (models, actions) array."""
+    per_model = softmax(logits)
+    probs = per_model.mean(axis=0) if mode == "prob" else softmax(logits.mean(axis=0))
+    return probs / probs.sum(), per_model
+
+
+@dataclass
+class Bucket:
+    """The replies to one observation collected so far."""
+
+    first: Reply
+    first_seen: float
+    logits: dict[str, np.ndarray] = field(default_factory=dict)
+    entry_ids: list[str] = field(default_factory=list)
+
+
+class Aggregator:
+    """Turns the models' logits into actions and credits each model its contribution.
+
+    :param settings: the aggregator's settings
+    :param client: a redis-py client with ``decode_responses`` off
+    """
+
+    def __init__(self, settings: AggregatorSettings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.redis = client
+        self.streams = Streams(settings.prefix)
+        self.rng = np.random.default_rng(settings.seed)
+        self.buckets: dict[str, Bucket] = {}
+        self.decided: OrderedDict[str, None] = OrderedDict()
+        self.live: set[str] = set()
+        self._live_at = -math.inf
+        self._stopping = False
+        self._acks: list[str] = []  # entries done with (late, duplicate, dead) to ack with the next batch
+        self._dead: list[dict] = []
+
+    # ----------------------------------------------------------------- life cycle
+
+    def start(self) -> None:
+        """Create the group and take back the replies read before a restart but never decided."""
+        ensure_group(self.redis, self.streams.logits, GROUP)
+        cursor = "0"
+        while True:
+            reply = self.redis.xreadgroup(
+                GROUP, self.settings.consumer, {self.streams.logits: cursor}, count=self.settings.batch_size
+            )
+            items = reply[0][1] if reply else []
+            if not items:
+                break
+            self._collect(items)
+            cursor = items[-1][0]
+        log.info(
+            "ready", consumer=self.settings.consumer, pending=len(self.buckets), combine=self.settings.combine
+        )
+
+    def serve(self) -> None:
+        """Decide until SIGTERM/SIGINT."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self.stop)
+        self.start()
+        backoff = 0.1
+        while not self._stopping:
+            try:
+                self.step()
+                backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis unreachable, retrying", error=str(exc), sleep=backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        log.info("stopped", undecided=len(self.buckets))
+
+    def stop(self, *_: Any) -> None:
+        self._stopping = True
+
+    # ----------------------------------------------------------------- the loop
+
+    def step(self, block_ms: int | None = None) -> list[dict[str, Any]]:
+        """Read new replies once (blocking at most until the next deadline), decide what is due.
+
+        :param block_ms: longest wait for new replies (default ``settings.block_ms``); 0 for none
+        :return: the action messages published
+        """
+        now = time.monotonic()
+        if now - self._live_at >= 1.0:  # the registry changes on a scale of seconds
+            self.live = set(live_models(self.redis, self.streams, self.settings.registry_max_age))
+            self._live_at = now
+        block = self.settings.block_ms if block_ms is None else block_ms
+        if self.buckets:
+            due = min(b.first_seen for b in self.buckets.values()) + self.settings.deadline_ms / 1000
+            block = min(block, int((due - now) * 1000))
+        reply = self.redis.xreadgroup(
+            GROUP,
+            self.settings.consumer,
+            {self.streams.logits: ">"},
+            count=self.settings.batch_size,
+            block=block if block > 0 else None,  # redis-py: None does not block, 0 blocks forever
+        )
+        self._collect(reply[0][1] if reply else [])
+        return self._decide()
+
+    def _collect(self, items: list[tuple[bytes, dict[bytes, bytes] | None]]) -> None:
+        """File each reply under its observation; reject bad ones, drop late and duplicate ones."""
+        for raw_id, fields in items:
+            entry_id = raw_id.decode()
+            if fields is None:  # trimmed from the stream while pending
+                self._acks.append(entry_id)
+                continue
+            try:
+                reply = parse_reply(*decode_entry(fields, self.settings.max_entry_bytes))
+                bucket = self.buckets.get(reply.obs_id)
+                if bucket is not None and len(reply.logits) != len(bucket.first.logits):
+                    n, expected = len(reply.logits), len(bucket.first.logits)
+                    raise ProtocolError(f"LOGITS has {n} actions, other models gave {expected}")
+            except ProtocolError as exc:
+                log.warning("rejected entry", id=entry_id, reason=str(exc))
+                s = self.settings
+                self._dead.append(
+                    dead_letter(
+                        fields, self.streams.logits, entry_id, str(exc), s.consumer, s.max_entry_bytes
+                    )
+                )
+                self._acks.append(entry_id)
+                continue
+            if reply.obs_id in self.decided or (bucket is not None and reply.component_id in bucket.logits):
+                log.debug("late or duplicate reply", obs_id=reply.obs_id, component_id=reply.component_id)
+                self._acks.append(entry_id)
+                continue
+            if bucket is None:
+                bucket = self.buckets[reply.obs_id] = Bucket(reply, time.monotonic())
+            bucket.logits[reply.component_id] = reply.logits
+            bucket.entry_ids.append(entry_id)
+
+    def _decide(self) -> list[dict[str, Any]]:
+        """Decide every observation that is complete or past its deadline; publish it all at once."""
+        now, deadline = time.monotonic(), self.settings.deadline_ms / 1000
+        actions: list[tuple[dict[str, Any], Encoding]] = []
+        shares: dict[str, float] = defaultdict(float)
+        for obs_id, bucket in list(self.buckets.items()):
+            if not (self.live <= bucket.logits.keys() or now - bucket.first_seen >= deadline):
+                continue
+            del self.buckets[obs_id]
+            self.decided[obs_id] = None
+            if len(self.decided) > self.settings.remembered:
+                self.decided.popitem(last=False)
+            ids = list(bucket.logits)
+            probs, per_model = combine(np.stack([bucket.logits[i] for i in ids]), self.settings.combine)
+            if bucket.first.deterministic:
+                action = int(np.argmax(probs))
+            else:
+                action = int(self.rng.choice(len(probs), p=probs))
+            mass = per_model[:, action]
+            # Every p_i(a) can underflow to 0 only for absurd logits; then nobody made a difference.
+            share = mass / mass.sum() if mass.sum() > 0 else np.full(len(ids), 1 / len(ids))
+            for component_id, value in zip(ids, share, strict=True):
+                shares[component_id] += float(value)
+            message = {"ACTION": action, "ENV_ID": bucket.first.env_id, "OBS_ID": obs_id}
+            message.update(MODELS=len(ids), DETERMINISTIC=bucket.first.deterministic)
+            actions.append((message, bucket.first.encoding))
+            self._acks.extend(bucket.entry_ids)
+        self._flush(actions, shares)
+        return [message for message, _ in actions]
+
+    def _flush(self, actions: list[tuple[dict[str, Any], Encoding]], shares: Mapping[str, float]) -> None:
+        """Actions, contributions, dead letters and acknowledgements in one transaction."""
+        if not (actions or self._acks or self._dead):
+            return
+        maxlen = self.settings.stream_maxlen
+        with self.redis.pipeline(transaction=True) as pipe:
+            for message, encoding in actions:
+                pipe.xadd(
+                    self.streams.action, encode_entry(message, encoding), maxlen=maxlen, approximate=True
+                )
+            for component_id, share in shares.items():
+                pipe.hincrbyfloat(self.streams.contribution, component_id, share)
+            for letter in self._dead:
+                pipe.xadd(self.streams.dead, letter, maxlen=maxlen, approximate=True)
+            if self._acks:
+                pipe.xack(self.streams.logits, GROUP, *self._acks)
+            pipe.execute()
+        self._acks, self._dead = [], []

@@ -1,0 +1,390 @@
+"""The environment runner: gymnasium environments stepped by the actions read from ``<prefix>:action``.
+
+Commands arrive on ``<prefix>:control`` (plain XREAD: every runner obeys every command)::
+
+    {CMD: "RUN", RUN_ID: str, EPISODES: int?, STEPS: int?, DETERMINISTIC: bool?}    {CMD: "STOP"}
+
+A run publishes ``{OBSERVATION, ENV_ID, DETERMINISTIC}`` per environment on ``<prefix>:observation``
+and steps each environment with the action whose ``OBS_ID`` is that observation's entry ID. Later
+messages also carry ``REWARD`` and ``ACTION`` of the step that led to them; ``DONE: true`` when that
+step ended the episode (the observation is then the reset one) and, for a time-limit truncation,
+``TRUNCATED: true`` and ``TERMINAL_OBSERVATION`` (stable-baselines3's semantics).
+
+Training environments (``<runner_id>-<k>``) carry over between runs: once a run's target is reached
+no new observation is published, but the actions already asked for are applied, and each resulting
+message opens the next run, so a model's chain of transitions never breaks. Evaluation environments
+(``<runner_id>-eval-<k>``, for DETERMINISTIC runs) are separate instances reset at every run start.
+Status entries on ``<prefix>:status``, in the encoding of the command::
+
+    {EVENT: "episode", RUN_ID, RUNNER_ID, ENV_ID, RETURN, LENGTH}
+    {EVENT: "run", RUN_ID, RUNNER_ID, EPISODES, STEPS, MEAN_RETURN, RETURNS}
+    {EVENT: "run", RUN_ID, RUNNER_ID, ERROR}     (an action timed out, or the runner is stopping)
+
+``EPISODES`` and ``STEPS`` count all that the run did (the steps answering its last observations
+too); ``RETURNS`` are the first EPISODES-target returns in order of completion, ``MEAN_RETURN`` their
+mean (``null`` if no episode ended).
+"""
+
+from __future__ import annotations
+
+import math
+import reprlib
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import redis
+from pydantic import Field
+
+from worker import logs
+from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
+from worker.settings import CommonSettings
+
+log = logs.get("worker.envrunner")
+
+
+class EnvSettings(CommonSettings):
+    """``python -m worker env``: one environment runner."""
+
+    gym_env: str = Field("CartPole-v1", description="gymnasium env id (discrete actions)")
+    n_envs: int = Field(4, gt=0, description="training environments (and as many evaluation ones)")
+    runner_id: str = Field("env", min_length=1, description="prefix of this runner's ENV_IDs")
+    seed: int | None = Field(None, description="seed of the environments' first reset")
+    max_episode_steps: int | None = Field(None, gt=0, description="time limit (default: the env's own)")
+    action_timeout: float = Field(30.0, gt=0, description="seconds to wait for an action before aborting")
+    encoding: Literal["msgpack", "json"] = Field("msgpack", description="encoding of the observations")
+    block_ms: int = Field(1000, gt=0, description="longest blocking XREAD")
+    max_entry_bytes: int = Field(1 << 20, gt=0, description="larger control entries are dead-lettered")
+    stream_maxlen: int = Field(100_000, gt=0, description="approximate MAXLEN of the streams written")
+
+
+def last_id(client: redis.Redis, stream: str) -> str:
+    """What ``$`` means now, as a concrete ID: reading after it later misses nothing in between."""
+    try:
+        value = client.xinfo_stream(stream)["last-generated-id"]
+    except redis.ResponseError:  # no such stream yet: everything added later is new
+        return "0-0"
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_run(message: Mapping[str, Any]) -> tuple[str, int | None, int | None, bool]:
+    """``(RUN_ID, EPISODES, STEPS, DETERMINISTIC)`` of a RUN command, or :class:`ProtocolError`."""
+    run_id = message.get("RUN_ID")
+    run_id = str(run_id) if type(run_id) is int else run_id  # redis-cli's RUN_ID 7 arrives as JSON 7
+    if not isinstance(run_id, str) or not run_id:
+        raise ProtocolError("RUN needs RUN_ID, a non-empty string")
+    targets = [message.get(key) for key in ("EPISODES", "STEPS")]
+    for key, value in zip(("EPISODES", "STEPS"), targets, strict=True):
+        if value is not None and (type(value) is not int or value <= 0):
+            raise ProtocolError(f"{key} must be a positive integer, got {reprlib.repr(value)}")
+    if targets == [None, None]:
+        raise ProtocolError("RUN needs EPISODES or STEPS (or both)")
+    deterministic = message.get("DETERMINISTIC", False)
+    if deterministic not in (True, False) or type(deterministic) not in (bool, int):
+        raise ProtocolError(f"DETERMINISTIC must be true or false, got {reprlib.repr(deterministic)}")
+    return str(run_id), targets[0], targets[1], bool(deterministic)
+
+
+def _vector(array: Any) -> list[float]:
+    return np.asarray(array, dtype=np.float64).tolist()
+
+
+@dataclass
+class Slot:
+    """One gymnasium environment and where its message chain stands."""
+
+    env_id: str
+    env: gym.Env
+    deterministic: bool
+    seed: int | None
+    pending: dict[str, Any] | None = None  # the next message to publish (carried over between runs)
+    obs_id: str | None = None  # the published observation still waiting for its action
+    ret: float = 0.0
+    length: int = 0
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start a fresh episode; its message has no REWARD, so a model starts a new chain."""
+        obs, _ = self.env.reset(seed=seed)
+        self.ret, self.length, self.obs_id = 0.0, 0, None
+        self.pending = self.message(obs)
+
+    def message(self, obs: Any) -> dict[str, Any]:
+        return {"OBSERVATION": _vector(obs), "ENV_ID": self.env_id, "DETERMINISTIC": self.deterministic}
+
+    def step(self, action: int) -> tuple[float, int] | None:
+        """Apply ``action`` and build the next message; ``(return, length)`` if the episode ended."""
+        obs, reward, terminated, truncated, _ = self.env.step(action)
+        self.ret, self.length, self.obs_id = self.ret + float(reward), self.length + 1, None
+        ended = None
+        if terminated or truncated:
+            ended = (self.ret, self.length)
+            self.reset()
+            assert self.pending is not None
+            self.pending["DONE"] = True
+            if truncated and not terminated:  # a time limit: the model bootstraps from the final obs
+                self.pending.update(TRUNCATED=True, TERMINAL_OBSERVATION=_vector(obs))
+        else:
+            self.pending = self.message(obs)
+        self.pending.update(REWARD=float(reward), ACTION=int(action))
+        return ended
+
+
+@dataclass
+class Progress:
+    """A run's target and what it achieved so far."""
+
+    run: dict[str, str]  # RUN_ID and RUNNER_ID, for the status entries
+    episodes: int | None
+    steps: int | None
+    quota: dict[str, int]  # evaluation: the most episodes each env may end
+    returns: list[float] = field(default_factory=list)
+    ended: dict[str, int] = field(default_factory=dict)
+    taken: int = 0
+
+    def ready(self, slots: list[Slot]) -> list[Slot]:
+        """The envs to publish next: those still wanted, but not more than the steps left."""
+        if self.episodes is not None and len(self.returns) >= self.episodes:
+            return []
+        room = len(slots) if self.steps is None else self.steps - self.taken
+        under_quota = [s for s in slots if self.ended.get(s.env_id, 0) < self.quota.get(s.env_id, math.inf)]
+        return [s for s in under_quota if s.pending is not None][: max(room, 0)]
+
+    def record(self, slot: Slot, action: int) -> dict[str, Any] | None:
+        """Step ``slot``; the status entry of the episode it ended, if it did."""
+        self.taken += 1
+        if (ended := slot.step(action)) is None:
+            return None
+        self.returns.append(ended[0])
+        self.ended[slot.env_id] = self.ended.get(slot.env_id, 0) + 1
+        return {"EVENT": "episode", **self.run, "ENV_ID": slot.env_id, "RETURN": ended[0], "LENGTH": ended[1]}
+
+
+class RunAborted(RuntimeError):
+    """A run cannot finish: an action timed out or the runner is stopping."""
+
+
+class EnvRunner:
+    """Training and evaluation environments of one runner, and the control loop that runs them.
+
+    :param settings: the runner's settings
+    :param client: a redis-py client with ``decode_responses`` off
+    """
+
+    def __init__(self, settings: EnvSettings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.redis = client
+        self.streams = Streams(settings.prefix)
+        self.control_cursor: str | None = None
+        self._stopping = False
+        s = settings
+
+        def make(name: str, k: int, deterministic: bool) -> Slot:
+            env = gym.make(s.gym_env, max_episode_steps=s.max_episode_steps)
+            return Slot(name, env, deterministic, None if s.seed is None else s.seed + k)
+
+        self.train = [make(f"{s.runner_id}-{k}", k, False) for k in range(s.n_envs)]
+        self.eval = [make(f"{s.runner_id}-eval-{k}", s.n_envs + k, True) for k in range(s.n_envs)]
+        space = self.train[0].env.action_space
+        if not isinstance(space, gym.spaces.Discrete):
+            raise ValueError(f"{s.gym_env} has {space}; only discrete actions are supported")
+        self.n_actions = int(space.n)
+
+    # ----------------------------------------------------------------- control loop
+
+    def start(self) -> None:
+        """Fix where commands are read from: only commands sent after this are obeyed."""
+        self.control_cursor = last_id(self.redis, self.streams.control)
+        s = self.settings
+        log.info("ready", runner_id=s.runner_id, env=s.gym_env, n_envs=s.n_envs, seed=s.seed)
+
+    def serve(self) -> None:
+        """Obey commands until STOP, SIGTERM or SIGINT (a signal also aborts the run in progress)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self.stop)
+        if self.control_cursor is None:
+            self.start()
+        backoff = 0.1
+        while not self._stopping:
+            try:
+                reply = self.redis.xread(
+                    {self.streams.control: self.control_cursor}, block=self.settings.block_ms
+                )
+                for _, items in reply or []:
+                    for entry_id, fields in items:
+                        self.control_cursor = entry_id.decode()
+                        if not self._stopping:
+                            self.handle_entry(self.control_cursor, fields or {})
+                backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis unreachable, retrying", error=str(exc), sleep=backoff)
+                self._break_outstanding(self.train + self.eval)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        log.info("stopped", runner_id=self.settings.runner_id)
+
+    def stop(self, *_: Any) -> None:
+        self._stopping = True
+
+    def handle_entry(self, entry_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any] | None:
+        """Decode and obey one control entry; an invalid one goes to the dead stream."""
+        try:
+            message, encoding = decode_entry(fields, self.settings.max_entry_bytes)
+            return self.handle_control(message, encoding)
+        except ProtocolError as exc:
+            self._bury(self.streams.control, entry_id, fields, str(exc))
+            return None
+
+    def handle_control(self, message: Mapping[str, Any], encoding: Encoding | None = None) -> dict | None:
+        """Obey a decoded command: RUN returns the run report, STOP ``None``.
+
+        :raises ProtocolError: for an invalid command
+        """
+        if message.get("CMD") == "STOP":
+            log.info("STOP received")
+            self.stop()
+            return None
+        if message.get("CMD") != "RUN":
+            raise ProtocolError(f"CMD must be RUN or STOP, got {reprlib.repr(message.get('CMD'))}")
+        run_id, episodes, steps, deterministic = parse_run(message)
+        return self.run(
+            run_id, episodes=episodes, steps=steps, deterministic=deterministic, encoding=encoding
+        )
+
+    # ----------------------------------------------------------------- one run
+
+    def run(
+        self,
+        run_id: str,
+        episodes: int | None = None,
+        steps: int | None = None,
+        deterministic: bool = False,
+        encoding: Encoding | None = None,
+    ) -> dict[str, Any]:
+        """Run until ``episodes`` episodes ended or ``steps`` steps were taken; publish and return the report.
+
+        :param deterministic: use the evaluation environments (whose messages ask for greedy actions)
+        :param encoding: of the status entries (default: the runner's; observations use the runner's)
+        """
+        if episodes is None and steps is None:
+            raise ValueError("give episodes or steps")
+        encoding = encoding or Encoding(self.settings.encoding)
+        slots = self.eval if deterministic else self.train
+        for slot in slots:
+            if deterministic or slot.pending is None:
+                slot.reset(slot.seed)
+                # Training envs are seeded once; evaluation ones at every run, so that evaluations
+                # of different weights face the same initial states.
+                slot.seed = slot.seed if deterministic else None
+        # Evaluation: each env ends at most its share of the episodes (as SB3's evaluate_policy), so
+        # that short episodes cannot crowd out long ones and bias the mean return.
+        quota = {}
+        if deterministic and episodes:
+            quota = {s.env_id: (episodes + k) // len(slots) for k, s in enumerate(slots)}
+        progress = Progress({"RUN_ID": run_id, "RUNNER_ID": self.settings.runner_id}, episodes, steps, quota)
+        cursor = last_id(self.redis, self.streams.action)  # before publishing: no answer is missed
+        statuses: list[dict[str, Any]] = []
+        log.info("run", run_id=run_id, episodes=episodes, steps=steps, deterministic=deterministic)
+        try:
+            # Lockstep: a round publishes every env's observation at once and waits for all the
+            # actions, so each model batch holds one step of each env.
+            while ready := progress.ready(slots):
+                if self._stopping:
+                    raise RunAborted("runner stopping")
+                self._publish(statuses, ready, encoding)
+                statuses = []
+                cursor, actions = self._read_actions(cursor, ready)
+                statuses = [e for slot, action in actions if (e := progress.record(slot, action)) is not None]
+        except RunAborted as exc:
+            self._break_outstanding(slots)
+            log.warning("run aborted", run_id=run_id, error=str(exc))
+            report: dict[str, Any] = {"EVENT": "run", **progress.run, "ERROR": str(exc)}
+            self._publish(statuses + [report], [], encoding)
+            return report
+        for slot in self.eval:
+            slot.pending = None  # evaluation envs never carry over
+        kept = progress.returns[:episodes] if episodes else progress.returns
+        report = {"EVENT": "run", **progress.run, "EPISODES": len(progress.returns), "STEPS": progress.taken}
+        report.update(MEAN_RETURN=float(np.mean(kept)) if kept else None, RETURNS=kept)
+        self._publish(statuses + [report], [], encoding)
+        log.info("run done", **{k.lower(): v for k, v in report.items() if k not in ("EVENT", "RETURNS")})
+        return report
+
+    def _publish(self, statuses: list[dict[str, Any]], ready: list[Slot], encoding: Encoding) -> None:
+        """Status entries and the next observation of every ready env, in one round trip."""
+        if not statuses and not ready:
+            return
+        maxlen, obs_encoding = self.settings.stream_maxlen, Encoding(self.settings.encoding)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for message in statuses:
+                pipe.xadd(
+                    self.streams.status, encode_entry(message, encoding), maxlen=maxlen, approximate=True
+                )
+            for slot in ready:
+                assert slot.pending is not None
+                fields = encode_entry(slot.pending, obs_encoding)
+                pipe.xadd(self.streams.observation, fields, maxlen=maxlen, approximate=True)
+            ids = pipe.execute()[len(statuses) :]
+        for slot, obs_id in zip(ready, ids, strict=True):
+            slot.obs_id = obs_id.decode()
+
+    def _read_actions(self, cursor: str, ready: list[Slot]) -> tuple[str, list[tuple[Slot, int]]]:
+        """Block until the observations of ``ready`` are all answered; others' actions are skipped.
+
+        :param cursor: the action stream's last ID read (or seen before these were published)
+        """
+        deadline = time.monotonic() + self.settings.action_timeout
+        waiting = {s.obs_id: s for s in ready if s.obs_id is not None}
+        found: list[tuple[Slot, int]] = []
+        while True:
+            if self._stopping:
+                raise RunAborted("runner stopping")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                late = next(iter(waiting.values()))
+                timeout = self.settings.action_timeout
+                raise RunAborted(f"no action for observation {late.obs_id} of {late.env_id} in {timeout}s")
+            block = max(1, min(self.settings.block_ms, int(left * 1000)))
+            for _, items in self.redis.xread({self.streams.action: cursor}, count=1000, block=block) or []:
+                for entry_id, fields in items:
+                    cursor = entry_id.decode()
+                    if (match := self._match(cursor, fields or {}, waiting)) is not None:
+                        found.append((waiting.pop(match[0]), match[1]))
+            if not waiting:
+                return cursor, found
+
+    def _match(
+        self, entry_id: str, fields: Mapping[bytes, bytes], waiting: Mapping
+    ) -> tuple[str, int] | None:
+        """``(OBS_ID, ACTION)`` of an entry answering one of ours; a bad answer is dead-lettered."""
+        try:
+            message, _ = decode_entry(fields, self.settings.max_entry_bytes)
+        except ProtocolError:
+            return None  # undecodable: cannot be told apart from another runner's
+        obs_id = message.get("OBS_ID")
+        if not isinstance(obs_id, str) or obs_id not in waiting:
+            return None
+        action = message.get("ACTION")
+        action = action[0] if isinstance(action, list) and len(action) == 1 else action
+        if type(action) is not int or not 0 <= action < self.n_actions:
+            reason = f"ACTION must be in [0, {self.n_actions}), got {reprlib.repr(action)}"
+            self._bury(self.streams.action, entry_id, fields, reason)
+            return None
+        return obs_id, action
+
+    def _bury(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes], reason: str) -> None:
+        log.warning("rejected entry", stream=stream, id=entry_id, reason=reason)
+        s = self.settings
+        letter = dead_letter(fields, stream, entry_id, reason, s.runner_id, s.max_entry_bytes)
+        self.redis.xadd(self.streams.dead, letter, maxlen=s.stream_maxlen, approximate=True)
+
+    def _break_outstanding(self, slots: list[Slot]) -> None:
+        """Envs whose observation went unanswered restart fresh: their chain cannot continue."""
+        for slot in slots:
+            if slot.obs_id is not None:
+                slot.pending, slot.obs_id = None, None

@@ -32,7 +32,8 @@ class RoundResult:
     train_steps: int  # environment steps used for training so far
     train_return: float  # mean return of this round's training episodes
     eval_return: float  # mean deterministic return of the evaluation episodes
-    seconds: float  # wall-clock since training started
+    train_seconds: float  # wall-clock spent in training runs so far
+    seconds: float  # wall-clock since training started, evaluations and evolution included
 
 
 def last_id(client: redis.Redis, stream: str) -> str:
@@ -118,18 +119,25 @@ def train(
     :param target: stop early once the evaluation's mean return reaches it
     """
     curve: list[RoundResult] = []
-    started, train_steps = time.monotonic(), 0
+    started, train_steps, train_seconds = time.monotonic(), 0, 0.0
     bar = tqdm(range(1, rounds + 1), desc="rounds", unit="round", disable=not progress)
     for r in bar:
+        run_started = time.monotonic()
         trained = run_episodes(
             client, streams, episodes=episodes, steps=steps, runners=runners, timeout=run_timeout
         )
+        train_seconds += time.monotonic() - run_started
         train_steps += trained["steps"]
         evaluated = run_episodes(
             client, streams, episodes=eval_episodes, deterministic=True, runners=runners, timeout=run_timeout
         )
         point = RoundResult(
-            r, train_steps, trained["mean_return"], evaluated["mean_return"], time.monotonic() - started
+            r,
+            train_steps,
+            trained["mean_return"],
+            evaluated["mean_return"],
+            train_seconds,
+            time.monotonic() - started,
         )
         curve.append(point)
         bar.set_postfix(steps=train_steps, train=f"{point.train_return:.1f}", eval=f"{point.eval_return:.1f}")
@@ -164,9 +172,10 @@ def plot(curve: list[RoundResult], path: str, title: str = "CartPole-v1 through 
 
 
 def curve_table(curve: list[RoundResult]) -> str:
-    lines = ["| round | env steps | train return | eval return | seconds |", "|---:" * 5 + "|"]
+    lines = ["| round | env steps | train return | eval return | train s | total s |", "|---:" * 6 + "|"]
     lines += [
-        f"| {p.round} | {p.train_steps} | {p.train_return:.1f} | {p.eval_return:.1f} | {p.seconds:.1f} |"
+        f"| {p.round} | {p.train_steps} | {p.train_return:.1f} | {p.eval_return:.1f} "
+        f"| {p.train_seconds:.1f} | {p.seconds:.1f} |"
         for p in curve
     ]
     return "\n".join(lines)

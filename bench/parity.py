@@ -1,0 +1,136 @@
+"""Steps and wall-clock to solve CartPole-v1: the swarm through Redis Streams vs in-process SB3 A2C.
+
+Both sides use the same hyper-parameters (the tutorial's: n_steps 5, lr 7e-4 with Adam, net_arch
+pi/vf [16, 16], gamma 0.99, gae_lambda 1, ent_coef 0, vf_coef 0.5, max_grad_norm 0.5), the same
+number of environments, train in rounds of the same number of environment steps and are evaluated
+after each round on 20 deterministic episodes; "solved" is a mean evaluation return of at least 475.
+The streams side is one model worker, the aggregator and one environment runner, as separate
+processes on a private redis-server (``worker.demo.train_swarm``).
+
+    python -m bench.parity [--seeds 0 1 2] [--n-envs 8] [--steps-per-round 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import gymnasium as gym
+import torch
+from stable_baselines3 import A2C
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+
+from worker import logs
+from worker.control import RoundResult
+from worker.demo import DemoSettings, train_swarm
+
+TARGET, EVAL_EPISODES = 475.0, 20
+
+
+def sb3_curve(seed: int, n_envs: int, steps_per_round: int, max_rounds: int) -> list[RoundResult]:
+    torch.set_num_threads(1)  # as the model worker: small nets run best on one thread
+    env = make_vec_env("CartPole-v1", n_envs=n_envs, seed=seed)
+    model = A2C(
+        "MlpPolicy",
+        env,
+        n_steps=5,
+        learning_rate=7e-4,
+        gamma=0.99,
+        gae_lambda=1.0,
+        ent_coef=0.0,
+        vf_coef=0.5,
+        max_grad_norm=0.5,
+        use_rms_prop=False,
+        normalize_advantage=False,
+        seed=seed,
+        device="cpu",
+        policy_kwargs={"net_arch": {"pi": [16, 16], "vf": [16, 16]}},
+    )
+    eval_env = gym.make("CartPole-v1")
+    curve: list[RoundResult] = []
+    started, train_seconds = time.monotonic(), 0.0
+    for r in range(1, max_rounds + 1):
+        t0 = time.monotonic()
+        model.learn(steps_per_round, reset_num_timesteps=False)
+        train_seconds += time.monotonic() - t0
+        mean, _ = evaluate_policy(model, eval_env, n_eval_episodes=EVAL_EPISODES, deterministic=True)
+        curve.append(
+            RoundResult(
+                r, model.num_timesteps, float("nan"), float(mean), train_seconds, time.monotonic() - started
+            )
+        )
+        if mean >= TARGET:
+            break
+    return curve
+
+
+def streams_curve(seed: int, n_envs: int, steps_per_round: int, max_rounds: int) -> list[RoundResult]:
+    settings = DemoSettings(
+        models=1,
+        evolve=False,
+        seed=seed,
+        n_envs=n_envs,
+        steps_per_round=steps_per_round,
+        max_rounds=max_rounds,
+        eval_episodes=EVAL_EPISODES,
+        target=TARGET,
+        progress=False,
+    )
+    return train_swarm(settings)
+
+
+def summary(curve: list[RoundResult]) -> tuple[bool, int, float, float]:
+    last = curve[-1]
+    return last.eval_return >= TARGET, last.train_steps, last.train_seconds, last.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--steps-per-round", type=int, default=10_000)
+    parser.add_argument("--max-rounds", type=int, default=30)
+    args = parser.parse_args()
+    logs.configure("warning")
+
+    rows = []
+    for seed in args.seeds:
+        for name, fn in (("SB3 A2C in-process", sb3_curve), ("swarm via Redis Streams", streams_curve)):
+            solved, steps, train_s, total_s = summary(
+                fn(seed, args.n_envs, args.steps_per_round, args.max_rounds)
+            )
+            rows.append((name, seed, solved, steps, train_s, total_s))
+            print(
+                f"{name:<24} seed {seed}: solved={solved} steps={steps} "
+                f"train={train_s:.1f}s total={total_s:.1f}s",
+                flush=True,
+            )
+
+    print(
+        f"\nCartPole-v1, {args.n_envs} environments, evaluation every {args.steps_per_round} steps "
+        f"({EVAL_EPISODES} deterministic episodes, solved at >= {TARGET:.0f})\n"
+    )
+    print("| system | seed | solved | env steps to solve | training s | total s (with evaluation) |")
+    print("|---|---:|:---:|---:|---:|---:|")
+    for name, seed, solved, steps, train_s, total_s in rows:
+        print(f"| {name} | {seed} | {'yes' if solved else 'no'} | {steps} | {train_s:.1f} | {total_s:.1f} |")
+    for name in ("SB3 A2C in-process", "swarm via Redis Streams"):
+        mine = [r for r in rows if r[0] == name]
+        print(
+            f"| **{name}, median** | | {sum(r[2] for r in mine)}/{len(mine)} "
+            f"| {statistics.median(r[3] for r in mine):.0f} | {statistics.median(r[4] for r in mine):.1f} "
+            f"| {statistics.median(r[5] for r in mine):.1f} |"
+        )
+    sb3 = [r for r in rows if r[0].startswith("SB3")]
+    ours = [r for r in rows if r[0].startswith("swarm")]
+    step_ratio = statistics.median(r[3] for r in ours) / statistics.median(r[3] for r in sb3)
+    time_ratio = statistics.median(r[4] for r in ours) / statistics.median(r[4] for r in sb3)
+    print(
+        f"\nmedian env steps, swarm / SB3: {step_ratio:.2f}x; median training wall-clock: {time_ratio:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

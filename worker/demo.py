@@ -1,0 +1,171 @@
+"""``python -m worker demo``: the whole loop on one machine, until CartPole-v1 is solved.
+
+It starts (as separate processes, exactly as ``docker compose --profile swarm up`` would) the model
+workers, the aggregator and an environment runner, on the Redis at ``REDIS_URL`` or else on a private
+``redis-server`` it starts and stops itself; then it trains in rounds (training episodes,
+deterministic evaluation, one evolution step) until the evaluation's mean return reaches the target.
+The last line printed is the final mean deterministic return; the exit code is 0 only when solved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+
+from worker import logs
+from worker.connections import connect, embedded_redis
+from worker.control import RoundResult, curve_table, plot, train, wait_for_models
+from worker.protocol import Encoding, Streams, encode_entry
+from worker.settings import A2CSettings, CommonSettings
+
+log = logs.get("worker.demo")
+
+
+class DemoSettings(CommonSettings, A2CSettings):
+    """``python -m worker demo``: start everything and train until solved or out of budget."""
+
+    redis_url: str | None = Field(  # type: ignore[assignment]
+        None,
+        validation_alias=AliasChoices("redis_url"),
+        description="Redis to use; unset: start a private redis-server; env REDIS_URL",
+    )
+    models: int = Field(2, gt=0, description="model workers in the swarm")
+    n_envs: int = Field(8, gt=0, description="parallel environments")
+    steps_per_round: int = Field(10_000, gt=0, description="training environment steps per round")
+    eval_episodes: int = Field(20, gt=0, description="deterministic episodes per evaluation")
+    target: float = Field(475.0, description="mean evaluation return that counts as solved")
+    max_rounds: int = Field(40, gt=0, description="budget: training rounds")
+    evolve: bool = Field(True, description="one evolution step (PBT on own returns) between rounds")
+    plot: str = Field("demo-curve.png", description="where to write the learning-curve PNG")
+    progress: bool = Field(True, description="draw a progress bar")
+
+
+@contextlib.contextmanager
+def redis_for(settings: DemoSettings) -> Iterator[str]:
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    with embedded_redis() as url:
+        log.info("started a private redis-server", url=url)
+        yield url
+
+
+def model_flags(settings: A2CSettings) -> list[str]:
+    """The hyper-parameters of ``settings`` as ``python -m worker model`` flags."""
+    flags = []
+    for name in A2CSettings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, dict | list):
+            import json
+
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+class Swarm:
+    """The processes of one demo, their logs in one folder, stopped with SIGTERM on exit."""
+
+    def __init__(self, url: str, prefix: str, logdir: Path) -> None:
+        self.env = {**os.environ, "REDIS_URL": url, "STREAM_PREFIX": prefix}
+        self.logdir = logdir
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, name: str, *args: str) -> None:
+        out = open(self.logdir / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
+        command = [sys.executable, "-m", "worker", *args]
+        self.processes.append(subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT))
+
+    def check(self) -> None:
+        for process in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{' '.join(process.args[2:])} exited with {process.returncode}")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def train_swarm(settings: DemoSettings) -> list[RoundResult]:
+    """Start the swarm, train it in rounds until the target or the budget, stop it; the curve."""
+    streams = Streams(settings.prefix)
+    logdir = Path(tempfile.mkdtemp(prefix="rl-demo-"))
+    with redis_for(settings) as url:
+        client = connect(url)
+        swarm = Swarm(url, settings.prefix, logdir)
+        try:
+            for i in range(settings.models):
+                seed = [] if settings.seed is None else ["--seed", str(settings.seed + i)]
+                swarm.start(
+                    f"model-{i}", "model", "--component-id", f"demo-{i}", *model_flags(settings), *seed
+                )
+            swarm.start("aggregator", "aggregator")
+            env_seed = [] if settings.seed is None else ["--seed", str(settings.seed)]
+            swarm.start("env", "env", "--n-envs", str(settings.n_envs), "--runner-id", "demo", *env_seed)
+            print(f"logs of the swarm: {logdir}", flush=True)
+            wait_for_models(client, streams, settings.models)
+            time.sleep(1.0)  # the runner and aggregator need a moment to subscribe
+            swarm.check()
+            evolve = None
+            if settings.evolve and settings.models > 1:
+                from worker.evolution import EvolutionSettings
+                from worker.evolution import evolve as evolve_once
+
+                evo = EvolutionSettings(
+                    **settings.model_dump(include=set(A2CSettings.model_fields)),
+                    redis_url=url,
+                    prefix=settings.prefix,
+                )
+                evolve = lambda: evolve_once(client, evo)  # noqa: E731
+            return train(
+                client,
+                streams,
+                rounds=settings.max_rounds,
+                episodes=None,
+                steps=settings.steps_per_round,
+                eval_episodes=settings.eval_episodes,
+                evolve=evolve,
+                target=settings.target,
+                progress=settings.progress,
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                client.xadd(streams.control, encode_entry({"CMD": "STOP"}, Encoding.MSGPACK))
+            swarm.stop()
+
+
+def run(settings: DemoSettings) -> int:
+    curve = train_swarm(settings)
+    if not curve:
+        print("final mean deterministic return: n/a (no round finished)")
+        return 1
+    print(curve_table(curve))
+    plot(curve, settings.plot)
+    print(f"learning curve: {Path(settings.plot).resolve()}")
+    final = curve[-1]
+    solved = final.eval_return >= settings.target
+    print(
+        f"final mean deterministic return: {final.eval_return:.1f} over {settings.eval_episodes} episodes "
+        f"after {final.train_steps} environment steps ({'solved' if solved else 'not solved'})"
+    )
+    return 0 if solved else 1

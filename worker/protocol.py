@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -111,7 +112,7 @@ def _json_value(raw: bytes) -> Any:
     text = raw.decode("utf-8", errors="strict")
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
         value = NotJson(text)
         value.error = str(exc)
         return value
@@ -130,7 +131,7 @@ def decode_entry(fields: Mapping[bytes, bytes], max_bytes: int) -> tuple[dict[st
         try:
             message = msgpack.unpackb(fields[DATA_FIELD], raw=False, strict_map_key=False)
         except Exception as exc:  # msgpack raises several unrelated types for bad input
-            raise ProtocolError(f"field 'data' is not valid msgpack: {exc}") from None
+            raise ProtocolError(f"field 'data' is not valid msgpack: {type(exc).__name__}: {exc}") from None
         if not isinstance(message, dict) or not all(isinstance(k, str) for k in message):
             raise ProtocolError("field 'data' must hold a msgpack map with string keys")
         return message, Encoding.MSGPACK
@@ -150,10 +151,16 @@ def encode_entry(message: Mapping[str, Any], encoding: Encoding) -> dict[str, by
 # --------------------------------------------------------------------------- field validation
 
 
+_repr = reprlib.Repr()
+_repr.maxlist = _repr.maxdict = 8
+_repr.maxstring = _repr.maxother = 40
+_repr.maxlevel = 3
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, NotJson):
         return f"text that is not JSON ({value.error})"
-    text = repr(value)
+    text = _repr.repr(value)  # bounded work: a multi-megabyte array is not repr'd whole
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -170,10 +177,25 @@ def _number(message: Mapping[str, Any], key: str) -> float:
     value = message[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProtocolError(f"{key} must be a number, got {_describe(value)}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer beyond the float range
+        raise ProtocolError(f"{key} must be finite, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(value):
         raise ProtocolError(f"{key} must be finite, got {value}")
     return value
+
+
+def _has_bool(value: Any) -> bool:
+    """Whether a nested list holds a boolean anywhere (no numpy: object arrays stop at 32 dimensions)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is bool:
+            return True
+        if isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _array(message: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -184,11 +206,12 @@ def _array(message: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.n
         array = np.asarray(value)
     except (ValueError, OverflowError) as exc:
         raise ProtocolError(f"{key} is not a rectangular array of numbers: {exc}") from None
-    if array.dtype.kind not in "iuf":
+    if array.dtype.kind not in "iuf" or _has_bool(value):  # numpy turns [1, true] into [1, 1]
         raise ProtocolError(f"{key} must hold only numbers, got {_describe(value)}")
     if array.shape != shape:
         raise ProtocolError(f"{key} must have shape {list(shape)}, got {list(array.shape)}")
-    array = array.astype(np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, rejected just below
+        array = array.astype(np.float32)
     if not np.isfinite(array).all():
         raise ProtocolError(f"{key} must be finite (no NaN or infinity)")
     return array
@@ -228,7 +251,11 @@ def parse_observation(
     if isinstance(env_id, int) and not isinstance(env_id, bool):
         env_id = str(env_id)
     if not isinstance(env_id, str) or not 0 < len(env_id) <= MAX_ENV_ID_LENGTH:
-        raise ProtocolError(f"ENV_ID must be a string of 1 to {MAX_ENV_ID_LENGTH} characters")
+        raise ProtocolError(
+            f"ENV_ID must be a string of 1 to {MAX_ENV_ID_LENGTH} characters (or an integer),"
+            f" got {_describe(env_id)}"
+        )
+    env_id = str(env_id)  # a plain str, not the NotJson text of a plain field
     if ("REWARD" in message) != ("ACTION" in message):
         raise ProtocolError("REWARD and ACTION come together (both describe the previous step)")
     reward = action = None
@@ -284,7 +311,7 @@ def parse_command(message: Mapping[str, Any], entry_id: str, encoding: Encoding)
         weights = message.get("WEIGHTS")
         if not isinstance(weights, dict) or not all(isinstance(k, str) for k in weights):
             raise ProtocolError("SET needs WEIGHTS, a map from component ID to a weight vector")
-    return Command(entry_id=entry_id, cmd=cmd, weights=weights, encoding=encoding)
+    return Command(entry_id=entry_id, cmd=str(cmd), weights=weights, encoding=encoding)
 
 
 def parse_weight_vector(value: Any, n_params: int) -> np.ndarray:
@@ -321,8 +348,17 @@ def dead_letter(
     only its size is kept so the dead stream cannot become the next memory problem.
     """
     size = sum(len(k) + len(v) for k, v in fields.items())
-    entry: dict[bytes | str, bytes | str] = {"dead:size": str(size)} if size > max_bytes else dict(fields)
-    entry.update(
-        {"dead:reason": reason, "dead:stream": stream, "dead:id": entry_id, "dead:component_id": component_id}
-    )
+    entry: dict[bytes | str, bytes | str] = {}
+    if size > max_bytes:
+        entry[b"dead:size"] = str(size).encode()
+    else:
+        entry.update({k.encode() if isinstance(k, str) else k: v for k, v in fields.items()})
+    # Bytes keys, so these replace (rather than duplicate) same-named fields of a re-published letter.
+    for key, value in (
+        ("reason", reason),
+        ("stream", stream),
+        ("id", entry_id),
+        ("component_id", component_id),
+    ):
+        entry[f"dead:{key}".encode()] = value.encode()
     return entry

@@ -326,12 +326,6 @@ def test_internal_error_spares_the_rest_of_the_batch(any_redis, settings, monkey
     assert [p["message_id"].decode() for p in pending] in ([], [target])  # only the target may be left
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model.py ModelWorker.handle: the single-entry internal-error path builds an Outbox without"
-    " acks, so _commit() returns early: the entry is neither dead-lettered nor acknowledged and the"
-    " worker re-reads it forever. Remove this marker once handle() acks the entry it rejects.",
-)
 def test_internal_error_dead_letters_only_that_entry(any_redis, settings, monkeypatch) -> None:
     worker = worker_for(any_redis, settings, n_steps=100)
     ids = [xadd(any_redis, OBSERVATION, plain(OBSERVATION=OBS, ENV_ID=f"e{i}")) for i in range(5)]

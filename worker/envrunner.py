@@ -320,7 +320,9 @@ class EnvRunner:
         if not statuses and not ready:
             return
         maxlen, obs_encoding = self.settings.stream_maxlen, Encoding(self.settings.encoding)
-        with self.redis.pipeline(transaction=False) as pipe:
+        # MULTI/EXEC: a blocked model wakes up once, after the whole round, so one round is one batch
+        # and its segments complete together: one A2C update over all environments, as in SB3.
+        with self.redis.pipeline(transaction=True) as pipe:
             for message in statuses:
                 pipe.xadd(
                     self.streams.status, encode_entry(message, encoding), maxlen=maxlen, approximate=True

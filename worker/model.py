@@ -293,6 +293,7 @@ class ModelWorker:
                     self.handle([entry])
                 return
             outbox = Outbox()
+            outbox.acks[entries[0][0]].append(entries[0][1])
             self._reject(outbox, entries[0], f"internal error: {type(exc).__name__}: {exc}")
         self._commit(outbox)
 

@@ -1,21 +1,41 @@
-"""``python -m worker <command>``: one entry point per component, options from flags or environment."""
+"""``python -m worker <command>``: one entry point per component, options from flags or environment.
+
+Commands are looked up lazily (``module:attribute``), so ``--help`` of a light command does not
+pay for importing torch.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, CliApp
 
 from worker import logs
-from worker.aggregator import Aggregator, AggregatorSettings
-from worker.envrunner import EnvRunner, EnvSettings
-from worker.settings import CommonSettings, ModelSettings
+from worker.settings import CommonSettings
 
 
-def run_model(settings: ModelSettings) -> int:
+@dataclass(frozen=True)
+class Command:
+    """A command: its settings class, the function that runs it, one line of help."""
+
+    settings: str  # "module:Class"
+    runner: str  # "module:function", called with the parsed settings; returns the exit code
+    help: str
+
+    def load(self) -> tuple[type[BaseSettings], Any]:
+        return _resolve(self.settings), _resolve(self.runner)
+
+
+def _resolve(target: str) -> Any:
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def run_model(settings: Any) -> int:
     from worker.connections import connect
     from worker.model import ModelWorker
 
@@ -23,44 +43,91 @@ def run_model(settings: ModelSettings) -> int:
     return 0
 
 
-def run_env(settings: EnvSettings) -> int:
+def run_env(settings: Any) -> int:
     from worker.connections import connect
+    from worker.envrunner import EnvRunner
 
     EnvRunner(settings, connect(settings.redis_url)).serve()
     return 0
 
 
-def run_aggregator(settings: AggregatorSettings) -> int:
+def run_aggregator(settings: Any) -> int:
+    from worker.aggregator import Aggregator
     from worker.connections import connect
 
     Aggregator(settings, connect(settings.redis_url)).serve()
     return 0
 
 
-COMMANDS: dict[str, tuple[type[BaseSettings], Callable[[Any], int], str]] = {
-    "model": (
-        ModelSettings,
-        run_model,
+COMMANDS: dict[str, Command] = {
+    "model": Command(
+        "worker.settings:ModelSettings",
+        "worker.cli:run_model",
         "serve one model: logits for observations, online A2C, evolution hooks",
     ),
-    "env": (EnvSettings, run_env, "run gymnasium environments on the actions of <prefix>:action"),
-    "aggregator": (AggregatorSettings, run_aggregator, "combine the models' logits into actions"),
+    "env": Command(
+        "worker.envrunner:EnvSettings",
+        "worker.cli:run_env",
+        "run gymnasium environments on the actions of <prefix>:action",
+    ),
+    "aggregator": Command(
+        "worker.aggregator:AggregatorSettings",
+        "worker.cli:run_aggregator",
+        "combine the models' logits into actions, track each model's contribution",
+    ),
+    "evolution": Command(
+        "worker.evolution:EvolutionSettings",
+        "worker.evolution:run",
+        "one generation: GET the weights, select and vary, SET the next generation",
+    ),
+    "control": Command(
+        "worker.control:TrainSettings",
+        "worker.control:run_train",
+        "'control train': rounds of episodes, evaluation and evolution; 'control status'",
+    ),
+    "control train": Command(
+        "worker.control:TrainSettings",
+        "worker.control:run_train",
+        "rounds of training episodes, evaluation and evolution, with a learning curve",
+    ),
+    "control status": Command(
+        "worker.control:StatusSettings",
+        "worker.control:run_status",
+        "live models, stream lengths, consumer-group lag, pending and dead entries",
+    ),
+    "demo": Command(
+        "worker.demo:DemoSettings",
+        "worker.demo:run",
+        "start everything (embedded Redis if none is given) and train until CartPole-v1 is solved",
+    ),
 }
 
 
 def usage() -> str:
     lines = ["usage: python -m worker <command> [--help] [options]", "", "commands:"]
-    lines += [f"  {name:<11} {text}" for name, (_, _, text) in COMMANDS.items()]
+    lines += [f"  {name:<15} {command.help}" for name, command in COMMANDS.items() if name != "control"]
     return "\n".join(lines)
+
+
+def find(argv: list[str]) -> tuple[str, list[str]] | None:
+    """The command named by the first one or two words of ``argv`` and the rest of it."""
+    two = " ".join(argv[:2])
+    if two in COMMANDS:
+        return two, argv[2:]
+    if argv and argv[0] in COMMANDS and argv[0] != "control":
+        return argv[0], argv[1:]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    name, rest = argv[0], argv[1:]
-    settings_class, runner, _ = COMMANDS[name]
+    found = find(argv)
+    if found is None:
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(usage(), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
+    name, rest = found
+    settings_class, runner = COMMANDS[name].load()
     settings_class.model_config["cli_prog_name"] = f"python -m worker {name}"
     try:
         settings = CliApp.run(settings_class, cli_args=rest)
@@ -71,4 +138,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if isinstance(settings, CommonSettings):
         logs.configure(settings.log_level, settings.log_json)
-    return runner(settings)
+    return int(runner(settings) or 0)

@@ -12,13 +12,15 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis
+from pydantic import Field
 from tqdm import tqdm
 
 from worker import logs
 from worker.protocol import Encoding, Streams, decode_entry, encode_entry
+from worker.settings import CommonSettings
 from worker.state import live_models
 
 log = logs.get("worker.control")
@@ -210,4 +212,32 @@ def status(client: redis.Redis, streams: Streams) -> dict[str, Any]:
 
 
 def print_status(report: dict[str, Any]) -> None:
-    print(json.dumps(report, indent=2, default=str))
+    """``status`` as three small tables a person can read at a glance."""
+    print(f"live models: {len(report['models'])}")
+    for cid, info in report["models"].items():
+        details = ", ".join(f"{k}={v}" for k, v in sorted(info.items()))
+        print(f"  {cid}: {details}")
+    print("streams (entries):")
+    for name, length in report["streams"].items():
+        print(f"  {name:<30} {length}")
+    print("consumer groups:")
+    for name, group in report["groups"].items():
+        print(f"  {name:<45} pending={group['pending']} lag={group['lag']}")
+    print(f"dead entries: {report['dead']}")
+
+
+class StatusSettings(CommonSettings):
+    """``python -m worker control status``: what is running and how far behind it is."""
+
+    output: Literal["text", "json"] = Field("text", description="print tables, or JSON for scripts")
+
+
+def run_status(settings: StatusSettings) -> int:
+    from worker.connections import connect
+
+    report = status(connect(settings.redis_url), Streams(settings.prefix))
+    if settings.output == "json":
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_status(report)
+    return 0

@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from worker.protocol import StreamTrim
 
 
 def _env(name: str, *more: str) -> AliasChoices:
@@ -90,10 +93,26 @@ class ModelSettings(CommonSettings, A2CSettings):
         10_000, ge=0, description="reclaim entries pending this long on other consumers"
     )
     max_deliveries: int = Field(5, gt=0, description="an entry delivered this often without commit is dead")
+    trim: Literal["maxlen", "minid"] = Field(
+        "maxlen",
+        validation_alias=_env("trim", "stream_trim"),
+        description="how the streams this worker writes are trimmed: MAXLEN ~ --stream-maxlen,"
+        " or MINID ~ (now - --stream-min-age-ms); env STREAM_TRIM",
+    )
     stream_maxlen: int = Field(
-        100_000, gt=0, description="approximate MAXLEN of the streams this worker writes"
+        100_000, gt=0, description="approximate MAXLEN of the streams this worker writes (--trim maxlen)"
+    )
+    stream_min_age_ms: int = Field(
+        3_600_000, gt=0, description="entries older than this are trimmed from them (--trim minid)"
     )
     torch_threads: int = Field(1, gt=0, description="torch intra-op threads (small nets run best on one)")
+
+    @property
+    def trimming(self) -> StreamTrim:
+        """The trimming of every stream this worker writes (logits, weights, dead)."""
+        from worker.protocol import StreamTrim  # numpy: not for the light commands' --help
+
+        return StreamTrim(self.trim, maxlen=self.stream_maxlen, min_age_ms=self.stream_min_age_ms)
 
 
 def policy_kwargs(settings: A2CSettings) -> dict[str, Any]:

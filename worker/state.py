@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import msgpack
 import redis
 
-from worker.protocol import Streams
+from worker.protocol import Streams, StreamTrim
 
 
 class LostLease(RuntimeError):
@@ -132,7 +132,7 @@ class ModelStore:
         messages: Iterable[tuple[str, Mapping]],
         acks: Mapping[str, list[str]],
         group: str,
-        maxlen: int,
+        maxlen: int | StreamTrim,
     ) -> None:
         """Apply one batch atomically, or raise :class:`LostLease` and change nothing.
 
@@ -140,6 +140,7 @@ class ModelStore:
         :param checkpoint: ``policy``/``optimizer`` blobs when the weights changed
         :param messages: (stream, fields) to XADD: replies, weights, dead letters
         :param acks: stream -> entry IDs this batch consumed
+        :param maxlen: how the streams written are trimmed: a :class:`StreamTrim`, or an approximate MAXLEN
         """
         meta = msgpack.packb(
             {**asdict(counters), "version": counters.version + 1, "paused_until": paused_until}
@@ -154,8 +155,9 @@ class ModelStore:
                 pipe.hset(self.checkpoint_key, mapping={"meta": meta, **(checkpoint or {})})
                 if memory:
                     pipe.hset(self.memory_key, mapping=dict(memory))
+                trim = StreamTrim.of(maxlen).xadd_args()
                 for stream, fields in messages:
-                    pipe.xadd(stream, dict(fields), maxlen=maxlen, approximate=True)
+                    pipe.xadd(stream, dict(fields), **trim)
                 for stream, ids in acks.items():
                     if ids:
                         pipe.xack(stream, group, *ids)

@@ -4,27 +4,75 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
+
+
+class RedisAccessError(SystemExit):
+    """Redis refuses this client for good (credentials, TLS certificate): retrying cannot help.
+
+    A ``SystemExit``, so a command started from the CLI stops with this one line on stderr and exit
+    status 1 instead of a traceback or an endless retry loop.
+    """
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***``, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def connect(url: str, **kwargs) -> redis.Redis:
     """A client for ``url`` (``redis://``, ``rediss://`` for TLS, ``unix://``; AUTH in the URL).
 
+    TLS options are query parameters of the URL, passed to redis-py's ``SSLConnection``:
+    ``rediss://host:6380/0?ssl_ca_certs=/path/ca.crt`` (a private CA), plus ``ssl_certfile`` and
+    ``ssl_keyfile`` for a client certificate (``tls-auth-clients yes``). See docs/security.md.
+
     Single commands retry with exponential backoff on connection errors, so a short Redis restart
-    is ridden out; the worker loop handles longer outages itself.
+    is ridden out; the worker loop handles longer outages itself. Wrong credentials or a server
+    certificate that does not verify raise :class:`RedisAccessError` here, at once: they are not
+    outages. An unreachable server is not an error yet (the caller's retries deal with it).
     """
     kwargs.setdefault("retry", Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5))
     kwargs.setdefault("retry_on_error", [redis.ConnectionError, redis.TimeoutError])
     kwargs.setdefault("health_check_interval", 30)
+    check_access(url, **kwargs)
     return redis.Redis.from_url(url, **kwargs)
+
+
+def check_access(url: str, **kwargs) -> None:
+    """One PING without retries: raise :class:`RedisAccessError` if Redis refuses us for good."""
+    kwargs = {**kwargs, "retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 5}
+    probe = redis.Redis.from_url(url, **kwargs)
+    try:
+        probe.ping()
+    except redis.AuthenticationError as exc:  # WRONGPASS, NOAUTH (no or wrong credentials in the URL)
+        raise RedisAccessError(f"error: Redis at {redacted(url)} refused the credentials: {exc}") from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        if isinstance(exc.__context__, ssl.SSLCertVerificationError):
+            raise RedisAccessError(
+                f"error: the TLS certificate of Redis at {redacted(url)} does not verify: {exc.__context__}"
+                " (give the CA with ?ssl_ca_certs=/path/ca.crt)"
+            ) from None
+        # not reachable (yet): the caller's retries and loop handle outages
+    except redis.ResponseError:
+        pass  # e.g. NOPERM for PING: the user may run without it; its own commands will tell
+    finally:
+        probe.close()
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:

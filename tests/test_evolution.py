@@ -247,7 +247,7 @@ def test_pbt_generation_over_real_workers(real_redis, redis_server_url, sigma: f
 def test_ga_generation_on_returns_keeps_the_elite(real_redis, redis_server_url) -> None:
     with models(redis_server_url, "m1", "m2", "m3") as workers:
         before = {cid: weights_as_vector(w.policy) for cid, w in workers.items()}
-        settings = evo_settings(redis_server_url, algorithm="ga", eval_episodes=3, elitism=1, mutpb=1.0)
+        settings = evo_settings(redis_server_url, algorithm="ga", fitness_episodes=3, elitism=1, mutpb=1.0)
         report = evolve(real_redis, settings)
         assert report.acknowledged == ["m1", "m2", "m3"] and report.generation == 1
         assert all(1 <= f <= 500 for f in report.fitness.values())

@@ -12,13 +12,15 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import redis
 from pydantic import Field
 from tqdm import tqdm
 
-from worker import logs
+from worker import evolution, logs
+from worker.evolution import EvolutionSettings
 from worker.protocol import Encoding, Streams, decode_entry, encode_entry
 from worker.settings import CommonSettings
 from worker.state import live_models
@@ -146,7 +148,7 @@ def train(
         log.info("round", **asdict(point))
         if target is not None and point.eval_return >= target:
             break
-        if evolve is not None:
+        if evolve is not None and r < rounds:  # the last evaluation stands for the final population
             evolve()
     bar.close()
     return curve
@@ -240,4 +242,63 @@ def run_status(settings: StatusSettings) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         print_status(report)
+    return 0
+
+
+class TrainSettings(EvolutionSettings):
+    """``python -m worker control train``: rounds of training, evaluation and one evolution step.
+
+    The A2C flags describe the models' policy (evolution evaluates the weights it collects with it).
+    """
+
+    rounds: int = Field(10, gt=0, description="training rounds (stop earlier once --target is reached)")
+    episodes: int | None = Field(None, gt=0, description="training episodes per round (per runner)")
+    steps: int | None = Field(10_000, gt=0, description="or: training environment steps per round")
+    eval_episodes: int = Field(20, gt=0, description="deterministic evaluation episodes per round")
+    runners: int = Field(1, gt=0, description="environment runners that answer each run")
+    run_timeout: float = Field(600.0, gt=0, description="seconds a run may take")
+    evolve: bool = Field(True, description="one evolution step between rounds (with 2+ live models)")
+    target: float | None = Field(None, description="stop once the evaluation's mean return reaches this")
+    plot: str | None = Field(None, description="write the learning curve to this PNG")
+    progress: bool = Field(True, description="draw a progress bar")
+
+
+def train_rounds(client: redis.Redis, settings: TrainSettings) -> list[RoundResult]:
+    """:func:`train` with everything taken from ``settings``; evolution only with 2+ live models."""
+    streams = Streams(settings.prefix)
+    models = live_models(client, streams)
+    evolve = None
+    if settings.evolve and len(models) > 1:
+        evolve = lambda: evolution.evolve(client, settings)  # noqa: E731
+    log.info("training", models=models, evolve=evolve is not None, rounds=settings.rounds)
+    return train(
+        client,
+        streams,
+        rounds=settings.rounds,
+        episodes=settings.episodes,
+        steps=settings.steps if settings.episodes is None else None,
+        eval_episodes=settings.eval_episodes,
+        evolve=evolve,
+        target=settings.target,
+        runners=settings.runners,
+        run_timeout=settings.run_timeout,
+        progress=settings.progress,
+    )
+
+
+def report(curve: list[RoundResult], settings: TrainSettings) -> None:
+    """Print the curve's numbers (and write its picture when asked)."""
+    print(curve_table(curve))
+    if settings.plot and curve:
+        plot(curve, settings.plot)
+        print(f"learning curve: {Path(settings.plot).resolve()}")
+
+
+def run_train(settings: TrainSettings) -> int:
+    from worker.connections import connect
+
+    client = connect(settings.redis_url)
+    wait_for_models(client, Streams(settings.prefix), 1)
+    curve = train_rounds(client, settings)
+    report(curve, settings)
     return 0

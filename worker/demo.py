@@ -22,14 +22,14 @@ from pydantic import AliasChoices, Field
 
 from worker import logs
 from worker.connections import connect, embedded_redis
-from worker.control import RoundResult, curve_table, plot, train, wait_for_models
+from worker.control import RoundResult, TrainSettings, report, train_rounds, wait_for_models
 from worker.protocol import Encoding, Streams, encode_entry
-from worker.settings import A2CSettings, CommonSettings
+from worker.settings import A2CSettings
 
 log = logs.get("worker.demo")
 
 
-class DemoSettings(CommonSettings, A2CSettings):
+class DemoSettings(TrainSettings):
     """``python -m worker demo``: start everything and train until solved or out of budget."""
 
     redis_url: str | None = Field(  # type: ignore[assignment]
@@ -39,13 +39,9 @@ class DemoSettings(CommonSettings, A2CSettings):
     )
     models: int = Field(2, gt=0, description="model workers in the swarm")
     n_envs: int = Field(8, gt=0, description="parallel environments")
-    steps_per_round: int = Field(10_000, gt=0, description="training environment steps per round")
-    eval_episodes: int = Field(20, gt=0, description="deterministic episodes per evaluation")
-    target: float = Field(475.0, description="mean evaluation return that counts as solved")
-    max_rounds: int = Field(40, gt=0, description="budget: training rounds")
-    evolve: bool = Field(True, description="one evolution step (PBT on own returns) between rounds")
-    plot: str = Field("demo-curve.png", description="where to write the learning-curve PNG")
-    progress: bool = Field(True, description="draw a progress bar")
+    rounds: int = Field(40, gt=0, description="budget: training rounds")
+    target: float | None = Field(475.0, description="mean evaluation return that counts as solved")
+    plot: str | None = Field("demo-curve.png", description="where to write the learning-curve PNG")
 
 
 @contextlib.contextmanager
@@ -62,6 +58,8 @@ def model_flags(settings: A2CSettings) -> list[str]:
     """The hyper-parameters of ``settings`` as ``python -m worker model`` flags."""
     flags = []
     for name in A2CSettings.model_fields:
+        if name == "seed":
+            continue  # every model gets its own
         value = getattr(settings, name)
         if value is None:
             continue
@@ -126,28 +124,7 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
             wait_for_models(client, streams, settings.models)
             time.sleep(1.0)  # the runner and aggregator need a moment to subscribe
             swarm.check()
-            evolve = None
-            if settings.evolve and settings.models > 1:
-                from worker.evolution import EvolutionSettings
-                from worker.evolution import evolve as evolve_once
-
-                evo = EvolutionSettings(
-                    **settings.model_dump(include=set(A2CSettings.model_fields)),
-                    redis_url=url,
-                    prefix=settings.prefix,
-                )
-                evolve = lambda: evolve_once(client, evo)  # noqa: E731
-            return train(
-                client,
-                streams,
-                rounds=settings.max_rounds,
-                episodes=None,
-                steps=settings.steps_per_round,
-                eval_episodes=settings.eval_episodes,
-                evolve=evolve,
-                target=settings.target,
-                progress=settings.progress,
-            )
+            return train_rounds(client, settings.model_copy(update={"redis_url": url}))
         finally:
             with contextlib.suppress(Exception):
                 client.xadd(streams.control, encode_entry({"CMD": "STOP"}, Encoding.MSGPACK))
@@ -159,11 +136,9 @@ def run(settings: DemoSettings) -> int:
     if not curve:
         print("final mean deterministic return: n/a (no round finished)")
         return 1
-    print(curve_table(curve))
-    plot(curve, settings.plot)
-    print(f"learning curve: {Path(settings.plot).resolve()}")
+    report(curve, settings)
     final = curve[-1]
-    solved = final.eval_return >= settings.target
+    solved = final.eval_return >= (settings.target or float("inf"))
     print(
         f"final mean deterministic return: {final.eval_return:.1f} over {settings.eval_episodes} episodes "
         f"after {final.train_steps} environment steps ({'solved' if solved else 'not solved'})"

@@ -63,8 +63,8 @@ class EvolutionSettings(CommonSettings, A2CSettings):
     )
     timeout: float = Field(10.0, gt=0, description="seconds to wait for the weights, and for the SET acks")
     registry_max_age: float = Field(5.0, gt=0, description="models with an older heartbeat are not live")
-    eval_episodes: int = Field(5, gt=0, description="deterministic episodes per model (fitness=returns)")
-    eval_max_steps: int = Field(10_000, gt=0, description="cut evaluation episodes at this many steps")
+    fitness_episodes: int = Field(5, gt=0, description="deterministic episodes per model (fitness=returns)")
+    fitness_max_steps: int = Field(10_000, gt=0, description="cut evaluation episodes at this many steps")
     tournament_size: int = Field(3, gt=0, description="ga: individuals per tournament")
     cxpb: float = Field(0.5, ge=0, le=1, description="ga: probability of a two-point crossover per pair")
     mutpb: float = Field(0.2, ge=0, le=1, description="ga: probability of mutating an offspring")
@@ -195,7 +195,7 @@ def mean_returns(vectors: Vectors, settings: EvolutionSettings, seeds: list[int]
             load_weight_vector(policy, vector)
             obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)])
             returns, running = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
-            for _ in range(settings.eval_max_steps):
+            for _ in range(settings.fitness_max_steps):
                 actions, _ = policy.predict(obs[running], deterministic=True)
                 for i, action in zip(np.flatnonzero(running), actions, strict=True):
                     obs[i], reward, terminated, truncated, _ = envs[i].step(action.item())
@@ -294,7 +294,7 @@ def evolve(client: redis.Redis, settings: EvolutionSettings) -> EvolutionReport:
         if settings.fitness == "contribution":
             fitness = {cid: shares.get(cid, 0.0) for cid in vectors}
         else:
-            seeds = rng.integers(2**31, size=settings.eval_episodes).tolist()  # the same for every model
+            seeds = rng.integers(2**31, size=settings.fitness_episodes).tolist()  # the same for every model
             fitness = mean_returns(vectors, settings, seeds)
         if settings.algorithm == "pbt":
             new, actions = pbt_step(vectors, fitness, settings, rng)

@@ -23,7 +23,7 @@ import torch
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
 
-from worker import logs
+from worker import logs, reclaim
 from worker.connections import ensure_group
 from worker.learner import Learner
 from worker.memory import EnvMemory
@@ -40,8 +40,9 @@ from worker.protocol import (
     parse_observation,
     parse_weight_vector,
 )
+from worker.reconnect import Outages
 from worker.settings import ModelSettings
-from worker.state import Counters, LostLease, ModelStore
+from worker.state import Counters, LostLease, ModelStore, digest
 
 log = logs.get("worker.model")
 
@@ -95,6 +96,8 @@ class ModelWorker:
         self._stopping = False
         self._last_heartbeat = 0.0
         self._suspects: set[str] = set()  # pending entries that may have crashed a predecessor
+        self.outages = Outages(client, log, component_id=self.component_id)
+        self.restored: dict[str, Any] = {}  # what the last load found: see _load
 
     # ----------------------------------------------------------------- life cycle
 
@@ -102,6 +105,7 @@ class ModelWorker:
         """Create the groups, take the lease, load (or create) the state and claim orphaned entries."""
         for stream in (self.streams.observation, self.streams.evolution):
             ensure_group(self.redis, stream, self.group)
+        self.outages.attach()
         self._acquire_lease()
         self._load()
         claimed = self._claim_pending()
@@ -114,26 +118,34 @@ class ModelWorker:
             envs=len(self.memories),
             reclaimed=claimed,
             params=self.learner.n_params,
+            **self.restored,
         )
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT, then finish the batch in hand and release the lease."""
+        """Serve until SIGTERM/SIGINT, then finish the batch in hand and release the lease.
+
+        After Redis was unreachable (at start too) or the lease lost, nothing is read until
+        :meth:`_recover` has made the local state equal to the last commit again.
+        """
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
-        self.start()
-        backoff = 0.1
+        started, stale = False, False
         while not self._stopping:
             try:
+                if not started:
+                    self.start()
+                    started = True
+                elif stale:
+                    self._recover()
+                stale = False
                 self.poll()
-                backoff = 0.1
+                self.outages.ok()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unreachable, retrying", error=str(exc), sleep=backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                self._recover()
+                stale = True
+                self.outages.failed(exc)
             except LostLease as exc:
+                stale = True
                 log.warning("lease lost, reloading", reason=str(exc))
-                self._recover()
         self.shutdown()
 
     def stop(self, *_: Any) -> None:
@@ -146,15 +158,15 @@ class ModelWorker:
             self.store.release(self.consumer)
         except redis.RedisError as exc:
             log.warning("could not release lease", error=str(exc))
-        log.info("stopped", component_id=self.component_id, **vars(self.counters))
+        reconnects = self.outages.reconnects
+        log.info("stopped", component_id=self.component_id, reconnects=reconnects, **vars(self.counters))
 
     def _recover(self) -> None:
-        try:
-            self._acquire_lease()
-            self._load()
-            self._claim_pending()
-        except (redis.ConnectionError, redis.TimeoutError):
-            pass  # the next poll fails again and backs off further
+        """Become the last commit again (lease, state, our pending entries); raises if Redis is down."""
+        self._acquire_lease()
+        self._load()
+        claimed = self._claim_pending()
+        log.info("reloaded", component_id=self.component_id, reclaimed=claimed, **self.restored)
 
     def _acquire_lease(self) -> None:
         announced = False
@@ -167,8 +179,13 @@ class ModelWorker:
             time.sleep(min(0.25, self.settings.lease_ttl / 4))
 
     def _load(self) -> None:
-        """Make local state equal to the last commit (or write the first checkpoint)."""
-        if not self.learner.restore(self.store.load()):
+        """Make local state equal to the last commit (or write the first checkpoint).
+
+        :attr:`restored`: the version loaded and digests of the policy and optimizer *as loaded*
+        (re-encoded), equal to those of the checkpoint's blobs in Redis when the load was exact.
+        """
+        restored = self.learner.restore(self.store.load())
+        if not restored:
             self.store.commit(
                 self.consumer,
                 self.settings.lease_ttl,
@@ -181,6 +198,13 @@ class ModelWorker:
                 self.group,
                 self.settings.stream_maxlen,
             )
+        live = self.learner.checkpoint()
+        self.restored = {
+            "restored": restored,
+            "checkpoint_version": self.counters.version,
+            "policy_sha": digest(live["policy"]),
+            "optimizer_sha": digest(live["optimizer"]),
+        }
         self._pending_first = True
 
     def _claim_pending(self, min_idle_ms: int = 0) -> int:
@@ -196,31 +220,18 @@ class ModelWorker:
         claimed, doomed = 0, Outbox()
         self._suspects = set()
         for stream in (self.streams.observation, self.streams.evolution):
-            cursor, entries = "0-0", {}
-            while True:
-                cursor, batch, *_ = self.redis.xautoclaim(
-                    stream, self.group, self.consumer, min_idle_ms, cursor, count=1000
-                )
-                entries.update({_text(i): f or {} for i, f in batch})
-                if _text(cursor) == "0-0":
-                    break
-            claimed += len(entries)
-            if not entries:
-                continue
-            pending = self.redis.xpending_range(stream, self.group, "-", "+", len(entries), self.consumer)
-            for info in pending:
-                entry_id, deliveries = _text(info["message_id"]), info["times_delivered"]
-                if entry_id not in entries:
-                    continue
-                if deliveries > self.settings.max_deliveries:
-                    doomed.acks[stream].append(entry_id)
+            for entry in reclaim.claim(self.redis, stream, self.group, self.consumer, min_idle_ms):
+                claimed += 1
+                if entry.deliveries > self.settings.max_deliveries:
+                    doomed.acks[stream].append(entry.entry_id)
                     self._reject(
                         doomed,
-                        (stream, entry_id, entries[entry_id]),
-                        f"delivered {deliveries} times without a commit: it may crash the worker",
+                        (stream, entry.entry_id, entry.fields),
+                        f"delivered {entry.deliveries} times without a commit: it may crash the worker",
+                        deliveries=entry.deliveries,
                     )
-                elif deliveries > 2:
-                    self._suspects.add(entry_id)
+                elif entry.deliveries > 2:
+                    self._suspects.add(entry.entry_id)
         self._commit(doomed)
         if claimed:
             self._pending_first = True
@@ -240,6 +251,7 @@ class ModelWorker:
                     "version": self.counters.version,
                     "updates": self.counters.updates,
                     "paused": int(self._paused()),
+                    "reconnects": self.outages.reconnects,
                 }
             )
             if not force:
@@ -250,10 +262,17 @@ class ModelWorker:
     def poll(self) -> int:
         """Read one batch (our pending entries first), handle and commit it; return its size."""
         self._heartbeat()
+        if self.outages.reconnected():
+            self._pending_first = True  # a read whose reply was lost may have left entries on us
         entries = self._read("0", None) if self._pending_first else []
         if not entries:
             self._pending_first = False
             entries = self._read(">", min(self.settings.block_ms, int(self.settings.lease_ttl * 1000 / 3)))
+            if self.outages.reconnected():
+                # redis-py retried the read on a new connection: an earlier attempt may have delivered
+                # entries whose reply was lost. They are pending on us, before these: read them all.
+                self._pending_first = True
+                entries = self._read("0", None)
         if self._suspects and any(entry[1] in self._suspects for entry in entries):
             for entry in entries:  # one at a time, so only an entry that kills us is blamed
                 self.handle([entry])
@@ -347,13 +366,15 @@ class ModelWorker:
         self.counters.commands += 1
         outbox.messages.append((self.streams.weights, encode_entry(reply, command.encoding)))
 
-    def _reject(self, outbox: Outbox, entry: Entry, reason: str) -> None:
+    def _reject(self, outbox: Outbox, entry: Entry, reason: str, **history: int) -> None:
+        """Queue a dead letter; ``history`` (e.g. ``deliveries``) adds ``dead:<key>`` fields."""
         stream, entry_id, fields = entry
-        log.warning("rejected entry", stream=stream, id=entry_id, reason=reason)
+        log.warning("rejected entry", stream=stream, id=entry_id, reason=reason, **history)
         self.counters.dead += 1
         letter = dead_letter(
             fields, stream, entry_id, reason, self.component_id, self.settings.max_entry_bytes
         )
+        letter.update({f"dead:{k}".encode(): str(v).encode() for k, v in history.items()})
         outbox.messages.append((self.streams.dead, letter))
 
     def _commit(self, outbox: Outbox) -> None:

@@ -16,6 +16,7 @@ commit over its successor.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -177,6 +178,11 @@ class ModelStore:
 
     def unregister(self) -> None:
         self.redis.zrem(self.streams.registry, self.component_id)
+
+
+def digest(blob: bytes) -> str:
+    """Short SHA-256 of a checkpoint blob (``policy``, ``optimizer``), as a worker logs after a load."""
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def live_models(client: redis.Redis, streams: Streams, max_age: float = 5.0) -> list[str]:

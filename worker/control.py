@@ -252,6 +252,7 @@ class TrainSettings(EvolutionSettings):
     """
 
     rounds: int = Field(10, gt=0, description="training rounds (stop earlier once --target is reached)")
+    models: int = Field(1, gt=0, description="wait until this many models are live before the first round")
     episodes: int | None = Field(None, gt=0, description="training episodes per round (per runner)")
     steps: int | None = Field(10_000, gt=0, description="or: training environment steps per round")
     eval_episodes: int = Field(20, gt=0, description="deterministic evaluation episodes per round")
@@ -298,7 +299,7 @@ def run_train(settings: TrainSettings) -> int:
     from worker.connections import connect
 
     client = connect(settings.redis_url)
-    wait_for_models(client, Streams(settings.prefix), 1)
+    wait_for_models(client, Streams(settings.prefix), settings.models)
     curve = train_rounds(client, settings)
     report(curve, settings)
     return 0

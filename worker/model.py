@@ -215,10 +215,11 @@ class ModelWorker:
 
         Each takeover counts as a delivery. An entry delivered ``max_deliveries`` times has likely
         killed every worker that read it: it goes to the dead stream. Entries delivered more than
-        twice are replayed one by one, so a killer entry cannot take a whole batch down with it.
+        twice (once, if ``max_deliveries`` < 5) are suspects: read and handled one at a time, so
+        only the entry in hand gains a delivery and a killer reaches the limit before its neighbours.
         """
         claimed, doomed = 0, Outbox()
-        self._suspects = set()
+        suspect_after = min(2, self.settings.max_deliveries - 2)
         for stream in (self.streams.observation, self.streams.evolution):
             for entry in reclaim.claim(self.redis, stream, self.group, self.consumer, min_idle_ms):
                 claimed += 1
@@ -230,7 +231,7 @@ class ModelWorker:
                         f"delivered {entry.deliveries} times without a commit: it may crash the worker",
                         deliveries=entry.deliveries,
                     )
-                elif entry.deliveries > 2:
+                elif entry.deliveries > suspect_after:
                     self._suspects.add(entry.entry_id)
         self._commit(doomed)
         if claimed:
@@ -264,9 +265,10 @@ class ModelWorker:
         self._heartbeat()
         if self.outages.reconnected():
             self._pending_first = True  # a read whose reply was lost may have left entries on us
-        entries = self._read("0", None) if self._pending_first else []
+        entries = self._read("0", None, 1 if self._suspects else None) if self._pending_first else []
         if not entries:
             self._pending_first = False
+            self._suspects.clear()
             entries = self._read(">", min(self.settings.block_ms, int(self.settings.lease_ttl * 1000 / 3)))
             if self.outages.reconnected():
                 # redis-py retried the read on a new connection: an earlier attempt may have delivered
@@ -280,13 +282,13 @@ class ModelWorker:
             self.handle(entries)
         return len(entries)
 
-    def _read(self, ids: str, block: int | None) -> list[Entry]:
+    def _read(self, ids: str, block: int | None, count: int | None = None) -> list[Entry]:
         """XREADGROUP both input streams; ``0`` re-reads our pending entries, ``>`` new ones."""
         reply = self.redis.xreadgroup(
             self.group,
             self.consumer,
             {self.streams.observation: ids, self.streams.evolution: ids},
-            count=self.settings.batch_size,
+            count=count or self.settings.batch_size,
             block=block,
         )
         entries: list[Entry] = []

@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @dataclass
 class ChaosConfig:
     kills: int = 50  # worker SIGKILLs
-    redis_restarts: int = 0  # Redis outages (alternately SIGKILL and SHUTDOWN)
+    redis_restarts: int = 5  # Redis outages (alternately SIGKILL and SHUTDOWN)
     models: int = 2
     envs: int = 8
     seed: int = 0
@@ -94,10 +94,13 @@ class Figures:
     kills: int = 0
     killed_before_ready: int = 0
     resumes_verified: int = 0  # restarts whose loaded state matched the checkpoint in Redis
+    kills_in_flight: int = 0  # restarts that found entries the killed worker had read, not committed
+    incarnations: int = 0  # worker processes started
     resume_mismatches: list[str] = field(default_factory=list)
     redis_restarts: int = 0
     reconnects: int = 0  # reconnections the workers logged
     reconnects_per_model: dict[str, int] = field(default_factory=dict)
+    unreachable_per_model: dict[str, int] = field(default_factory=dict)  # failed attempts logged
     generator_retries: int = 0  # load-generator calls that failed and were retried
     crashes: list[str] = field(default_factory=list)  # workers that exited without being killed
     unclean_stops: list[str] = field(default_factory=list)
@@ -138,13 +141,18 @@ class Figures:
     def table(self) -> str:
         rows = [
             ("models x environments", f"{self.models} x {self.envs}"),
-            ("worker SIGKILLs survived", f"{self.kills} ({self.killed_before_ready} before ready)"),
+            (
+                "worker SIGKILLs survived",
+                f"{self.kills} ({self.kills_in_flight} with entries in flight, "
+                f"{self.killed_before_ready} before ready)",
+            ),
             (
                 "restarts resumed from the checkpoint",
                 f"{self.resumes_verified}, mismatches {len(self.resume_mismatches)}",
             ),
             ("Redis restarts survived", str(self.redis_restarts)),
             ("worker reconnects logged", f"{self.reconnects} {dict(self.reconnects_per_model)}"),
+            ("failed attempts, backed off", str(dict(self.unreachable_per_model))),
             ("load generator retries", str(self.generator_retries)),
             ("worker crashes / unclean stops", f"{len(self.crashes)} / {len(self.unclean_stops)}"),
             ("observations published (env steps)", f"{self.observations} ({self.steps})"),
@@ -333,6 +341,8 @@ class Fleet:
             return
         ready, expect = incarnation.ready, incarnation.expect
         name = f"{incarnation.model}.{incarnation.number}"
+        if incarnation.number > 0 and ready.get("reclaimed"):
+            self.figures.kills_in_flight += 1
         if expect is None:
             if ready.get("restored"):
                 self.figures.resume_mismatches.append(f"{name}: restored a checkpoint that was not there")
@@ -413,6 +423,7 @@ class Load:
         self.outstanding: dict[str, int] = {}  # observation ID -> environment awaiting its actor's logits
         self.ready: list[tuple[int, dict[str, Any]]] = []  # messages to publish
         self.replies: Counter[tuple[str, str]] = Counter()
+        self.answered = 0  # distinct (model, observation) pairs replied to
         self.cursor = "0-0"
         self.last_id = (0, 0)
         self.steps = 0
@@ -476,6 +487,7 @@ class Load:
                 message = msgpack.unpackb(fields[b"data"], raw=False)
                 model, obs_id = message["COMPONENT_ID"], message["OBS_ID"]
                 self.replies[(model, obs_id)] += 1
+                self.answered += self.replies[(model, obs_id)] == 1
                 k = self.outstanding.get(obs_id)
                 if k is not None and model == self.actor[k]:
                     del self.outstanding[obs_id]
@@ -509,8 +521,7 @@ class Load:
 
     def missing(self) -> int:
         """Replies still to come: published observations times models, minus those answered."""
-        answered = sum(1 for p in self.published for m in self.models if self.replies[(m, p.entry_id)])
-        return len(self.published) * len(self.models) - answered
+        return len(self.published) * len(self.models) - self.answered
 
 
 def expected_counters(published: list[Published], n_envs: int, n_steps: int) -> dict[str, int]:
@@ -681,12 +692,13 @@ def _collect(
             figures.pending += client.xpending(stream, Streams.group(model))["pending"]
     figures.counters_exact = not figures.counter_mismatches
     figures.dead = client.xlen(streams.dead)
+    figures.incarnations = len(fleet.history)
     for incarnation in fleet.history:
-        n = incarnation.events["reconnected"]
+        model, n = incarnation.model, incarnation.events["reconnected"]
         figures.reconnects += n
-        figures.reconnects_per_model[incarnation.model] = (
-            figures.reconnects_per_model.get(incarnation.model, 0) + n
-        )
+        figures.reconnects_per_model[model] = figures.reconnects_per_model.get(model, 0) + n
+        failed = incarnation.events["redis unreachable, retrying"]
+        figures.unreachable_per_model[model] = figures.unreachable_per_model.get(model, 0) + failed
     episodes = load.episodes
     figures.episodes = len(episodes)
     if len(episodes) >= 5:

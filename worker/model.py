@@ -122,11 +122,8 @@ class ModelWorker:
         )
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT, then finish the batch in hand and release the lease.
-
-        After Redis was unreachable (at start too) or the lease lost, nothing is read until
-        :meth:`_recover` has made the local state equal to the last commit again.
-        """
+        """Serve until SIGTERM/SIGINT, then finish the batch in hand and release the lease. After Redis
+        was unreachable (at start too) or the lease lost, nothing is read until :meth:`_recover`."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
         started, stale = False, False
@@ -179,11 +176,8 @@ class ModelWorker:
             time.sleep(min(0.25, self.settings.lease_ttl / 4))
 
     def _load(self) -> None:
-        """Make local state equal to the last commit (or write the first checkpoint).
-
-        :attr:`restored`: the version loaded and digests of the policy and optimizer *as loaded*
-        (re-encoded), equal to those of the checkpoint's blobs in Redis when the load was exact.
-        """
+        """Make local state equal to the last commit (or write the first checkpoint); :attr:`restored`
+        tells the version and digests of the state as loaded (re-encoded: equal to the blobs' in Redis)."""
         restored = self.learner.restore(self.store.load())
         if not restored:
             self.store.commit(
@@ -198,13 +192,8 @@ class ModelWorker:
                 self.group,
                 self.settings.stream_maxlen,
             )
-        live = self.learner.checkpoint()
-        self.restored = {
-            "restored": restored,
-            "checkpoint_version": self.counters.version,
-            "policy_sha": digest(live["policy"]),
-            "optimizer_sha": digest(live["optimizer"]),
-        }
+        self.restored = {"restored": restored, "checkpoint_version": self.counters.version}
+        self.restored |= {f"{key}_sha": digest(blob) for key, blob in self.learner.checkpoint().items()}
         self._pending_first = True
 
     def _claim_pending(self, min_idle_ms: int = 0) -> int:

@@ -73,7 +73,7 @@ class ChaosConfig:
     seed: int = 0
     min_steps: int = 0  # environment steps to drive at least (more faults come first)
     gap: tuple[float, float] = (1.0, 4.0)  # seconds between two faults
-    outage: tuple[float, float] = (0.5, 4.0)  # seconds Redis stays down
+    outage: tuple[float, float] = (0.5, 6.0)  # seconds Redis stays down (redis-py retries for ~3)
     n_steps: int = 5
     learning_rate: float = 2e-3
     batch_size: int = 64

@@ -86,21 +86,46 @@ def summary(curve: list[RoundResult]) -> tuple[bool, int, float, float]:
     return last.eval_return >= TARGET, last.train_steps, last.train_seconds, last.seconds
 
 
+def plot(curves: list[tuple[str, int, list[RoundResult]]], path: str) -> None:
+    """Deterministic evaluation return against training steps: one line per system and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = {"SB3 A2C in-process": "tab:gray", "swarm via Redis Streams": "tab:orange"}
+    for name, seed, curve in curves:
+        label = name if seed == curves[0][1] else None
+        steps, returns = [p.train_steps for p in curve], [p.eval_return for p in curve]
+        ax.plot(steps, returns, color=colors[name], marker=".", alpha=0.8, label=label)
+    ax.axhline(TARGET, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("environment steps (training)")
+    ax.set_ylabel(f"mean return, {EVAL_EPISODES} deterministic episodes")
+    ax.set_title("CartPole-v1, same A2C: in-process SB3 vs through Redis Streams")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-envs", type=int, default=8)
     parser.add_argument("--steps-per-round", type=int, default=10_000)
     parser.add_argument("--max-rounds", type=int, default=30)
+    parser.add_argument("--plot", default="parity.png", help="evaluation curves of both systems, every seed")
     args = parser.parse_args()
     logs.configure("warning")
 
-    rows = []
+    rows, curves = [], []
     for seed in args.seeds:
         for name, fn in (("SB3 A2C in-process", sb3_curve), ("swarm via Redis Streams", streams_curve)):
-            solved, steps, train_s, total_s = summary(
-                fn(seed, args.n_envs, args.steps_per_round, args.max_rounds)
-            )
+            curve = fn(seed, args.n_envs, args.steps_per_round, args.max_rounds)
+            curves.append((name, seed, curve))
+            solved, steps, train_s, total_s = summary(curve)
             rows.append((name, seed, solved, steps, train_s, total_s))
             print(
                 f"{name:<24} seed {seed}: solved={solved} steps={steps} "
@@ -123,6 +148,8 @@ def main() -> None:
             f"| {statistics.median(r[3] for r in mine):.0f} | {statistics.median(r[4] for r in mine):.1f} "
             f"| {statistics.median(r[5] for r in mine):.1f} |"
         )
+    plot(curves, args.plot)
+    print(f"\ncurves: {args.plot}")
     sb3 = [r for r in rows if r[0].startswith("SB3")]
     ours = [r for r in rows if r[0].startswith("swarm")]
     step_ratio = statistics.median(r[3] for r in ours) / statistics.median(r[3] for r in sb3)

@@ -68,7 +68,7 @@ def run_episodes(
         command["EPISODES"] = episodes
     if steps is not None:
         command["STEPS"] = steps
-    client.xadd(streams.control, encode_entry(command, Encoding.MSGPACK))
+    client.xadd(streams.control, encode_entry(command, Encoding.MSGPACK), maxlen=1000, approximate=True)
     reports: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while len(reports) < runners:

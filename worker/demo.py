@@ -127,7 +127,8 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
             return train_rounds(client, settings.model_copy(update={"redis_url": url}))
         finally:
             with contextlib.suppress(Exception):
-                client.xadd(streams.control, encode_entry({"CMD": "STOP"}, Encoding.MSGPACK))
+                stop = encode_entry({"CMD": "STOP"}, Encoding.MSGPACK)
+                client.xadd(streams.control, stop, maxlen=1000, approximate=True)
             swarm.stop()
 
 

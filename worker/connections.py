@@ -25,6 +25,11 @@ class RedisAccessError(SystemExit):
     """
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply's name or ID as ``str`` (clients without ``decode_responses`` give ``bytes``)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def redacted(url: str) -> str:
     """``url`` with its password replaced by ``***``, fit for logs and error messages."""
     parts = urlsplit(url)

@@ -24,7 +24,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from worker import logs, reclaim
-from worker.connections import ensure_group
+from worker.connections import ensure_group, text
 from worker.learner import Learner
 from worker.memory import EnvMemory
 from worker.protocol import (
@@ -49,14 +49,14 @@ log = logs.get("worker.model")
 Entry = tuple[str, str, dict[bytes, bytes]]  # (stream, entry ID, fields)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _order(entry: Entry, command_stream: str) -> tuple[int, bool, int]:
+    """Order entries of both streams by time; within one millisecond, commands first.
 
-
-def _order(entry: Entry, command_stream: str) -> tuple[int, int, int]:
-    """Stream IDs order entries across both streams; on a tie the command goes first."""
+    Sequence numbers count within one stream only, so across streams the millisecond is all
+    the order there is.
+    """
     ms, _, seq = entry[1].partition("-")
-    return int(ms), int(seq or 0), entry[0] != command_stream
+    return int(ms), entry[0] != command_stream, int(seq or 0)
 
 
 @dataclass
@@ -190,7 +190,7 @@ class ModelWorker:
                 [],
                 {},
                 self.group,
-                self.settings.stream_maxlen,
+                self.settings.trimming,
             )
         self.restored = {"restored": restored, "checkpoint_version": self.counters.version}
         self.restored |= {f"{key}_sha": digest(blob) for key, blob in self.learner.checkpoint().items()}
@@ -201,27 +201,22 @@ class ModelWorker:
 
         At start every pending entry is ours to replay; later, a periodic call with ``min_idle_ms``
         picks up what a stale worker (one that lost the lease mid-batch) read and left behind.
-
-        Each takeover counts as a delivery. An entry delivered ``max_deliveries`` times has likely
-        killed every worker that read it: it goes to the dead stream. Entries delivered more than
-        twice (once, if ``max_deliveries`` < 5) are suspects: read and handled one at a time, so
-        only the entry in hand gains a delivery and a killer reaches the limit before its neighbours.
+        Likely killers go to the dead stream, suspects are read one at a time (:func:`reclaim.triage`).
         """
         claimed, doomed = 0, Outbox()
-        suspect_after = min(2, self.settings.max_deliveries - 2)
         for stream in (self.streams.observation, self.streams.evolution):
-            for entry in reclaim.claim(self.redis, stream, self.group, self.consumer, min_idle_ms):
-                claimed += 1
-                if entry.deliveries > self.settings.max_deliveries:
-                    doomed.acks[stream].append(entry.entry_id)
-                    self._reject(
-                        doomed,
-                        (stream, entry.entry_id, entry.fields),
-                        f"delivered {entry.deliveries} times without a commit: it may crash the worker",
-                        deliveries=entry.deliveries,
-                    )
-                elif entry.deliveries > suspect_after:
-                    self._suspects.add(entry.entry_id)
+            entries = reclaim.claim(self.redis, stream, self.group, self.consumer, min_idle_ms)
+            claimed += len(entries)
+            buried, suspects = reclaim.triage(entries, self.settings.max_deliveries)
+            self._suspects |= suspects
+            for entry in buried:
+                doomed.acks[stream].append(entry.entry_id)
+                self._reject(
+                    doomed,
+                    (stream, entry.entry_id, entry.fields),
+                    f"delivered {entry.deliveries} times without a commit: it may crash the worker",
+                    deliveries=entry.deliveries,
+                )
         self._commit(doomed)
         if claimed:
             self._pending_first = True
@@ -282,9 +277,9 @@ class ModelWorker:
         )
         entries: list[Entry] = []
         for stream, items in reply or []:
-            name = _text(stream)
+            name = text(stream)
             for entry_id, fields in items:
-                entries.append((name, _text(entry_id), fields or {}))  # None if the entry was trimmed
+                entries.append((name, text(entry_id), fields or {}))  # None if the entry was trimmed
         # One order across both streams, so a command applies between the observations around it.
         entries.sort(key=lambda entry: _order(entry, self.streams.evolution))
         return entries
@@ -382,7 +377,7 @@ class ModelWorker:
             outbox.messages,
             outbox.acks,
             self.group,
-            self.settings.stream_maxlen,
+            self.settings.trimming,
         )
 
     # ----------------------------------------------------------------- views of the learner's state

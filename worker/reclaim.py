@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import redis
 
+from worker.connections import text
+
 
 @dataclass(frozen=True)
 class Claimed:
@@ -21,10 +23,6 @@ class Claimed:
     entry_id: str
     fields: dict[bytes, bytes]  # empty if the entry was trimmed from the stream meanwhile
     deliveries: int
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def claim(
@@ -37,16 +35,30 @@ def claim(
     cursor, entries = "0-0", {}
     while True:
         cursor, batch, *_ = client.xautoclaim(stream, group, consumer, min_idle_ms, cursor, count=page)
-        entries.update({_text(i): f or {} for i, f in batch})
-        if _text(cursor) == "0-0":
+        entries.update({text(i): f or {} for i, f in batch})
+        if text(cursor) == "0-0":
             break
     if not entries:
         return []
     ids = sorted(entries, key=_order)
     # The consumer may hold younger entries of its own between these bounds: leave room for them.
     pending = client.xpending_range(stream, group, ids[0], ids[-1], 2 * len(ids) + 100, consumer)
-    deliveries = {_text(info["message_id"]): info["times_delivered"] for info in pending}
+    deliveries = {text(info["message_id"]): info["times_delivered"] for info in pending}
     return [Claimed(i, entries[i], deliveries.get(i, 1)) for i in ids]
+
+
+def triage(entries: list[Claimed], max_deliveries: int) -> tuple[list[Claimed], set[str]]:
+    """Split claimed entries into the ones to bury and the IDs of suspects.
+
+    An entry delivered more than ``max_deliveries`` times has likely killed every worker that read
+    it: it goes to the dead stream. Entries delivered more than twice (once, if ``max_deliveries``
+    < 5) are suspects: read and handled one at a time, so only the entry in hand gains a delivery
+    and a killer reaches the limit before its neighbours.
+    """
+    suspect_after = min(2, max_deliveries - 2)
+    buried = [e for e in entries if e.deliveries > max_deliveries]
+    suspects = {e.entry_id for e in entries if suspect_after < e.deliveries <= max_deliveries}
+    return buried, suspects
 
 
 def _order(entry_id: str) -> tuple[int, int]:

@@ -113,11 +113,6 @@ def test_minid_trims_by_age(real_redis) -> None:
     assert 20 <= real_redis.xlen("rl:logits") < 20 + slack
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ModelWorker passes settings.stream_maxlen to ModelStore.commit, not settings.trimming:"
-    " --trim minid needs that one-word change in worker/model.py (twice)",
-)
 def test_worker_trims_by_age_with_trim_minid(real_redis, settings) -> None:
     worker = ModelWorker(
         settings.model_copy(update={"trim": "minid", "stream_min_age_ms": 60_000}), real_redis

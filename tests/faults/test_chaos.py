@@ -36,6 +36,7 @@ def test_workers_killed_at_random_lose_nothing_and_resume_from_their_checkpoint(
         seed=1,
         gap=(1.0, 3.0),
         min_steps=6000,
+        learning_rate=2e-3,
         workdir=str(tmp_path),
     )
     figures = run(config)

@@ -308,9 +308,10 @@ def test_processes_stop_on_sigterm_mid_run(real_redis, redis_server_url) -> None
         for args in (["env", "--n-envs", "2", "--block-ms", "100"], ["aggregator"])
     )
     try:
-        assert runner.stderr is not None
-        while "ready" not in runner.stderr.readline():  # commands sent before this would be missed
-            assert runner.poll() is None, "runner exited"
+        for process in (runner, aggregator):  # commands sent, or signals, before this would be missed
+            assert process.stderr is not None
+            while "ready" not in process.stderr.readline():
+                assert process.poll() is None, "exited before it was ready"
         xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "r", "STEPS": 100})
         while not real_redis.exists("rl:observation"):
             time.sleep(0.02)  # no model answers: the run waits for its first actions

@@ -16,8 +16,16 @@ pytestmark = pytest.mark.slow
 
 def test_swarm_of_two_models_and_four_environments_learns(real_redis, redis_server_url) -> None:
     settings = DemoSettings(
-        redis_url=redis_server_url, models=2, n_envs=4, steps=4000, rounds=4, eval_episodes=8,
-        target=10_000, seed=3, progress=False, evolve=True,
+        redis_url=redis_server_url,
+        models=2,
+        n_envs=4,
+        steps=4000,
+        rounds=4,
+        eval_episodes=8,
+        target=10_000,
+        seed=3,
+        progress=False,
+        evolve=True,
     )
     curve = train_swarm(settings)
 

@@ -9,8 +9,9 @@ import pytest
 from tests.helpers import drain, read, xadd
 from worker.connections import ensure_group
 from worker.model import ModelWorker
+from worker.protocol import Streams
 from worker.settings import ModelSettings
-from worker.state import LostLease, live_models
+from worker.state import Counters, LostLease, ModelStore, live_models
 
 OBS = [0.0, 0.1, 0.0, -0.1]
 
@@ -67,6 +68,37 @@ def test_second_worker_waits_for_the_lease_and_a_stale_one_cannot_commit(real_re
     time.sleep(0.02)
     assert drain(second) == 1  # and what it had read is reclaimed by the lease holder
     assert len(read(real_redis, "rl:logits")) == 1
+
+
+def test_a_worker_that_retakes_an_expired_lease_cannot_commit_over_its_successor(any_redis, settings) -> None:
+    """The lease alone is not enough: the commit also checks the checkpoint's version."""
+    first = ModelWorker(settings, any_redis)
+    first.start()
+    any_redis.delete("rl:model:m1:lease")  # the first froze; a successor serves and stops
+    second = ModelWorker(settings, any_redis)
+    second.start()
+    xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
+    assert drain(second) == 1
+    second.shutdown()
+    # The first thaws and its heartbeat takes the free lease again, but its state is two commits old.
+    assert first.store.acquire(first.consumer, 5.0) is None  # what its next heartbeat does
+    xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
+    with pytest.raises(LostLease, match="STALE"):
+        first.poll()
+    assert len(read(any_redis, "rl:logits")) == 1
+
+
+def test_a_commit_sent_twice_applies_once(any_redis, settings) -> None:
+    """redis-py resends a command whose reply was lost; the version makes the second one a no-op."""
+    store, counters = ModelStore(any_redis, Streams("rl"), "m1"), Counters()
+    assert store.acquire("me", 5.0) is None
+    batch = ({}, None, [("rl:logits", {"LOGITS": "[0, 1]"})], {}, "model:m1", 100)
+    store.commit("me", 5.0, counters, 0.0, *batch)
+    counters.version -= 1  # as if the reply was lost and the same commit went out again
+    with pytest.raises(LostLease, match="STALE"):
+        store.commit("me", 5.0, counters, 0.0, *batch)
+    assert any_redis.xlen("rl:logits") == 1
+    assert store.load().counters.version == 1
 
 
 def test_cluster_hash_tag_prefix_keeps_every_key_under_it(real_redis, settings: ModelSettings) -> None:

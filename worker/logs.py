@@ -26,3 +26,8 @@ def configure(level: str = "info", json: bool = False) -> None:
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)
+
+
+if not structlog.is_configured():
+    # Embedded use (tests, notebooks, bench): info and up, not structlog's default of everything.
+    configure()

@@ -38,7 +38,7 @@ class Streams:
     """Names of every stream and key of one deployment, all under one prefix.
 
     A prefix such as ``{rl}`` puts every key in one Redis Cluster hash slot, which the worker's
-    MULTI/EXEC commit needs there.
+    commit (one Lua script over several keys) needs there.
     """
 
     prefix: str = "rl"

@@ -2,16 +2,20 @@
 
 Keys, all under ``<prefix>:model:<COMPONENT_ID>``:
 
-- ``:checkpoint`` hash: ``policy`` and ``optimizer`` (msgpack state dicts), ``meta`` (counters, pause)
+- ``:checkpoint`` hash: ``policy`` and ``optimizer`` (msgpack state dicts), ``meta`` (counters, pause),
+  ``version`` (commits so far)
 - ``:memory`` hash: one field per ENV_ID, that environment's :class:`~worker.memory.EnvMemory`
 - ``:lease`` string: the consumer allowed to commit; it expires when its worker dies
 
-Why one MULTI/EXEC per batch: the batch's replies, the memory it changed, the checkpoint it trained
-and the XACK of its entries must become visible together. A worker killed before EXEC leaves its
-entries pending and the state as it was, so its successor replays them to the same result; a worker
-killed after EXEC has nothing left to do. Either way no transition is lost or trained on twice. The
-transaction WATCHes the lease, so a worker that lost its lease (paused too long, replaced) cannot
-commit over its successor.
+Why one atomic commit per batch: the batch's replies, the memory it changed, the checkpoint it
+trained and the XACK of its entries must become visible together. A worker killed before the commit
+leaves its entries pending and the state as it was, so its successor replays them to the same
+result; a worker killed after it has nothing left to do. Either way no transition is lost or trained
+on twice. The commit is one Lua script (:data:`COMMIT`), atomic as a MULTI/EXEC, which first checks
+two fences: the lease (a worker that lost it, paused too long or replaced, cannot commit over its
+successor) and the checkpoint's version (a worker whose state is not the last commit's, because it
+took back an expired lease after a successor committed, or because redis-py resent this very
+commit after losing its reply, cannot commit either; it reloads).
 """
 
 from __future__ import annotations
@@ -20,11 +24,63 @@ import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import msgpack
 import redis
 
 from worker.protocol import Streams, StreamTrim
+
+# One batch's commit (see the module's docstring). A script rather than WATCH/MULTI/EXEC: the lease
+# and version checks happen inside Redis, so a commit is one round trip instead of three.
+# KEYS: lease, checkpoint, memory, then every stream written or acknowledged.
+# ARGV: token, lease ttl (ms), version the state grew from, then sections, each a count and items:
+#   checkpoint field/value pairs; memory field/value pairs; trim (MAXLEN|MINID, threshold); group;
+#   messages: count, then per message its stream's KEYS index and a section of field/value pairs;
+#   acks: count, then per stream its KEYS index and a section of entry IDs.
+COMMIT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('LOSTLEASE the lease is held by another consumer')
+end
+local stored = redis.call('HGET', KEYS[2], 'version')
+if stored and stored ~= ARGV[3] then
+  return redis.error_reply('STALE the checkpoint is at version ' .. stored .. ', not ' .. ARGV[3])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local i = 4
+local function section()
+  local n = tonumber(ARGV[i])
+  i = i + 1 + n
+  return i - n, i - 1
+end
+local first, last = section()
+redis.call('HSET', KEYS[2], unpack(ARGV, first, last))
+first, last = section()
+if last >= first then redis.call('HSET', KEYS[3], unpack(ARGV, first, last)) end
+local trim, threshold, group = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+i = i + 3
+local messages = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, messages do
+  local stream = KEYS[tonumber(ARGV[i])]
+  i = i + 1
+  first, last = section()
+  redis.call('XADD', stream, trim, '~', threshold, '*', unpack(ARGV, first, last))
+end
+local streams = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, streams do
+  local stream = KEYS[tonumber(ARGV[i])]
+  i = i + 1
+  first, last = section()
+  redis.call('XACK', stream, group, unpack(ARGV, first, last))
+end
+return 'OK'
+"""
+
+
+def _section(items: list[Any]) -> list[Any]:
+    return [len(items), *items]
 
 
 class LostLease(RuntimeError):
@@ -73,6 +129,7 @@ class ModelStore:
         self.memory_key = streams.model_key(component_id, "memory")
         self.lease_key = streams.model_key(component_id, "lease")
         self.info_key = streams.model_key(component_id, "info")
+        self._commit_script = client.register_script(COMMIT)
 
     # ----------------------------------------------------------------- lease
 
@@ -135,7 +192,10 @@ class ModelStore:
         group: str,
         maxlen: int | StreamTrim,
     ) -> None:
-        """Apply one batch atomically, or raise :class:`LostLease` and change nothing.
+        """Apply one batch atomically (one script, one round trip), or raise :class:`LostLease` and
+        change nothing: when another consumer holds the lease, or the stored checkpoint is not the
+        version this worker's state grew from (a successor committed meanwhile, or redis-py retried
+        this very commit after a lost reply: then reloading finds it applied).
 
         :param memory: env_id -> packed memory of every environment the batch touched
         :param checkpoint: ``policy``/``optimizer`` blobs when the weights changed
@@ -146,25 +206,33 @@ class ModelStore:
         meta = msgpack.packb(
             {**asdict(counters), "version": counters.version + 1, "paused_until": paused_until}
         )
-        with self.redis.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(self.lease_key)
-                if pipe.get(self.lease_key) != token.encode():
-                    raise LostLease(f"lease of {self.component_id} is not held by {token}")
-                pipe.multi()
-                pipe.pexpire(self.lease_key, int(ttl * 1000))
-                pipe.hset(self.checkpoint_key, mapping={"meta": meta, **(checkpoint or {})})
-                if memory:
-                    pipe.hset(self.memory_key, mapping=dict(memory))
-                trim = StreamTrim.of(maxlen).xadd_args()
-                for stream, fields in messages:
-                    pipe.xadd(stream, dict(fields), **trim)
-                for stream, ids in acks.items():
-                    if ids:
-                        pipe.xack(stream, group, *ids)
-                pipe.execute()
-            except redis.WatchError:
-                raise LostLease(f"lease of {self.component_id} changed during commit") from None
+        streams: dict[str, int] = {}  # stream -> its index in KEYS
+
+        def key(stream: str) -> int:
+            return streams.setdefault(stream, len(streams) + 4)
+
+        args: list[Any] = [token, int(ttl * 1000), counters.version]
+        state = {"meta": meta, "version": counters.version + 1, **(checkpoint or {})}
+        args += _section([x for pair in state.items() for x in pair])
+        args += _section([x for pair in memory.items() for x in pair])
+        trim = StreamTrim.of(maxlen).xadd_args()
+        args += ["MINID", trim["minid"]] if "minid" in trim else ["MAXLEN", trim["maxlen"]]
+        args.append(group)
+        messages = list(messages)
+        args.append(len(messages))
+        for stream, fields in messages:
+            args += [key(stream), *_section([x for pair in fields.items() for x in pair])]
+        acks = {stream: ids for stream, ids in acks.items() if ids}
+        args.append(len(acks))
+        for stream, ids in acks.items():
+            args += [key(stream), *_section(ids)]
+        keys = [self.lease_key, self.checkpoint_key, self.memory_key, *streams]
+        try:
+            self._commit_script(keys=keys, args=args, client=self.redis)
+        except redis.ResponseError as exc:
+            if str(exc).startswith(("LOSTLEASE", "STALE")):
+                raise LostLease(f"{self.component_id}: {exc}") from None
+            raise
         counters.version += 1
 
     # ----------------------------------------------------------------- registry

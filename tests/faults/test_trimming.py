@@ -96,11 +96,11 @@ def test_minid_trims_by_age(real_redis) -> None:
     slack = node_size(real_redis)
     old = old_entries(real_redis, "rl:logits", age_ms=600_000, n=1000)  # ten minutes old
     recent = old_entries(real_redis, "rl:logits", age_ms=1_000, n=50)  # one second old
-    store = ModelStore(real_redis, Streams("rl"), "m1")
+    store, counters = ModelStore(real_redis, Streams("rl"), "m1"), Counters()
     assert store.acquire("me", 5.0) is None
     messages = [("rl:logits", {"NEW": "1"})]
     store.commit(
-        "me", 5.0, Counters(), 0.0, {}, None, messages, {}, "model:m1", StreamTrim("minid", min_age_ms=60_000)
+        "me", 5.0, counters, 0.0, {}, None, messages, {}, "model:m1", StreamTrim("minid", min_age_ms=60_000)
     )
 
     left = [i.decode() for i, _ in real_redis.xrange("rl:logits")]
@@ -109,7 +109,7 @@ def test_minid_trims_by_age(real_redis) -> None:
     assert len(left) <= len(recent) + 1 + slack
 
     # The same commit with a MAXLEN (a bare integer is one, as callers passed before) keeps the newest.
-    store.commit("me", 5.0, Counters(), 0.0, {}, None, messages, {}, "model:m1", 20)
+    store.commit("me", 5.0, counters, 0.0, {}, None, messages, {}, "model:m1", 20)
     assert 20 <= real_redis.xlen("rl:logits") < 20 + slack
 
 

@@ -140,6 +140,10 @@ class NotJson(str):
     error: str = ""
 
 
+# json.dumps builds a new encoder on every call that passes options; one compact encoder serves all.
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def _json_value(raw: bytes) -> Any:
     text = raw.decode("utf-8", errors="strict")
     try:
@@ -177,7 +181,7 @@ def encode_entry(message: Mapping[str, Any], encoding: Encoding) -> dict[str, by
     """Fields for XADD carrying ``message`` in ``encoding``."""
     if encoding is Encoding.MSGPACK:
         return {"data": msgpack.packb(message, use_bin_type=True)}
-    return {key: json.dumps(value, separators=(",", ":")).encode() for key, value in message.items()}
+    return {key: _JSON.encode(value).encode() for key, value in message.items()}
 
 
 # --------------------------------------------------------------------------- field validation

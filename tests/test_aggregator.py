@@ -118,6 +118,26 @@ def test_deadline_decides_without_a_silent_model_and_ignores_late_replies(real_r
     assert real_redis.xpending("rl:logits", "aggregator")["pending"] == 0
 
 
+def test_observations_answered_by_different_models_are_decided_in_one_step(real_redis, agg_settings) -> None:
+    register(real_redis, "m1", "m2")
+    aggregator = started(agg_settings, real_redis, deadline_ms=200)
+    reply(real_redis, "1-1", "m1", [0.0, 9.0])
+    reply(real_redis, "1-2", "m1", [9.0, 0.0], deterministic=True)
+    reply(real_redis, "1-2", "m2", [9.0, 0.0], deterministic=True)
+    reply(real_redis, "1-3", "m2", [0.0, 0.0, 9.0])  # another action space, answered by m2 alone
+    first = aggregator.step()  # reads all four; 1-2 is complete
+    time.sleep(0.25)
+    second = aggregator.step()  # 1-1 and 1-3 past their deadline: two groups, one step
+    assert [a["OBS_ID"] for a in first] == ["1-2"] and len(second) == 2
+    decided = {a["OBS_ID"]: a for a in first + second}
+    assert {k: (a["MODELS"], a["ACTION"]) for k, a in decided.items()} == {
+        "1-1": (1, 1),
+        "1-2": (2, 0),
+        "1-3": (1, 2),
+    }
+    assert contributions(real_redis) == {"m1": pytest.approx(1.5), "m2": pytest.approx(1.5)}
+
+
 def test_dead_models_are_not_awaited(real_redis, agg_settings) -> None:
     register(real_redis, "m1")
     real_redis.zadd("rl:models", {"gone": time.time() - 60})  # heartbeat older than registry_max_age

@@ -118,10 +118,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def combine(logits: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(ensemble probabilities, per-model probabilities)`` of a (models, actions) array."""
+    """``(ensemble probabilities, per-model probabilities)`` of a ``(..., models, actions)`` array."""
     per_model = softmax(logits)
-    probs = per_model.mean(axis=0) if mode == "prob" else softmax(logits.mean(axis=0))
-    return probs / probs.sum(), per_model
+    probs = per_model.mean(axis=-2) if mode == "prob" else softmax(logits.mean(axis=-2))
+    return probs / probs.sum(axis=-1, keepdims=True), per_model
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One action per row of ``probs`` (rows sum to 1), by inverting each row's CDF."""
+    cdf = probs.cumsum(axis=-1)
+    u = rng.random(len(probs))[:, None] * cdf[:, -1:]
+    return np.minimum((cdf <= u).sum(axis=-1), probs.shape[-1] - 1)
 
 
 @dataclass
@@ -252,10 +259,13 @@ class Aggregator:
             bucket.entry_ids.append(entry_id)
 
     def _decide(self) -> list[dict[str, Any]]:
-        """Decide every observation that is complete or past its deadline; publish it all at once."""
+        """Decide every observation that is complete or past its deadline; publish it all at once.
+
+        Observations answered by the same models are decided together, in one set of array
+        operations: per observation it is only bookkeeping.
+        """
         now, deadline = time.monotonic(), self.settings.deadline_ms / 1000
-        actions: list[tuple[dict[str, Any], Encoding]] = []
-        shares: dict[str, float] = defaultdict(float)
+        groups: dict[tuple[tuple[str, ...], int], list[tuple[str, Bucket]]] = defaultdict(list)
         for obs_id, bucket in list(self.buckets.items()):
             if not (self.live <= bucket.logits.keys() or now - bucket.first_seen >= deadline):
                 continue
@@ -263,21 +273,26 @@ class Aggregator:
             self.decided[obs_id] = None
             if len(self.decided) > self.settings.remembered:
                 self.decided.popitem(last=False)
-            ids = list(bucket.logits)
-            probs, per_model = combine(np.stack([bucket.logits[i] for i in ids]), self.settings.combine)
-            if bucket.first.deterministic:
-                action = int(np.argmax(probs))
-            else:
-                action = int(self.rng.choice(len(probs), p=probs))
-            mass = per_model[:, action]
+            groups[tuple(bucket.logits), len(bucket.first.logits)].append((obs_id, bucket))
+        actions: list[tuple[dict[str, Any], Encoding]] = []
+        shares: dict[str, float] = defaultdict(float)
+        for (ids, _), members in groups.items():
+            logits = np.array([[bucket.logits[i] for i in ids] for _, bucket in members])
+            probs, per_model = combine(logits, self.settings.combine)  # (n, actions), (n, models, actions)
+            deterministic = np.array([bucket.first.deterministic for _, bucket in members])
+            chosen = np.where(deterministic, probs.argmax(axis=-1), sample(probs, self.rng))
+            # Each model's share of a decision: its probability of the chosen action, normalized.
             # Every p_i(a) can underflow to 0 only for absurd logits; then nobody made a difference.
-            share = mass / mass.sum() if mass.sum() > 0 else np.full(len(ids), 1 / len(ids))
-            for component_id, value in zip(ids, share, strict=True):
+            mass = np.take_along_axis(per_model, chosen[:, None, None], axis=-1)[..., 0]
+            total = mass.sum(axis=-1, keepdims=True)
+            share = np.where(total > 0, mass / np.where(total > 0, total, 1.0), 1.0 / len(ids))
+            for component_id, value in zip(ids, share.sum(axis=0), strict=True):
                 shares[component_id] += float(value)
-            message = {"ACTION": action, "ENV_ID": bucket.first.env_id, "OBS_ID": obs_id}
-            message.update(MODELS=len(ids), DETERMINISTIC=bucket.first.deterministic)
-            actions.append((message, bucket.first.encoding))
-            self._acks.extend(bucket.entry_ids)
+            for (obs_id, bucket), action in zip(members, chosen.tolist(), strict=True):
+                message = {"ACTION": action, "ENV_ID": bucket.first.env_id, "OBS_ID": obs_id}
+                message.update(MODELS=len(ids), DETERMINISTIC=bucket.first.deterministic)
+                actions.append((message, bucket.first.encoding))
+                self._acks.extend(bucket.entry_ids)
         self._flush(actions, shares)
         return [message for message, _ in actions]
 

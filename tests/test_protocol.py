@@ -521,6 +521,7 @@ def test_dead_letter_of_oversized_entry_keeps_only_its_size() -> None:
     letter = dead_letter(fields, "rl:observation", "1-0", "too big", "m1", 50)
     assert letter == {
         b"dead:size": b"111",
+        b"dead:fields": b"1",
         b"dead:reason": b"too big",
         b"dead:stream": b"rl:observation",
         b"dead:id": b"1-0",

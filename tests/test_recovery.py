@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import msgpack
 import pytest
 
 from tests.helpers import drain, read, xadd
@@ -11,7 +12,7 @@ from worker.connections import ensure_group
 from worker.model import ModelWorker
 from worker.protocol import Streams
 from worker.settings import ModelSettings
-from worker.state import Counters, LostLease, ModelStore, live_models
+from worker.state import CommitRefused, Counters, LostLease, ModelStore, live_models
 
 OBS = [0.0, 0.1, 0.0, -0.1]
 
@@ -111,3 +112,62 @@ def test_cluster_hash_tag_prefix_keeps_every_key_under_it(real_redis, settings: 
     keys = sorted(k.decode() for k in real_redis.keys("*"))
     assert keys and all(k.startswith("{rl}:") for k in keys), keys
     assert {"{rl}:logits", "{rl}:dead", "{rl}:weights", "{rl}:model:m1:checkpoint"} <= set(keys)
+
+
+# --------------------------------------------------------------------------- the commit is all or nothing
+
+
+def test_an_entry_of_thousands_of_fields_is_dead_lettered_without_them(any_redis, settings) -> None:
+    """Its dead letter would not fit one XADD of the commit script: it keeps only size and count."""
+    worker = ModelWorker(settings, any_redis)
+    worker.start()
+    any_redis.xadd("rl:observation", {f"K{i}": "1" for i in range(4000)})
+    xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
+    assert drain(worker) == 2
+    [(_, letter)] = any_redis.xrange("rl:dead")
+    assert letter[b"dead:fields"] == b"4000" and b"K0" not in letter
+    assert worker.counters.observations == 1 and len(read(any_redis, "rl:logits")) == 1
+
+
+def test_a_commit_that_cannot_be_applied_whole_writes_nothing(any_redis, settings) -> None:
+    """A key of the wrong type is found before the first write: no half-applied batch, no replay."""
+    worker = ModelWorker(settings, any_redis)
+    worker.start()
+    any_redis.set("rl:logits", "not a stream")
+    xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
+    before = any_redis.hgetall("rl:model:m1:checkpoint")
+    with pytest.raises(CommitRefused, match="WRONGTYPE rl:logits is a string"):
+        worker.poll()
+    assert any_redis.hgetall("rl:model:m1:checkpoint") == before
+    assert any_redis.xpending("rl:observation", "model:m1")["pending"] == 1  # not acknowledged
+
+    any_redis.delete("rl:logits")  # repaired: a worker that reloads answers the entry once
+    successor = ModelWorker(settings, any_redis)
+    any_redis.delete("rl:model:m1:lease")
+    successor.start()
+    assert drain(successor) == 1  # the pending entry, claimed at start
+    assert len(read(any_redis, "rl:logits")) == 1 and successor.counters.observations == 1
+
+
+def test_a_checkpoint_deleted_under_a_running_worker_is_started_afresh(any_redis, settings) -> None:
+    worker = ModelWorker(settings, any_redis)
+    worker.start()
+    xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
+    drain(worker)
+    any_redis.delete("rl:model:m1:checkpoint")
+    xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
+    with pytest.raises(LostLease, match="STALE the checkpoint is at version 0"):
+        worker.poll()
+    worker._recover()  # what run() does next: reload (nothing there), write a first checkpoint
+    assert drain(worker) == 1
+    assert worker.store.load().counters.version == worker.counters.version == 2
+
+
+def test_a_checkpoint_from_before_the_version_field_is_taken_over(any_redis) -> None:
+    store = ModelStore(any_redis, Streams("rl"), "m1")
+    any_redis.hset("rl:model:m1:checkpoint", "meta", msgpack.packb({"version": 3, "observations": 7}))
+    assert store.acquire("me", 5.0) is None
+    counters = store.load().counters
+    store.commit("me", 5.0, counters, 0.0, {}, None, [], {}, "model:m1", 100)
+    assert any_redis.hget("rl:model:m1:checkpoint", "version") == b"4"
+    assert store.load().counters.version == 4 and store.load().counters.observations == 7

@@ -42,7 +42,7 @@ from worker.protocol import (
 )
 from worker.reconnect import Outages
 from worker.settings import ModelSettings
-from worker.state import Counters, LostLease, ModelStore, digest
+from worker.state import CommitRefused, Counters, LostLease, ModelStore, digest
 
 log = logs.get("worker.model")
 
@@ -126,7 +126,7 @@ class ModelWorker:
         was unreachable (at start too) or the lease lost, nothing is read until :meth:`_recover`."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
-        started, stale = False, False
+        started, stale, refused = False, False, 0
         while not self._stopping:
             try:
                 if not started:
@@ -137,12 +137,18 @@ class ModelWorker:
                 stale = False
                 self.poll()
                 self.outages.ok()
+                refused = 0
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 stale = True
                 self.outages.failed(exc)
-            except LostLease as exc:
-                stale = True
-                log.warning("lease lost, reloading", reason=str(exc))
+            except (LostLease, CommitRefused) as exc:
+                # A takeover is reloaded at once. Refusals in a row are not takeovers (a key of the
+                # wrong type, memory full, a checkpoint changed by hand): back off and say so.
+                stale, refused = True, refused + 1
+                pause = self.outages.backoff.delay(refused - 2) if refused > 1 else 0.0
+                event = "lease lost, reloading" if isinstance(exc, LostLease) else "commit refused, reloading"
+                (log.warning if refused == 1 else log.error)(event, reason=str(exc), sleep=round(pause, 3))
+                time.sleep(pause)
         self.shutdown()
 
     def stop(self, *_: Any) -> None:

@@ -375,18 +375,23 @@ def logits_reply(obs: Observation, logits: list[float], component_id: str) -> di
     }
 
 
+MAX_DEAD_FIELDS = 256  # an entry with more fields is dead-lettered without them
+
+
 def dead_letter(
     fields: Mapping[bytes, bytes], stream: str, entry_id: str, reason: str, component_id: str, max_bytes: int
 ) -> dict[bytes | str, bytes | str]:
     """Fields of a dead-stream entry: why, where from, who rejected it, then the original fields.
 
-    Original fields are copied verbatim (binary-safe) unless the entry was oversized, in which case
-    only its size is kept so the dead stream cannot become the next memory problem.
+    Original fields are copied verbatim (binary-safe) unless the entry was oversized or had more
+    than :data:`MAX_DEAD_FIELDS` fields, in which case only its size and field count are kept, so
+    the dead stream cannot become the next memory problem.
     """
     size = sum(len(k) + len(v) for k, v in fields.items())
     entry: dict[bytes | str, bytes | str] = {}
-    if size > max_bytes:
+    if size > max_bytes or len(fields) > MAX_DEAD_FIELDS:
         entry[b"dead:size"] = str(size).encode()
+        entry[b"dead:fields"] = str(len(fields)).encode()
     else:
         entry.update({k.encode() if isinstance(k, str) else k: v for k, v in fields.items()})
     # Bytes keys, so these replace (rather than duplicate) same-named fields of a re-published letter.

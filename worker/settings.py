@@ -82,7 +82,9 @@ class ModelSettings(CommonSettings, A2CSettings):
         None, description="this model's ID; it names its state in Redis, so give one to resume after a crash"
     )
     consumer: str | None = Field(None, description="consumer name in the group (default host:pid:random)")
-    batch_size: int = Field(256, gt=0, description="entries read (and forwarded as one batch) per XREADGROUP")
+    batch_size: int = Field(
+        256, gt=0, le=4096, description="entries read (and forwarded as one batch) per XREADGROUP"
+    )
     block_ms: int = Field(500, gt=0, description="how long one XREADGROUP blocks for new entries")
     max_entry_bytes: int = Field(4 << 20, gt=0, description="larger entries are dead-lettered unread")
     evolution_timeout: float = Field(60.0, gt=0, description="seconds after a GET until training resumes")

@@ -33,47 +33,79 @@ from worker.protocol import Streams, StreamTrim
 
 # One batch's commit (see the module's docstring). A script rather than WATCH/MULTI/EXEC: the lease
 # and version checks happen inside Redis, so a commit is one round trip instead of three.
+# Redis does not roll a script back when a command in it fails, so the script first checks all that
+# could fail (the fences, the types of the keys, the consumer groups) and only then writes, its
+# first write one that Redis refuses when out of memory (see below); no unpack() passes more than
+# 2000 values (Lua's stack holds about 8000).
 # KEYS: lease, checkpoint, memory, then every stream written or acknowledged.
-# ARGV: token, lease ttl (ms), version the state grew from, then sections, each a count and items:
-#   checkpoint field/value pairs; memory field/value pairs; trim (MAXLEN|MINID, threshold); group;
-#   messages: count, then per message its stream's KEYS index and a section of field/value pairs;
-#   acks: count, then per stream its KEYS index and a section of entry IDs.
+# ARGV: token, lease ttl (ms), version the state grew from, trim (MAXLEN|MINID), trim threshold,
+#   group, then sections, each a count and its items: checkpoint field/value pairs; memory
+#   field/value pairs; acks: per stream its KEYS index and a section of entry IDs; messages: per
+#   message its stream's KEYS index and a section of field/value pairs.
+MAX_MESSAGE_FIELDS = 1000  # field/value pairs per XADD (one unpack of twice as many values)
 COMMIT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+local CHUNK = 1000  -- values per unpack(); even, so field/value pairs are never split
+local token, ttl, version, trim, threshold, group = unpack(ARGV, 1, 6)
+if redis.call('GET', KEYS[1]) ~= token then
   return redis.error_reply('LOSTLEASE the lease is held by another consumer')
 end
-local stored = redis.call('HGET', KEYS[2], 'version')
-if stored and stored ~= ARGV[3] then
-  return redis.error_reply('STALE the checkpoint is at version ' .. stored .. ', not ' .. ARGV[3])
+local stored = redis.call('HMGET', KEYS[2], 'version', 'meta')
+-- No version field: a new model (version 0), or a checkpoint written before there was one.
+local expected = stored[1] or (stored[2] and version) or '0'
+if expected ~= version then
+  return redis.error_reply('STALE the checkpoint is at version ' .. expected .. ', not ' .. version)
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local i = 4
+for k = 2, #KEYS do
+  local kind, want = redis.call('TYPE', KEYS[k]).ok, k <= 3 and 'hash' or 'stream'
+  if kind ~= want and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[k] .. ' is a ' .. kind .. ', not a ' .. want)
+  end
+end
+local i = 7
 local function section()
   local n = tonumber(ARGV[i])
   i = i + 1 + n
   return i - n, i - 1
 end
-local first, last = section()
-redis.call('HSET', KEYS[2], unpack(ARGV, first, last))
-first, last = section()
-if last >= first then redis.call('HSET', KEYS[3], unpack(ARGV, first, last)) end
-local trim, threshold, group = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-i = i + 3
-local messages = tonumber(ARGV[i])
+local checkpoint_first, checkpoint_last = section()
+local memory_first, memory_last = section()
+local acks = {}
+local n_acks = tonumber(ARGV[i])
 i = i + 1
-for _ = 1, messages do
+for a = 1, n_acks do
   local stream = KEYS[tonumber(ARGV[i])]
   i = i + 1
-  first, last = section()
-  redis.call('XADD', stream, trim, '~', threshold, '*', unpack(ARGV, first, last))
+  local first, last = section()
+  local ok = redis.pcall('XPENDING', stream, group)
+  if type(ok) == 'table' and ok.err then
+    return redis.error_reply('NOGROUP ' .. stream .. ' has no consumer group ' .. group)
+  end
+  acks[a] = {stream, first, last}
 end
-local streams = tonumber(ARGV[i])
+-- Every check passed: write. XACK and HSET go in chunks, which changes nothing: they add up.
+local function chunked(first, last, command, ...)
+  for from = first, last, CHUNK do
+    local args = {...}
+    for _, value in ipairs({unpack(ARGV, from, math.min(from + CHUNK - 1, last))}) do
+      args[#args + 1] = value
+    end
+    redis.call(command, unpack(args))
+  end
+end
+-- HSET first: out of memory, Redis refuses a script's first write if it may grow memory (HSET
+-- may, PEXPIRE and XACK may not), and then nothing is written; after that first write it refuses
+-- nothing more.
+chunked(checkpoint_first, checkpoint_last, 'HSET', KEYS[2])
+chunked(memory_first, memory_last, 'HSET', KEYS[3])
+for _, ack in ipairs(acks) do chunked(ack[2], ack[3], 'XACK', ack[1], group) end
+redis.call('PEXPIRE', KEYS[1], ttl)
+local n_messages = tonumber(ARGV[i])
 i = i + 1
-for _ = 1, streams do
+for _ = 1, n_messages do
   local stream = KEYS[tonumber(ARGV[i])]
   i = i + 1
-  first, last = section()
-  redis.call('XACK', stream, group, unpack(ARGV, first, last))
+  local first, last = section()
+  redis.call('XADD', stream, trim, '~', threshold, '*', unpack(ARGV, first, last))
 end
 return 'OK'
 """
@@ -84,7 +116,13 @@ def _section(items: list[Any]) -> list[Any]:
 
 
 class LostLease(RuntimeError):
-    """Another consumer holds this model's lease: local state is stale and must be reloaded."""
+    """This worker may no longer commit from its local state: another consumer holds the lease, or
+    the stored checkpoint is not the version the local state grew from. Reload."""
+
+
+class CommitRefused(RuntimeError):
+    """Redis refused a commit before writing anything (a key of the wrong type, a consumer group
+    gone, out of memory): nothing changed; retry after a pause."""
 
 
 @dataclass
@@ -171,6 +209,8 @@ class ModelStore:
             checkpoint, memory = pipe.execute()
         meta = msgpack.unpackb(checkpoint[b"meta"]) if b"meta" in checkpoint else {}
         paused_until = float(meta.pop("paused_until", 0.0))
+        if b"version" in checkpoint:  # the commit's fence: what the next commit must grow from
+            meta["version"] = int(checkpoint[b"version"])
         return Snapshot(
             policy=checkpoint.get(b"policy"),
             optimizer=checkpoint.get(b"optimizer"),
@@ -211,27 +251,32 @@ class ModelStore:
         def key(stream: str) -> int:
             return streams.setdefault(stream, len(streams) + 4)
 
-        args: list[Any] = [token, int(ttl * 1000), counters.version]
+        trim = StreamTrim.of(maxlen).xadd_args()
+        threshold = ["MINID", trim["minid"]] if "minid" in trim else ["MAXLEN", trim["maxlen"]]
+        args: list[Any] = [token, int(ttl * 1000), counters.version, *threshold, group]
         state = {"meta": meta, "version": counters.version + 1, **(checkpoint or {})}
         args += _section([x for pair in state.items() for x in pair])
         args += _section([x for pair in memory.items() for x in pair])
-        trim = StreamTrim.of(maxlen).xadd_args()
-        args += ["MINID", trim["minid"]] if "minid" in trim else ["MAXLEN", trim["maxlen"]]
-        args.append(group)
-        messages = list(messages)
-        args.append(len(messages))
-        for stream, fields in messages:
-            args += [key(stream), *_section([x for pair in fields.items() for x in pair])]
         acks = {stream: ids for stream, ids in acks.items() if ids}
         args.append(len(acks))
         for stream, ids in acks.items():
             args += [key(stream), *_section(ids)]
+        messages = list(messages)
+        args.append(len(messages))
+        for stream, fields in messages:
+            if not 0 < len(fields) <= MAX_MESSAGE_FIELDS:
+                raise ValueError(
+                    f"a message for {stream} has {len(fields)} fields (1 to {MAX_MESSAGE_FIELDS})"
+                )
+            args += [key(stream), *_section([x for pair in fields.items() for x in pair])]
         keys = [self.lease_key, self.checkpoint_key, self.memory_key, *streams]
         try:
             self._commit_script(keys=keys, args=args, client=self.redis)
         except redis.ResponseError as exc:
             if str(exc).startswith(("LOSTLEASE", "STALE")):
                 raise LostLease(f"{self.component_id}: {exc}") from None
+            if str(exc).startswith(("WRONGTYPE", "NOGROUP", "OOM")):  # refused before any write
+                raise CommitRefused(f"{self.component_id}: {exc}") from None
             raise
         counters.version += 1
 

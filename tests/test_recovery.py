@@ -171,3 +171,18 @@ def test_a_checkpoint_from_before_the_version_field_is_taken_over(any_redis) -> 
     store.commit("me", 5.0, counters, 0.0, {}, None, [], {}, "model:m1", 100)
     assert any_redis.hget("rl:model:m1:checkpoint", "version") == b"4"
     assert store.load().counters.version == 4 and store.load().counters.observations == 7
+
+
+def test_a_redis_out_of_memory_refuses_the_commit_whole(real_redis) -> None:
+    store, counters = ModelStore(real_redis, Streams("rl"), "m1"), Counters()
+    assert store.acquire("me", 5.0) is None
+    store.commit("me", 5.0, counters, 0.0, {}, {"policy": b"p"}, [], {}, "model:m1", 100)
+    real_redis.config_set("maxmemory", 1)  # noeviction, the default: writes that may grow are refused
+    try:
+        with pytest.raises(CommitRefused, match="maxmemory"):
+            reply = [("rl:logits", {"A": "1"})]
+            store.commit("me", 5.0, counters, 0.0, {"e": b"m"}, None, reply, {}, "model:m1", 100)
+    finally:
+        real_redis.config_set("maxmemory", 0)
+    assert real_redis.hget("rl:model:m1:checkpoint", "version") == b"1" and real_redis.xlen("rl:logits") == 0
+    assert counters.version == 1

@@ -142,11 +142,18 @@ class NotJson(str):
 
 # json.dumps builds a new encoder on every call that passes options; one compact encoder serves all.
 _JSON = json.JSONEncoder(separators=(",", ":"))
+_JSON_DECODER = json.JSONDecoder()
 
 
 def _json_value(raw: bytes) -> Any:
     text = raw.decode("utf-8", errors="strict")
-    try:
+    try:  # the common case, one value and no whitespace around it, without json.loads' regexes
+        value, end = _JSON_DECODER.raw_decode(text)
+        if end == len(text):
+            return value
+    except (ValueError, RecursionError):
+        pass
+    try:  # whitespace around the value, or not JSON: then json.loads says why
         return json.loads(text)
     except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
         value = NotJson(text)
@@ -181,7 +188,13 @@ def encode_entry(message: Mapping[str, Any], encoding: Encoding) -> dict[str, by
     """Fields for XADD carrying ``message`` in ``encoding``."""
     if encoding is Encoding.MSGPACK:
         return {"data": msgpack.packb(message, use_bin_type=True)}
-    return {key: _JSON.encode(value).encode() for key, value in message.items()}
+    return {key: _json_text(value) for key, value in message.items()}
+
+
+def _json_text(value: Any) -> bytes:
+    if value is True or value is False:  # the encoder's slow path; flags are in every reply
+        return b"true" if value else b"false"
+    return _JSON.encode(value).encode()
 
 
 # --------------------------------------------------------------------------- field validation
@@ -234,8 +247,20 @@ def _has_bool(value: Any) -> bool:
     return False
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _array(message: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.ndarray:
     value = message[key]
+    # The common case in one pass: a flat list of finite numbers that fit float32 (a NaN fails the
+    # comparisons). Anything else takes the checks below, which also say what is wrong.
+    if (
+        type(value) is list
+        and len(shape) == 1
+        and len(value) == shape[0]
+        and all((type(x) is float or type(x) is int) and -_FLOAT32_MAX < x < _FLOAT32_MAX for x in value)
+    ):
+        return np.array(value, dtype=np.float32)
     if isinstance(value, NotJson | str | bytes) or not isinstance(value, list | int | float):
         raise ProtocolError(f"{key} must be an array of numbers, got {_describe(value)}")
     try:

@@ -233,7 +233,7 @@ def test_pbt_generation_over_real_workers(real_redis, redis_server_url, sigma: f
             np.testing.assert_array_equal(after["m3"], before["m1"])
 
         # every model resumed: not paused, and training goes on
-        assert not any(w._paused() for w in workers.values())
+        assert not any(w.learner.paused() for w in workers.values())
         for t in range(6):
             xadd(
                 real_redis,
@@ -285,6 +285,6 @@ def test_a_failed_generation_resumes_every_model_unchanged(real_redis, redis_ser
             evolve(real_redis, wrong_arch)
         acks = sorted(m["COMPONENT_ID"] for _, m in read(real_redis, "rl:weights") if m.get("ACK") == "SET")
         assert acks == ["m1", "m2"]  # the SET of their own weights was acknowledged before the error
-        assert not any(w._paused() for w in workers.values())
+        assert not any(w.learner.paused() for w in workers.values())
         for cid, worker in workers.items():
             np.testing.assert_array_equal(weights_as_vector(worker.policy), before[cid])

@@ -121,7 +121,7 @@ def test_get_and_set_round_trip(any_redis, settings: ModelSettings) -> None:
     [(_, reply)] = read(any_redis, "rl:weights")
     assert reply["COMPONENT_ID"] == "m1" and reply["REQUEST_ID"] == get_id
     np.testing.assert_array_equal(np.array(reply["WEIGHTS"], dtype=np.float32), before)
-    assert worker._paused()
+    assert worker.learner.paused()
 
     new = np.random.default_rng(1).normal(0, 0.5, size=len(before)).astype(np.float32)
     set_id = xadd(
@@ -132,7 +132,7 @@ def test_get_and_set_round_trip(any_redis, settings: ModelSettings) -> None:
 
     ack = read(any_redis, "rl:weights")[-1][1]
     assert ack == {"ACK": "SET", "COMPONENT_ID": "m1", "REQUEST_ID": set_id}
-    assert not worker._paused()
+    assert not worker.learner.paused()
     np.testing.assert_array_equal(weights_as_vector(worker.policy), new)
     [(_, logits)] = read(any_redis, "rl:logits")
     assert logits["OBS_ID"] == obs_id

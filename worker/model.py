@@ -241,7 +241,7 @@ class ModelWorker:
                     "consumer": self.consumer,
                     "version": self.counters.version,
                     "updates": self.counters.updates,
-                    "paused": int(self._paused()),
+                    "paused": int(self.learner.paused()),
                     "reconnects": self.outages.reconnects,
                 }
             )
@@ -403,6 +403,3 @@ class ModelWorker:
     @property
     def last_buffer(self) -> RolloutBuffer | None:
         return self.learner.last_buffer
-
-    def _paused(self) -> bool:
-        return self.learner.paused()

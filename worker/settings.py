@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-if TYPE_CHECKING:
-    from worker.protocol import StreamTrim
+from worker.trimming import StreamTrim
 
 
 def _env(name: str, *more: str) -> AliasChoices:
@@ -112,8 +111,6 @@ class ModelSettings(CommonSettings, A2CSettings):
     @property
     def trimming(self) -> StreamTrim:
         """The trimming of every stream this worker writes (logits, weights, dead)."""
-        from worker.protocol import StreamTrim  # numpy: not for the light commands' --help
-
         return StreamTrim(self.trim, maxlen=self.stream_maxlen, min_age_ms=self.stream_min_age_ms)
 
 

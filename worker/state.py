@@ -29,7 +29,8 @@ from typing import Any
 import msgpack
 import redis
 
-from worker.protocol import Streams, StreamTrim
+from worker.protocol import Streams
+from worker.trimming import StreamTrim
 
 # One batch's commit (see the module's docstring). A script rather than WATCH/MULTI/EXEC: the lease
 # and version checks happen inside Redis, so a commit is one round trip instead of three.

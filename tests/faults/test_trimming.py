@@ -17,9 +17,10 @@ import redis
 
 from tests.helpers import drain
 from worker.model import ModelWorker
-from worker.protocol import Encoding, Streams, StreamTrim, encode_entry
+from worker.protocol import Encoding, Streams, encode_entry
 from worker.settings import ModelSettings
 from worker.state import Counters, ModelStore
+from worker.trimming import StreamTrim
 
 pytestmark = pytest.mark.redis_server
 

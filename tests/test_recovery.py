@@ -6,6 +6,7 @@ import time
 
 import msgpack
 import pytest
+import redis
 
 from tests.helpers import drain, read, xadd
 from worker.connections import ensure_group
@@ -186,3 +187,16 @@ def test_a_redis_out_of_memory_refuses_the_commit_whole(real_redis) -> None:
         real_redis.config_set("maxmemory", 0)
     assert real_redis.hget("rl:model:m1:checkpoint", "version") == b"1" and real_redis.xlen("rl:logits") == 0
     assert counters.version == 1
+
+
+def test_a_deleted_input_stream_gets_its_group_back(real_redis, settings) -> None:
+    worker = ModelWorker(settings, real_redis)
+    worker.start()
+    xadd(real_redis, "rl:observation", {"OBSERVATION": OBS})
+    assert drain(worker) == 1
+    real_redis.delete("rl:observation")  # and the group with it
+    with pytest.raises(redis.ResponseError, match="NOGROUP"):
+        worker.poll()
+    worker._recover()  # what run() does next
+    xadd(real_redis, "rl:observation", {"OBSERVATION": OBS})
+    assert drain(worker) == 1 and len(read(real_redis, "rl:logits")) == 2

@@ -141,6 +141,10 @@ class ModelWorker:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 stale = True
                 self.outages.failed(exc)
+            except redis.ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+                stale = True  # our group is gone: _recover makes it again
             except (LostLease, CommitRefused) as exc:
                 # A takeover is reloaded at once. Refusals in a row are not takeovers (a key of the
                 # wrong type, memory full, a checkpoint changed by hand): back off and say so.
@@ -165,7 +169,14 @@ class ModelWorker:
         log.info("stopped", component_id=self.component_id, reconnects=reconnects, **vars(self.counters))
 
     def _recover(self) -> None:
-        """Become the last commit again (lease, state, our pending entries); raises if Redis is down."""
+        """Become the last commit again (lease, state, our pending entries); raises if Redis is down.
+
+        A consumer group that is gone (its stream deleted, or the group destroyed) is made again at
+        the stream's end, as at a first start: what was added meanwhile is not read.
+        """
+        for stream in (self.streams.observation, self.streams.evolution):
+            if ensure_group(self.redis, stream, self.group):
+                log.warning("consumer group was gone: made again at the stream's end", stream=stream)
         self._acquire_lease()
         self._load()
         claimed = self._claim_pending()

@@ -218,3 +218,52 @@ def test_restart_takes_back_undecided_replies(real_redis, agg_settings) -> None:
     reply(real_redis, "1-1", "m2", [0.0, 1.0])
     [action] = second.step()
     assert action["MODELS"] == 2
+
+
+# --------------------------------------------------------------------------- failures while flushing
+
+
+def test_a_failed_flush_keeps_the_decisions_for_the_next_step(real_redis, agg_settings, monkeypatch) -> None:
+    register(real_redis, "m1")
+    aggregator = started(agg_settings, real_redis)
+    reply(real_redis, "1-0", "m1", [0.0, 1.0])
+    script = aggregator._flush_script
+
+    def down(**_: Any) -> None:
+        raise redis.ConnectionError("Redis went away during the flush")
+
+    monkeypatch.setattr(aggregator, "_flush_script", down)
+    with pytest.raises(redis.ConnectionError):
+        aggregator.step()
+    monkeypatch.setattr(aggregator, "_flush_script", script)
+    assert [a["OBS_ID"] for a in aggregator.step()] == ["1-0"]
+    assert len(real_redis.xrange("rl:action")) == 1 and contributions(real_redis) == {"m1": 1.0}
+
+
+def test_a_flush_sent_twice_is_written_once(real_redis, agg_settings, monkeypatch) -> None:
+    """redis-py resends a command whose reply was lost: the second copy finds its entries acknowledged."""
+    register(real_redis, "m1")
+    aggregator = started(agg_settings, real_redis)
+    reply(real_redis, "1-0", "m1", [0.0, 1.0])
+    script = aggregator._flush_script
+
+    def twice(**kwargs: Any) -> Any:
+        script(**kwargs)
+        return script(**kwargs)
+
+    monkeypatch.setattr(aggregator, "_flush_script", twice)
+    assert len(aggregator.step()) == 1
+    assert len(real_redis.xrange("rl:action")) == 1 and contributions(real_redis) == {"m1": 1.0}
+
+
+def test_a_restarted_aggregator_does_not_decide_again(real_redis, agg_settings) -> None:
+    register(real_redis, "m1", "m2")
+    first = started(agg_settings, real_redis, deadline_ms=50)
+    reply(real_redis, "1-0", "m1", [0.0, 1.0])
+    first.step()
+    time.sleep(0.06)
+    assert len(first.step()) == 1  # decided without m2
+    second = started(agg_settings, real_redis)  # a restart
+    reply(real_redis, "1-0", "m2", [5.0, 0.0])  # m2's late reply
+    assert second.step() == [] and len(real_redis.xrange("rl:action")) == 1
+    assert contributions(real_redis) == {"m1": 1.0}

@@ -20,8 +20,9 @@ sum to 1; a model that made the action likely gets much, one that made it unlike
 accumulated with HINCRBYFLOAT in the hash ``<prefix>:contribution`` (field: COMPONENT_ID), so
 ``share / decisions`` is a model's influence on the acting ensemble.
 
-Entries are acknowledged with the decision they led to (one MULTI/EXEC with the actions and the
-contributions), so a restarted aggregator rebuilds undecided observations from its pending entries.
+Entries are acknowledged with the decision they led to (one atomic, idempotent script with the
+actions and the contributions), so a restarted aggregator rebuilds undecided observations from its
+pending entries, and a flush sent twice is written once.
 Run one aggregator per prefix: two consumers of the group would split an observation's replies.
 """
 
@@ -160,12 +161,16 @@ class Aggregator:
         self._stopping = False
         self._acks: list[str] = []  # entries done with (late, duplicate, dead) to ack with the next batch
         self._dead: list[dict] = []
+        self._flush_script = client.register_script(FLUSH)
 
     # ----------------------------------------------------------------- life cycle
 
     def start(self) -> None:
         """Create the group and take back the replies read before a restart but never decided."""
         ensure_group(self.redis, self.streams.logits, GROUP)
+        # What was decided before a restart: late replies to those must not decide them again.
+        recent = self.redis.zrange(self.streams.decided, -self.settings.remembered, -1)
+        self.decided.update((obs_id.decode(), None) for obs_id in recent)
         cursor = "0"
         while True:
             reply = self.redis.xreadgroup(
@@ -185,13 +190,19 @@ class Aggregator:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self.stop)
-        self.start()
-        backoff = 0.1
+        started, backoff = False, 0.1
         while not self._stopping:
             try:
+                if not started:  # again after an outage: a lost read reply left entries pending on us
+                    self.start()
+                    started = True
                 self.step()
                 backoff = 0.1
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+                # NOGROUP / UNBLOCKED: the logits stream was deleted (or Redis restarted empty)
+                if isinstance(exc, redis.ResponseError) and not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise
+                started = False
                 log.warning("redis unreachable, retrying", error=str(exc), sleep=backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -266,13 +277,12 @@ class Aggregator:
         """
         now, deadline = time.monotonic(), self.settings.deadline_ms / 1000
         groups: dict[tuple[tuple[str, ...], int], list[tuple[str, Bucket]]] = defaultdict(list)
-        for obs_id, bucket in list(self.buckets.items()):
-            if not (self.live <= bucket.logits.keys() or now - bucket.first_seen >= deadline):
-                continue
-            del self.buckets[obs_id]
-            self.decided[obs_id] = None
-            if len(self.decided) > self.settings.remembered:
-                self.decided.popitem(last=False)
+        due = [
+            (obs_id, bucket)
+            for obs_id, bucket in self.buckets.items()
+            if self.live <= bucket.logits.keys() or now - bucket.first_seen >= deadline
+        ]
+        for obs_id, bucket in due:
             groups[tuple(bucket.logits), len(bucket.first.logits)].append((obs_id, bucket))
         actions: list[tuple[dict[str, Any], Encoding]] = []
         shares: dict[str, float] = defaultdict(float)
@@ -292,25 +302,87 @@ class Aggregator:
                 message = {"ACTION": action, "ENV_ID": bucket.first.env_id, "OBS_ID": obs_id}
                 message.update(MODELS=len(ids), DETERMINISTIC=bucket.first.deterministic)
                 actions.append((message, bucket.first.encoding))
-                self._acks.extend(bucket.entry_ids)
-        self._flush(actions, shares)
+        acks = self._acks + [i for _, bucket in due for i in bucket.entry_ids]
+        # If the flush fails, nothing changed here: the same observations are decided next step
+        # (and if it had landed after all, that flush finds its entries acknowledged and does nothing).
+        self._flush(actions, shares, acks)
+        for obs_id, _ in due:
+            del self.buckets[obs_id]
+            self.decided[obs_id] = None
+        while len(self.decided) > self.settings.remembered:
+            self.decided.popitem(last=False)
+        self._acks, self._dead = [], []
         return [message for message, _ in actions]
 
-    def _flush(self, actions: list[tuple[dict[str, Any], Encoding]], shares: Mapping[str, float]) -> None:
-        """Actions, contributions, dead letters and acknowledgements in one transaction."""
-        if not (actions or self._acks or self._dead):
-            return
-        maxlen = self.settings.stream_maxlen
-        with self.redis.pipeline(transaction=True) as pipe:
-            for message, encoding in actions:
-                pipe.xadd(
-                    self.streams.action, encode_entry(message, encoding), maxlen=maxlen, approximate=True
-                )
-            for component_id, share in shares.items():
-                pipe.hincrbyfloat(self.streams.contribution, component_id, share)
-            for letter in self._dead:
-                pipe.xadd(self.streams.dead, letter, maxlen=maxlen, approximate=True)
-            if self._acks:
-                pipe.xack(self.streams.logits, GROUP, *self._acks)
-            pipe.execute()
-        self._acks, self._dead = [], []
+    def _flush(
+        self, actions: list[tuple[dict[str, Any], Encoding]], shares: Mapping[str, float], acks: list[str]
+    ) -> None:
+        """Actions, contributions, dead letters and acknowledgements at once (:data:`FLUSH`)."""
+        if not acks:
+            return  # every action and dead letter acknowledges at least one entry
+        now_ms, remembered = int(time.time() * 1000), self.settings.remembered
+        args: list[Any] = [GROUP, self.settings.stream_maxlen, now_ms, remembered, len(actions)]
+        for message, encoding in actions:
+            args += _section([x for pair in encode_entry(message, encoding).items() for x in pair])
+        args += _section([message["OBS_ID"] for message, _ in actions])
+        args += _section([x for pair in shares.items() for x in pair])
+        args.append(len(self._dead))
+        for letter in self._dead:
+            args += _section([x for pair in letter.items() for x in pair])
+        args += _section(acks)
+        streams = self.streams
+        keys = [streams.logits, streams.action, streams.contribution, streams.dead, streams.decided]
+        self._flush_script(keys=keys, args=args, client=self.redis)
+
+
+# A decision's writes, atomic, in one round trip; and idempotent: redis-py resends a command whose
+# reply was lost, and the aggregator flushes again what it does not know to be written. The first
+# acknowledged entry tells: if it is no longer pending, this flush was applied already.
+# KEYS: logits, action, contribution, dead, decided. ARGV: group, maxlen, now (ms), how many decided
+# OBS_IDs to keep, then sections (a count, then the items): actions (count, then one section of
+# fields each), their OBS_IDs, shares (model/share pairs), dead letters (count, then one
+# section of fields each), acknowledged entry IDs.
+FLUSH = """
+local group, maxlen, now, remembered, i = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), 5
+local function section()
+  local n = tonumber(ARGV[i])
+  i = i + 1 + n
+  return i - n, i - 1
+end
+local function sections()
+  local n, list = tonumber(ARGV[i]), {}
+  i = i + 1
+  for k = 1, n do list[k] = {section()} end
+  return list
+end
+local actions = sections()
+local decided = {}
+local first_obs, last_obs = section()
+for k = first_obs, last_obs do decided[#decided + 1] = ARGV[k] end
+local shares = {section()}
+local dead = sections()
+local acks = {section()}
+local first = ARGV[acks[1]]
+if #redis.call('XPENDING', KEYS[1], group, first, first, 1) == 0 then
+  return 0
+end
+for _, a in ipairs(actions) do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, a[1], a[2]))
+end
+for _, obs_id in ipairs(decided) do redis.call('ZADD', KEYS[5], now, obs_id) end
+if #decided > 0 then redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -remembered - 1) end
+for k = shares[1], shares[2], 2 do
+  redis.call('HINCRBYFLOAT', KEYS[3], ARGV[k], ARGV[k + 1])
+end
+for _, d in ipairs(dead) do
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, d[1], d[2]))
+end
+for from = acks[1], acks[2], 1000 do
+  redis.call('XACK', KEYS[1], group, unpack(ARGV, from, math.min(from + 999, acks[2])))
+end
+return 1
+"""
+
+
+def _section(items: list[Any]) -> list[Any]:
+    return [len(items), *items]

@@ -86,6 +86,11 @@ class Streams:
         return self.key("contribution")
 
     @property
+    def decided(self) -> str:
+        """Sorted set of the OBS_IDs the aggregator decided last (score: unix ms), to drop late replies."""
+        return self.key("decided")
+
+    @property
     def registry(self) -> str:
         """Sorted set of model component IDs scored by their last heartbeat (unix seconds)."""
         return self.key("models")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from worker import evolution, logs
 from worker.evolution import EvolutionSettings
-from worker.protocol import Encoding, Streams, decode_entry, encode_entry
+from worker.protocol import Encoding, ProtocolError, Streams, decode_entry, encode_entry
 from worker.settings import CommonSettings
 from worker.state import live_models
 
@@ -44,6 +44,17 @@ def last_id(client: redis.Redis, stream: str) -> str:
     """ID of the newest entry of ``stream`` (``0-0`` when empty): read from here to see what comes next."""
     newest = client.xrevrange(stream, count=1)
     return newest[0][0].decode() if newest else "0-0"
+
+
+def _valid_report(message: dict[str, Any]) -> bool:
+    """A run report whose counts are integers and whose returns are numbers."""
+    counts = [message.get(key, 0) for key in ("EPISODES", "STEPS")]
+    returns = message.get("RETURNS", [])
+    return (
+        all(type(n) is int for n in counts)
+        and isinstance(returns, list)
+        and all(type(r) in (int, float) for r in returns)
+    )
 
 
 def run_episodes(
@@ -79,11 +90,18 @@ def run_episodes(
         for _, items in reply or []:
             for entry_id, fields in items:
                 cursor = entry_id.decode()
-                message, _ = decode_entry(fields, 1 << 24)
+                try:
+                    message, _ = decode_entry(fields or {}, 1 << 24)
+                except ProtocolError as exc:
+                    log.warning("unreadable status entry skipped", id=cursor, error=str(exc))
+                    continue
                 if message.get("EVENT") == "run" and message.get("RUN_ID") == run_id:
                     if "ERROR" in message:
                         raise RuntimeError(f"run {run_id} failed: {message['ERROR']}")
-                    reports.append(message)
+                    if _valid_report(message):
+                        reports.append(message)
+                    else:
+                        log.warning("malformed run report skipped", id=cursor)
     returns = [r for report in reports for r in report.get("RETURNS", [])]
     return {
         "episodes": sum(int(r.get("EPISODES", 0)) for r in reports),

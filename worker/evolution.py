@@ -266,6 +266,19 @@ def send_weights(
     return {cid for cid, reply in acks.items() if reply.get("ACK") == "SET"}
 
 
+def _vector(component_id: str, weights: Any) -> np.ndarray | None:
+    """A reply's flat weight vector, or ``None`` (logged) when it is not one: that model is resumed."""
+    try:
+        vector = np.asarray(weights, np.float32)
+    except (ValueError, TypeError, OverflowError) as exc:
+        log.warning("weights are not a vector of numbers", component_id=component_id, error=str(exc))
+        return None
+    if vector.ndim != 1 or not vector.size:
+        log.warning("weights are not a flat vector", component_id=component_id, shape=list(vector.shape))
+        return None
+    return vector
+
+
 def evolve(client: redis.Redis, settings: EvolutionSettings) -> EvolutionReport:
     """Run one generation over the live models; see the module docstring."""
     started, streams = time.monotonic(), Streams(settings.prefix)
@@ -283,7 +296,7 @@ def evolve(client: redis.Redis, settings: EvolutionSettings) -> EvolutionReport:
     missing = sorted(set(live) - replies.keys())
     if missing:
         log.warning("no weights within the timeout", missing=missing, timeout=settings.timeout)
-    own = {c: np.asarray(r["WEIGHTS"], np.float32) for c, r in replies.items() if "WEIGHTS" in r}
+    own = {c: v for c, r in replies.items() if (v := _vector(c, r.get("WEIGHTS"))) is not None}
     if not own:
         raise EvolutionError(f"none of the live models {live} sent its weights within {settings.timeout}s")
 

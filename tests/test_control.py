@@ -1,0 +1,64 @@
+"""control: what it reads from the status stream, and a generation given bad weights."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import redis
+
+from worker.control import run_episodes
+from worker.evolution import EvolutionSettings, evolve
+from worker.protocol import Encoding, Streams, encode_entry
+
+
+def answer_runs(client: redis.Redis, *reports: dict) -> threading.Thread:
+    """A stand-in environment runner: on the next RUN, publish junk, then ``reports`` for its RUN_ID."""
+
+    def runner() -> None:
+        reply = client.xread({"rl:control": "$"}, block=5000)
+        run_id = msgpack.unpackb(reply[0][1][0][1][b"data"])["RUN_ID"]
+        client.xadd("rl:status", {"data": b"\xc1 not msgpack"})
+        for report in reports:
+            client.xadd(
+                "rl:status", encode_entry({"EVENT": "run", "RUN_ID": run_id, **report}, Encoding.MSGPACK)
+            )
+
+    thread = threading.Thread(target=runner, daemon=True)
+    thread.start()
+    time.sleep(0.1)  # its XREAD from $ must be waiting before the RUN goes out
+    return thread
+
+
+def test_run_episodes_skips_unreadable_and_malformed_status_entries(real_redis) -> None:
+    answer_runs(
+        real_redis,
+        {"EPISODES": "two", "STEPS": 10, "RETURNS": [1.0]},
+        {"EPISODES": 2, "STEPS": 30, "RETURNS": [10.0, 20.0]},
+    )
+    result = run_episodes(real_redis, Streams("rl"), episodes=2, timeout=10)
+    assert result["episodes"] == 2 and result["mean_return"] == 15.0
+
+
+def test_a_model_that_sends_ragged_weights_is_left_out_of_the_generation(
+    real_redis, redis_server_url
+) -> None:
+    real_redis.zadd("rl:models", {"m1": time.time(), "m2": time.time()})
+
+    def models() -> None:  # answer the GET; m2's vector is not flat
+        reply = real_redis.xread({"rl:evolution": "$"}, block=5000)
+        get_id = reply[0][1][0][0].decode()
+        for component_id, weights in (("m1", [0.1, 0.2]), ("m2", [[0.1], [0.2, 0.3]])):
+            message = {"WEIGHTS": weights, "COMPONENT_ID": component_id, "REQUEST_ID": get_id}
+            real_redis.xadd("rl:weights", encode_entry(message, Encoding.MSGPACK))
+
+    threading.Thread(target=models, daemon=True).start()
+    time.sleep(0.1)
+    settings = EvolutionSettings(
+        _cli_parse_args=False, redis_url=redis_server_url, fitness="contribution", timeout=1
+    )
+    evolve(real_redis, settings)
+    commands = [msgpack.unpackb(f[b"data"]) for _, f in real_redis.xrange("rl:evolution")]
+    [set_command] = [c for c in commands if c["CMD"] == "SET"]
+    assert set(set_command["WEIGHTS"]) == {"m1"}

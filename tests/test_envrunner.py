@@ -325,3 +325,30 @@ def test_processes_stop_on_sigterm_mid_run(real_redis, redis_server_url) -> None
     assert statuses(real_redis) == [
         {"EVENT": "run", "RUN_ID": "r", "RUNNER_ID": "env", "ERROR": "runner stopping"}
     ]
+
+
+def test_a_run_cut_short_by_redis_is_reported_once_redis_is_back(real_redis, env_settings) -> None:
+    """Otherwise control would wait its whole run timeout for a report that never comes."""
+    runner = EnvRunner(env_settings, real_redis)
+    runner.start()
+    calls = {"n": 0}
+    read_actions = runner._read_actions
+
+    def flaky(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise redis.ConnectionError("Redis went away mid-run")
+        return read_actions(*args)
+
+    runner._read_actions = flaky  # type: ignore[method-assign]
+    thread = threading.Thread(target=runner.serve, daemon=True)
+    thread.start()
+    xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "r1", "STEPS": 10})
+    deadline = time.monotonic() + 10
+    reports: list[dict] = []
+    while not reports and time.monotonic() < deadline:
+        reports = [m for _, m in read(real_redis, "rl:status") if m.get("RUN_ID") == "r1"]
+        time.sleep(0.05)
+    runner.stop()
+    thread.join(5)
+    assert len(reports) == 1 and "redis unreachable during the run" in reports[0]["ERROR"]

@@ -61,7 +61,7 @@ class AggregatorSettings(CommonSettings):
     seed: int | None = Field(None, description="seed of the action sampling")
     combine: Literal["prob", "logits"] = Field("prob", description="mean of probabilities, or of logits")
     consumer: str = Field("aggregator", min_length=1, description="consumer name in the group")
-    block_ms: int = Field(100, gt=0, description="longest blocking XREADGROUP")
+    block_ms: int = Field(100, gt=0, le=30_000, description="longest blocking XREADGROUP")
     batch_size: int = Field(1000, gt=0, description="entries read per XREADGROUP")
     max_entry_bytes: int = Field(1 << 20, gt=0, description="larger entries are dead-lettered unread")
     stream_maxlen: int = Field(100_000, gt=0, description="approximate MAXLEN of the streams written")

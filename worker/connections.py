@@ -55,6 +55,9 @@ def connect(url: str, **kwargs) -> redis.Redis:
     kwargs.setdefault("retry", Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5))
     kwargs.setdefault("retry_on_error", [redis.ConnectionError, redis.TimeoutError])
     kwargs.setdefault("health_check_interval", 30)
+    # A frozen server or a half-open connection must not block a "timed" wait forever; every
+    # blocking read here blocks for at most 30 s (the block_ms settings' bound).
+    kwargs.setdefault("socket_timeout", 60)
     check_access(url, **kwargs)
     return redis.Redis.from_url(url, **kwargs)
 

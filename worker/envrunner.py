@@ -58,7 +58,7 @@ class EnvSettings(CommonSettings):
     max_episode_steps: int | None = Field(None, gt=0, description="time limit (default: the env's own)")
     action_timeout: float = Field(30.0, gt=0, description="seconds to wait for an action before aborting")
     encoding: Literal["msgpack", "json"] = Field("msgpack", description="encoding of the observations")
-    block_ms: int = Field(1000, gt=0, description="longest blocking XREAD")
+    block_ms: int = Field(1000, gt=0, le=30_000, description="longest blocking XREAD")
     max_entry_bytes: int = Field(1 << 20, gt=0, description="larger control entries are dead-lettered")
     stream_maxlen: int = Field(100_000, gt=0, description="approximate MAXLEN of the streams written")
 
@@ -181,6 +181,7 @@ class EnvRunner:
         self.streams = Streams(settings.prefix)
         self.control_cursor: str | None = None
         self._stopping = False
+        self._unreported: tuple[dict[str, Any], Encoding] | None = None  # a run Redis cut short
         s = settings
 
         def make(name: str, k: int, deterministic: bool) -> Slot:
@@ -212,6 +213,9 @@ class EnvRunner:
         backoff = 0.1
         while not self._stopping:
             try:
+                if self._unreported is not None:
+                    self._publish([self._unreported[0]], [], self._unreported[1])
+                    self._unreported = None
                 reply = self.redis.xread(
                     {self.streams.control: self.control_cursor}, block=self.settings.block_ms
                 )
@@ -306,6 +310,11 @@ class EnvRunner:
             report: dict[str, Any] = {"EVENT": "run", **progress.run, "ERROR": str(exc)}
             self._publish(statuses + [report], [], encoding)
             return report
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Reported once Redis is back (serve), so that control stops waiting for this run.
+            error = f"redis unreachable during the run: {exc}"
+            self._unreported = {"EVENT": "run", **progress.run, "ERROR": error}, encoding
+            raise
         for slot in self.eval:
             slot.pending = None  # evaluation envs never carry over
         kept = progress.returns[:episodes] if episodes else progress.returns

@@ -84,7 +84,7 @@ class ModelSettings(CommonSettings, A2CSettings):
     batch_size: int = Field(
         256, gt=0, le=4096, description="entries read (and forwarded as one batch) per XREADGROUP"
     )
-    block_ms: int = Field(500, gt=0, description="how long one XREADGROUP blocks for new entries")
+    block_ms: int = Field(500, gt=0, le=30_000, description="how long one XREADGROUP blocks for new entries")
     max_entry_bytes: int = Field(4 << 20, gt=0, description="larger entries are dead-lettered unread")
     evolution_timeout: float = Field(60.0, gt=0, description="seconds after a GET until training resumes")
     train_deterministic: bool = Field(False, description="also train on DETERMINISTIC (evaluation) steps")

@@ -9,7 +9,7 @@ import msgpack
 import redis
 
 from worker.control import run_episodes
-from worker.evolution import EvolutionSettings, evolve
+from worker.evolution import REQUEST, EvolutionSettings, evolve
 from worker.protocol import Encoding, Streams, encode_entry
 
 
@@ -32,12 +32,13 @@ def answer_runs(client: redis.Redis, *reports: dict) -> threading.Thread:
 
 
 def test_run_episodes_skips_unreadable_and_malformed_status_entries(real_redis) -> None:
-    answer_runs(
+    runner = answer_runs(
         real_redis,
         {"EPISODES": "two", "STEPS": 10, "RETURNS": [1.0]},
         {"EPISODES": 2, "STEPS": 30, "RETURNS": [10.0, 20.0]},
     )
     result = run_episodes(real_redis, Streams("rl"), episodes=2, timeout=10)
+    runner.join(5)
     assert result["episodes"] == 2 and result["mean_return"] == 15.0
 
 
@@ -62,3 +63,16 @@ def test_a_model_that_sends_ragged_weights_is_left_out_of_the_generation(
     commands = [msgpack.unpackb(f[b"data"]) for _, f in real_redis.xrange("rl:evolution")]
     [set_command] = [c for c in commands if c["CMD"] == "SET"]
     assert set(set_command["WEIGHTS"]) == {"m1"}
+
+
+def test_the_get_and_the_shares_are_taken_once_even_if_sent_twice(real_redis) -> None:
+    """redis-py resends a command whose reply was lost: the second copy answers like the first."""
+    real_redis.hset("rl:contribution", mapping={"m1": 3.0, "m2": 1.0})
+    script = real_redis.register_script(REQUEST)
+    keys = ["rl:evolution", "rl:contribution", "rl:contribution:req"]
+    first = script(keys=keys, args=[1000, b"\x81\xa3CMD\xa3GET", "1"])
+    again = script(keys=keys, args=[1000, b"\x81\xa3CMD\xa3GET", "1"])
+    assert first == again and real_redis.xlen("rl:evolution") == 1
+    assert not real_redis.exists("rl:contribution")  # reset for the next generation
+    shares = dict(zip(first[::2], first[1::2], strict=True))
+    assert float(shares[b"m1"]) == 3.0 and float(shares[b"m2"]) == 1.0

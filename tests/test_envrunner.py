@@ -18,6 +18,7 @@ import redis
 from tests.helpers import read, xadd
 from worker.envrunner import EnvRunner, EnvSettings
 from worker.protocol import Encoding, decode_entry, encode_entry
+from worker.scripts import PUBLISH
 
 Message = dict[str, Any]
 
@@ -352,3 +353,14 @@ def test_a_run_cut_short_by_redis_is_reported_once_redis_is_back(real_redis, env
     runner.stop()
     thread.join(5)
     assert len(reports) == 1 and "redis unreachable during the run" in reports[0]["ERROR"]
+
+
+def test_a_round_sent_twice_is_published_once(real_redis) -> None:
+    """redis-py resends a command whose reply was lost: the copy gets the first one's entry IDs."""
+    script = real_redis.register_script(PUBLISH)
+    keys = ["rl:status", "rl:observation", "rl:runner:env"]
+    args = ["abc:1", 1000, 0, 2, 2, "OBSERVATION", "[0,0,0,0]", 2, "OBSERVATION", "[1,1,1,1]"]
+    first, again = script(keys=keys, args=args), script(keys=keys, args=args)
+    assert first == again and len(first) == 2 and real_redis.xlen("rl:observation") == 2
+    third = script(keys=keys, args=["abc:2", *args[1:]])  # the next round is published
+    assert real_redis.xlen("rl:observation") == 4 and third != first

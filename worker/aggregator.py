@@ -42,7 +42,7 @@ import numpy as np
 import redis
 from pydantic import Field
 
-from worker import logs
+from worker import logs, scripts
 from worker.connections import ensure_group
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
 from worker.settings import CommonSettings
@@ -161,7 +161,7 @@ class Aggregator:
         self._stopping = False
         self._acks: list[str] = []  # entries done with (late, duplicate, dead) to ack with the next batch
         self._dead: list[dict] = []
-        self._flush_script = client.register_script(FLUSH)
+        self._flush_script = client.register_script(scripts.FLUSH)
 
     # ----------------------------------------------------------------- life cycle
 
@@ -317,72 +317,19 @@ class Aggregator:
     def _flush(
         self, actions: list[tuple[dict[str, Any], Encoding]], shares: Mapping[str, float], acks: list[str]
     ) -> None:
-        """Actions, contributions, dead letters and acknowledgements at once (:data:`FLUSH`)."""
+        """Actions, contributions, dead letters and acks at once (:data:`worker.scripts.FLUSH`)."""
         if not acks:
             return  # every action and dead letter acknowledges at least one entry
         now_ms, remembered = int(time.time() * 1000), self.settings.remembered
         args: list[Any] = [GROUP, self.settings.stream_maxlen, now_ms, remembered, len(actions)]
         for message, encoding in actions:
-            args += _section([x for pair in encode_entry(message, encoding).items() for x in pair])
-        args += _section([message["OBS_ID"] for message, _ in actions])
-        args += _section([x for pair in shares.items() for x in pair])
+            args += scripts.section([x for pair in encode_entry(message, encoding).items() for x in pair])
+        args += scripts.section([message["OBS_ID"] for message, _ in actions])
+        args += scripts.section([x for pair in shares.items() for x in pair])
         args.append(len(self._dead))
         for letter in self._dead:
-            args += _section([x for pair in letter.items() for x in pair])
-        args += _section(acks)
+            args += scripts.section([x for pair in letter.items() for x in pair])
+        args += scripts.section(acks)
         streams = self.streams
         keys = [streams.logits, streams.action, streams.contribution, streams.dead, streams.decided]
         self._flush_script(keys=keys, args=args, client=self.redis)
-
-
-# A decision's writes, atomic, in one round trip; and idempotent: redis-py resends a command whose
-# reply was lost, and the aggregator flushes again what it does not know to be written. The first
-# acknowledged entry tells: if it is no longer pending, this flush was applied already.
-# KEYS: logits, action, contribution, dead, decided. ARGV: group, maxlen, now (ms), how many decided
-# OBS_IDs to keep, then sections (a count, then the items): actions (count, then one section of
-# fields each), their OBS_IDs, shares (model/share pairs), dead letters (count, then one
-# section of fields each), acknowledged entry IDs.
-FLUSH = """
-local group, maxlen, now, remembered, i = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), 5
-local function section()
-  local n = tonumber(ARGV[i])
-  i = i + 1 + n
-  return i - n, i - 1
-end
-local function sections()
-  local n, list = tonumber(ARGV[i]), {}
-  i = i + 1
-  for k = 1, n do list[k] = {section()} end
-  return list
-end
-local actions = sections()
-local decided = {}
-local first_obs, last_obs = section()
-for k = first_obs, last_obs do decided[#decided + 1] = ARGV[k] end
-local shares = {section()}
-local dead = sections()
-local acks = {section()}
-local first = ARGV[acks[1]]
-if #redis.call('XPENDING', KEYS[1], group, first, first, 1) == 0 then
-  return 0
-end
-for _, a in ipairs(actions) do
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, a[1], a[2]))
-end
-for _, obs_id in ipairs(decided) do redis.call('ZADD', KEYS[5], now, obs_id) end
-if #decided > 0 then redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -remembered - 1) end
-for k = shares[1], shares[2], 2 do
-  redis.call('HINCRBYFLOAT', KEYS[3], ARGV[k], ARGV[k + 1])
-end
-for _, d in ipairs(dead) do
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, d[1], d[2]))
-end
-for from = acks[1], acks[2], 1000 do
-  redis.call('XACK', KEYS[1], group, unpack(ARGV, from, math.min(from + 999, acks[2])))
-end
-return 1
-"""
-
-
-def _section(items: list[Any]) -> list[Any]:
-    return [len(items), *items]

@@ -32,6 +32,7 @@ import reprlib
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,7 +42,7 @@ import numpy as np
 import redis
 from pydantic import Field
 
-from worker import logs
+from worker import logs, scripts
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
 from worker.settings import CommonSettings
 
@@ -182,6 +183,8 @@ class EnvRunner:
         self.control_cursor: str | None = None
         self._stopping = False
         self._unreported: tuple[dict[str, Any], Encoding] | None = None  # a run Redis cut short
+        self._publish_script = client.register_script(scripts.PUBLISH)
+        self._incarnation, self._round = uuid.uuid4().hex[:12], 0  # names each publish, see scripts.PUBLISH
         s = settings
 
         def make(name: str, k: int, deterministic: bool) -> Slot:
@@ -325,22 +328,26 @@ class EnvRunner:
         return report
 
     def _publish(self, statuses: list[dict[str, Any]], ready: list[Slot], encoding: Encoding) -> None:
-        """Status entries and the next observation of every ready env, in one round trip."""
+        """Statuses and the next observation of every ready env, at once (:data:`worker.scripts.PUBLISH`)."""
         if not statuses and not ready:
             return
         maxlen, obs_encoding = self.settings.stream_maxlen, Encoding(self.settings.encoding)
-        # MULTI/EXEC: a blocked model wakes up once, after the whole round, so one round is one batch
-        # and its segments complete together: one A2C update over all environments, as in SB3.
-        with self.redis.pipeline(transaction=True) as pipe:
-            for message in statuses:
-                pipe.xadd(
-                    self.streams.status, encode_entry(message, encoding), maxlen=maxlen, approximate=True
-                )
-            for slot in ready:
-                assert slot.pending is not None
-                fields = encode_entry(slot.pending, obs_encoding)
-                pipe.xadd(self.streams.observation, fields, maxlen=maxlen, approximate=True)
-            ids = pipe.execute()[len(statuses) :]
+        self._round += 1
+        args: list[Any] = [f"{self._incarnation}:{self._round}", maxlen, len(statuses)]
+        for message in statuses:
+            args += scripts.section([x for pair in encode_entry(message, encoding).items() for x in pair])
+        args.append(len(ready))
+        for slot in ready:
+            assert slot.pending is not None
+            args += scripts.section(
+                [x for pair in encode_entry(slot.pending, obs_encoding).items() for x in pair]
+            )
+        keys = [
+            self.streams.status,
+            self.streams.observation,
+            self.streams.key("runner", self.settings.runner_id),
+        ]
+        ids = self._publish_script(keys=keys, args=args, client=self.redis)[len(statuses) :]
         for slot, obs_id in zip(ready, ids, strict=True):
             slot.obs_id = obs_id.decode()
 

@@ -44,7 +44,7 @@ import redis
 from deap import base, tools
 from pydantic import Field
 
-from worker import logs
+from worker import logs, scripts
 from worker.protocol import Encoding, ProtocolError, Streams, decode_entry, encode_entry
 from worker.settings import A2CSettings, CommonSettings
 from worker.state import live_models
@@ -219,23 +219,6 @@ def last_id(client: redis.Redis, stream: str) -> str:
     return newest[0][0].decode() if newest else "0-0"
 
 
-# The GET and the taking of the shares, atomic and idempotent: redis-py resends a command whose
-# reply was lost, and a second GET, or a second take that finds the hash already gone, would be
-# wrong. The shares move to a key of this request, which also keeps the GET's ID: a resent script
-# finds it and answers the same. KEYS: evolution stream, contribution hash, this request's key.
-# ARGV: maxlen, the GET entry's data, '1' to take the shares.
-REQUEST = """
-local get_id = redis.call('HGET', KEYS[3], '.get_id')
-if not get_id then
-  get_id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[2])
-  if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('RENAME', KEYS[2], KEYS[3]) end
-  redis.call('HSET', KEYS[3], '.get_id', get_id)
-  redis.call('EXPIRE', KEYS[3], 3600)
-end
-return redis.call('HGETALL', KEYS[3])
-"""
-
-
 def request_weights(
     client: redis.Redis, streams: Streams, settings: EvolutionSettings
 ) -> tuple[str, dict[str, float]]:
@@ -244,7 +227,7 @@ def request_weights(
     get = encode_entry({"CMD": "GET"}, Encoding.MSGPACK)["data"]
     take = "1" if settings.fitness == "contribution" else "0"
     keys = [streams.evolution, streams.contribution, request_key]
-    flat = client.register_script(REQUEST)(keys=keys, args=[settings.stream_maxlen, get, take])
+    flat = client.register_script(scripts.REQUEST)(keys=keys, args=[settings.stream_maxlen, get, take])
     taken = {flat[k].decode(): flat[k + 1] for k in range(0, len(flat), 2)}
     client.delete(request_key)
     get_id = taken.pop(".get_id").decode()

@@ -11,11 +11,11 @@ Why one atomic commit per batch: the batch's replies, the memory it changed, the
 trained and the XACK of its entries must become visible together. A worker killed before the commit
 leaves its entries pending and the state as it was, so its successor replays them to the same
 result; a worker killed after it has nothing left to do. Either way no transition is lost or trained
-on twice. The commit is one Lua script (:data:`COMMIT`), atomic as a MULTI/EXEC, which first checks
-two fences: the lease (a worker that lost it, paused too long or replaced, cannot commit over its
-successor) and the checkpoint's version (a worker whose state is not the last commit's, because it
-took back an expired lease after a successor committed, or because redis-py resent this very
-commit after losing its reply, cannot commit either; it reloads).
+on twice. The commit is one Lua script (:data:`worker.scripts.COMMIT`), atomic as a MULTI/EXEC,
+which first checks two fences: the lease (a worker that lost it, paused too long or replaced,
+cannot commit over its successor) and the checkpoint's version (a worker whose state is not the
+last commit's, because it took back an expired lease after a successor committed, or because
+redis-py resent this very commit after losing its reply, cannot commit either; it reloads).
 """
 
 from __future__ import annotations
@@ -29,91 +29,9 @@ from typing import Any
 import msgpack
 import redis
 
+from worker import scripts
 from worker.protocol import Streams
 from worker.trimming import StreamTrim
-
-# One batch's commit (see the module's docstring). A script rather than WATCH/MULTI/EXEC: the lease
-# and version checks happen inside Redis, so a commit is one round trip instead of three.
-# Redis does not roll a script back when a command in it fails, so the script first checks all that
-# could fail (the fences, the types of the keys, the consumer groups) and only then writes, its
-# first write one that Redis refuses when out of memory (see below); no unpack() passes more than
-# 2000 values (Lua's stack holds about 8000).
-# KEYS: lease, checkpoint, memory, then every stream written or acknowledged.
-# ARGV: token, lease ttl (ms), version the state grew from, trim (MAXLEN|MINID), trim threshold,
-#   group, then sections, each a count and its items: checkpoint field/value pairs; memory
-#   field/value pairs; acks: per stream its KEYS index and a section of entry IDs; messages: per
-#   message its stream's KEYS index and a section of field/value pairs.
-MAX_MESSAGE_FIELDS = 1000  # field/value pairs per XADD (one unpack of twice as many values)
-COMMIT = """
-local CHUNK = 1000  -- values per unpack(); even, so field/value pairs are never split
-local token, ttl, version, trim, threshold, group = unpack(ARGV, 1, 6)
-if redis.call('GET', KEYS[1]) ~= token then
-  return redis.error_reply('LOSTLEASE the lease is held by another consumer')
-end
-local stored = redis.call('HMGET', KEYS[2], 'version', 'meta')
--- No version field: a new model (version 0), or a checkpoint written before there was one.
-local expected = stored[1] or (stored[2] and version) or '0'
-if expected ~= version then
-  return redis.error_reply('STALE the checkpoint is at version ' .. expected .. ', not ' .. version)
-end
-for k = 2, #KEYS do
-  local kind, want = redis.call('TYPE', KEYS[k]).ok, k <= 3 and 'hash' or 'stream'
-  if kind ~= want and kind ~= 'none' then
-    return redis.error_reply('WRONGTYPE ' .. KEYS[k] .. ' is a ' .. kind .. ', not a ' .. want)
-  end
-end
-local i = 7
-local function section()
-  local n = tonumber(ARGV[i])
-  i = i + 1 + n
-  return i - n, i - 1
-end
-local checkpoint_first, checkpoint_last = section()
-local memory_first, memory_last = section()
-local acks = {}
-local n_acks = tonumber(ARGV[i])
-i = i + 1
-for a = 1, n_acks do
-  local stream = KEYS[tonumber(ARGV[i])]
-  i = i + 1
-  local first, last = section()
-  local ok = redis.pcall('XPENDING', stream, group)
-  if type(ok) == 'table' and ok.err then
-    return redis.error_reply('NOGROUP ' .. stream .. ' has no consumer group ' .. group)
-  end
-  acks[a] = {stream, first, last}
-end
--- Every check passed: write. XACK and HSET go in chunks, which changes nothing: they add up.
-local function chunked(first, last, command, ...)
-  for from = first, last, CHUNK do
-    local args = {...}
-    for _, value in ipairs({unpack(ARGV, from, math.min(from + CHUNK - 1, last))}) do
-      args[#args + 1] = value
-    end
-    redis.call(command, unpack(args))
-  end
-end
--- HSET first: out of memory, Redis refuses a script's first write if it may grow memory (HSET
--- may, PEXPIRE and XACK may not), and then nothing is written; after that first write it refuses
--- nothing more.
-chunked(checkpoint_first, checkpoint_last, 'HSET', KEYS[2])
-chunked(memory_first, memory_last, 'HSET', KEYS[3])
-for _, ack in ipairs(acks) do chunked(ack[2], ack[3], 'XACK', ack[1], group) end
-redis.call('PEXPIRE', KEYS[1], ttl)
-local n_messages = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, n_messages do
-  local stream = KEYS[tonumber(ARGV[i])]
-  i = i + 1
-  local first, last = section()
-  redis.call('XADD', stream, trim, '~', threshold, '*', unpack(ARGV, first, last))
-end
-return 'OK'
-"""
-
-
-def _section(items: list[Any]) -> list[Any]:
-    return [len(items), *items]
 
 
 class LostLease(RuntimeError):
@@ -168,7 +86,7 @@ class ModelStore:
         self.memory_key = streams.model_key(component_id, "memory")
         self.lease_key = streams.model_key(component_id, "lease")
         self.info_key = streams.model_key(component_id, "info")
-        self._commit_script = client.register_script(COMMIT)
+        self._commit_script = client.register_script(scripts.COMMIT)
 
     # ----------------------------------------------------------------- lease
 
@@ -256,20 +174,20 @@ class ModelStore:
         threshold = ["MINID", trim["minid"]] if "minid" in trim else ["MAXLEN", trim["maxlen"]]
         args: list[Any] = [token, int(ttl * 1000), counters.version, *threshold, group]
         state = {"meta": meta, "version": counters.version + 1, **(checkpoint or {})}
-        args += _section([x for pair in state.items() for x in pair])
-        args += _section([x for pair in memory.items() for x in pair])
+        args += scripts.section([x for pair in state.items() for x in pair])
+        args += scripts.section([x for pair in memory.items() for x in pair])
         acks = {stream: ids for stream, ids in acks.items() if ids}
         args.append(len(acks))
         for stream, ids in acks.items():
-            args += [key(stream), *_section(ids)]
+            args += [key(stream), *scripts.section(ids)]
         messages = list(messages)
         args.append(len(messages))
         for stream, fields in messages:
-            if not 0 < len(fields) <= MAX_MESSAGE_FIELDS:
+            if not 0 < len(fields) <= scripts.MAX_MESSAGE_FIELDS:
                 raise ValueError(
-                    f"a message for {stream} has {len(fields)} fields (1 to {MAX_MESSAGE_FIELDS})"
+                    f"a message for {stream} has {len(fields)} fields (1 to {scripts.MAX_MESSAGE_FIELDS})"
                 )
-            args += [key(stream), *_section([x for pair in fields.items() for x in pair])]
+            args += [key(stream), *scripts.section([x for pair in fields.items() for x in pair])]
         keys = [self.lease_key, self.checkpoint_key, self.memory_key, *streams]
         try:
             self._commit_script(keys=keys, args=args, client=self.redis)

@@ -9,8 +9,9 @@ One generation, through the wire protocol of ``docs/protocol.md``:
 2. **Fitness.** ``returns``: each weight vector is loaded into a local copy of the policy and plays
    ``--eval-episodes`` deterministic episodes of ``--gym-env`` (the same seeds for every model);
    fitness = mean return. ``contribution``: the aggregator's share of each model in the ensemble's
-   actions, ``HGETALL`` + ``DEL`` of ``<prefix>:contribution`` in the GET's own MULTI/EXEC, so each
-   generation sees the decisions since the previous GET (models without an entry get 0).
+   actions, taken (renamed away) from ``<prefix>:contribution`` in the GET's own script
+   (:data:`worker.scripts.REQUEST`), so each generation sees the decisions since the previous GET
+   (models without an entry get 0).
 3. **Vary.** ``pbt`` (exploit/explore): every model of the bottom ``--pbt-quantile`` whose fitness is
    below a randomly picked top-quantile model gets that model's weights plus N(0, --pbt-sigma) noise;
    the rest keep theirs. ``ga`` (the tutorial's DEAP loop): the best ``--elitism`` models are kept

@@ -111,6 +111,23 @@ def run_episodes(
     }
 
 
+def wait_for_loop(
+    client: redis.Redis, streams: Streams, runners: list[str], since: float, timeout: float = 120.0
+) -> None:
+    """Wait until the aggregator reads the logits and each of ``runners`` is ready (after ``since``,
+    unix seconds): a RUN or a reply sent before would be missed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        groups = client.xinfo_groups(streams.logits) if client.exists(streams.logits) else []
+        aggregator = any(g["name"] in (b"aggregator", "aggregator") for g in groups)
+        ready = [client.hget(streams.key("runner", r), "ready") for r in runners]
+        if aggregator and all(t is not None and float(t) >= since for t in ready):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"aggregator or runners {runners} not ready after {timeout}s")
+        time.sleep(0.05)
+
+
 def wait_for_models(client: redis.Redis, streams: Streams, count: int, timeout: float = 120.0) -> list[str]:
     """Block until ``count`` models heartbeat in the registry."""
     deadline = time.monotonic() + timeout

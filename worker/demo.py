@@ -22,7 +22,7 @@ from pydantic import AliasChoices, Field
 
 from worker import logs
 from worker.connections import connect, embedded_redis
-from worker.control import RoundResult, TrainSettings, report, train_rounds, wait_for_models
+from worker.control import RoundResult, TrainSettings, report, train_rounds, wait_for_loop, wait_for_models
 from worker.protocol import Encoding, Streams, encode_entry
 from worker.settings import A2CSettings
 
@@ -110,7 +110,7 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
     logdir = Path(tempfile.mkdtemp(prefix="rl-demo-"))
     with redis_for(settings) as url:
         client = connect(url)
-        swarm = Swarm(url, settings.prefix, logdir)
+        swarm, started = Swarm(url, settings.prefix, logdir), time.time()
         try:
             for i in range(settings.models):
                 seed = [] if settings.seed is None else ["--seed", str(settings.seed + i)]
@@ -122,7 +122,8 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
             swarm.start("env", "env", "--n-envs", str(settings.n_envs), "--runner-id", "demo", *env_seed)
             print(f"logs of the swarm: {logdir}", flush=True)
             wait_for_models(client, streams, settings.models)
-            time.sleep(1.0)  # the runner and aggregator need a moment to subscribe
+            wait_for_loop(client, streams, ["demo"], since=started)
+            time.sleep(1.1)  # the aggregator's view of the live models is refreshed every second
             swarm.check()
             return train_rounds(client, settings.model_copy(update={"redis_url": url}))
         finally:

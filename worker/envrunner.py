@@ -204,6 +204,7 @@ class EnvRunner:
         """Fix where commands are read from: only commands sent after this are obeyed."""
         self.control_cursor = last_id(self.redis, self.streams.control)
         s = self.settings
+        self.redis.hset(self.streams.key("runner", s.runner_id), "ready", time.time())  # for control
         log.info("ready", runner_id=s.runner_id, env=s.gym_env, n_envs=s.n_envs, seed=s.seed)
 
     def serve(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -267,3 +268,21 @@ def test_a_restarted_aggregator_does_not_decide_again(real_redis, agg_settings) 
     reply(real_redis, "1-0", "m2", [5.0, 0.0])  # m2's late reply
     assert second.step() == [] and len(real_redis.xrange("rl:action")) == 1
     assert contributions(real_redis) == {"m1": 1.0}
+
+
+def test_serve_survives_its_logits_stream_being_deleted(real_redis, agg_settings) -> None:
+    register(real_redis, "m1")
+    aggregator = Aggregator(agg_settings, real_redis)
+    thread = threading.Thread(target=aggregator.serve, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    real_redis.delete("rl:logits")  # with the group: the blocked read fails (UNBLOCKED / NOGROUP)
+    deadline = time.monotonic() + 10
+    while not real_redis.exists("rl:logits") and time.monotonic() < deadline:
+        time.sleep(0.05)  # serve makes the group (and the stream) again
+    reply(real_redis, "1-0", "m1", [0.0, 1.0])
+    while not real_redis.xlen("rl:action") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    aggregator.stop()
+    thread.join(5)
+    assert thread.is_alive() is False and len(real_redis.xrange("rl:action")) == 1

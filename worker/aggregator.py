@@ -323,12 +323,12 @@ class Aggregator:
         now_ms, remembered = int(time.time() * 1000), self.settings.remembered
         args: list[Any] = [GROUP, self.settings.stream_maxlen, now_ms, remembered, len(actions)]
         for message, encoding in actions:
-            args += scripts.section([x for pair in encode_entry(message, encoding).items() for x in pair])
+            args += scripts.fields(encode_entry(message, encoding))
         args += scripts.section([message["OBS_ID"] for message, _ in actions])
-        args += scripts.section([x for pair in shares.items() for x in pair])
+        args += scripts.fields(shares)
         args.append(len(self._dead))
         for letter in self._dead:
-            args += scripts.section([x for pair in letter.items() for x in pair])
+            args += scripts.fields(letter)
         args += scripts.section(acks)
         streams = self.streams
         keys = [streams.logits, streams.action, streams.contribution, streams.dead, streams.decided]

@@ -94,6 +94,15 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
         return False
 
 
+def last_id(client: redis.Redis, stream: str) -> str:
+    """What ``$`` means now, as a concrete ID: reading after it later misses nothing in between."""
+    try:
+        value = client.xinfo_stream(stream)["last-generated-id"]
+    except redis.ResponseError:  # no such stream yet: everything added later is new
+        return "0-0"
+    return text(value)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

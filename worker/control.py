@@ -20,6 +20,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from worker import evolution, logs
+from worker.connections import last_id
 from worker.evolution import EvolutionSettings
 from worker.protocol import Encoding, ProtocolError, Streams, decode_entry, encode_entry
 from worker.settings import CommonSettings
@@ -38,12 +39,6 @@ class RoundResult:
     eval_return: float  # mean deterministic return of the evaluation episodes
     train_seconds: float  # wall-clock spent in training runs so far
     seconds: float  # wall-clock since training started, evaluations and evolution included
-
-
-def last_id(client: redis.Redis, stream: str) -> str:
-    """ID of the newest entry of ``stream`` (``0-0`` when empty): read from here to see what comes next."""
-    newest = client.xrevrange(stream, count=1)
-    return newest[0][0].decode() if newest else "0-0"
 
 
 def _valid_report(message: dict[str, Any]) -> bool:

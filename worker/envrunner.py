@@ -43,6 +43,7 @@ import redis
 from pydantic import Field
 
 from worker import logs, scripts
+from worker.connections import last_id
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
 from worker.settings import CommonSettings
 
@@ -62,15 +63,6 @@ class EnvSettings(CommonSettings):
     block_ms: int = Field(1000, gt=0, le=30_000, description="longest blocking XREAD")
     max_entry_bytes: int = Field(1 << 20, gt=0, description="larger control entries are dead-lettered")
     stream_maxlen: int = Field(100_000, gt=0, description="approximate MAXLEN of the streams written")
-
-
-def last_id(client: redis.Redis, stream: str) -> str:
-    """What ``$`` means now, as a concrete ID: reading after it later misses nothing in between."""
-    try:
-        value = client.xinfo_stream(stream)["last-generated-id"]
-    except redis.ResponseError:  # no such stream yet: everything added later is new
-        return "0-0"
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def parse_run(message: Mapping[str, Any]) -> tuple[str, int | None, int | None, bool]:
@@ -336,13 +328,11 @@ class EnvRunner:
         self._round += 1
         args: list[Any] = [f"{self._incarnation}:{self._round}", maxlen, len(statuses)]
         for message in statuses:
-            args += scripts.section([x for pair in encode_entry(message, encoding).items() for x in pair])
+            args += scripts.fields(encode_entry(message, encoding))
         args.append(len(ready))
         for slot in ready:
             assert slot.pending is not None
-            args += scripts.section(
-                [x for pair in encode_entry(slot.pending, obs_encoding).items() for x in pair]
-            )
+            args += scripts.fields(encode_entry(slot.pending, obs_encoding))
         keys = [
             self.streams.status,
             self.streams.observation,

@@ -46,6 +46,7 @@ from deap import base, tools
 from pydantic import Field
 
 from worker import logs, scripts
+from worker.connections import last_id
 from worker.protocol import Encoding, ProtocolError, Streams, decode_entry, encode_entry
 from worker.settings import A2CSettings, CommonSettings
 from worker.state import live_models
@@ -213,11 +214,6 @@ def mean_returns(vectors: Vectors, settings: EvolutionSettings, seeds: list[int]
 
 
 # --------------------------------------------------------------------------- the wire
-
-
-def last_id(client: redis.Redis, stream: str) -> str:
-    newest = client.xrevrange(stream, count=1)
-    return newest[0][0].decode() if newest else "0-0"
 
 
 def request_weights(

@@ -10,12 +10,18 @@ each script checks what could fail before its first write.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
 def section(items: list[Any]) -> list[Any]:
     """A section of a script's arguments: its length, then its items."""
     return [len(items), *items]
+
+
+def fields(mapping: Mapping[Any, Any]) -> list[Any]:
+    """A section of a mapping's field/value pairs, flattened (what ``HSET`` and ``XADD`` take)."""
+    return section([x for pair in mapping.items() for x in pair])
 
 
 # A model's commit of one batch (see worker/state.py). The lease and version checks happen inside
@@ -54,15 +60,18 @@ local function section()
   i = i + 1 + n
   return i - n, i - 1
 end
+local function keyed()  -- a stream's KEYS index, then a section
+  local stream = KEYS[tonumber(ARGV[i])]
+  i = i + 1
+  return stream, section()
+end
 local checkpoint_first, checkpoint_last = section()
 local memory_first, memory_last = section()
 local acks = {}
 local n_acks = tonumber(ARGV[i])
 i = i + 1
 for a = 1, n_acks do
-  local stream = KEYS[tonumber(ARGV[i])]
-  i = i + 1
-  local first, last = section()
+  local stream, first, last = keyed()
   local ok = redis.pcall('XPENDING', stream, group)
   if type(ok) == 'table' and ok.err then
     return redis.error_reply('NOGROUP ' .. stream .. ' has no consumer group ' .. group)
@@ -89,9 +98,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 local n_messages = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, n_messages do
-  local stream = KEYS[tonumber(ARGV[i])]
-  i = i + 1
-  local first, last = section()
+  local stream, first, last = keyed()
   redis.call('XADD', stream, trim, '~', threshold, '*', unpack(ARGV, first, last))
 end
 return 'OK'

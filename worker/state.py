@@ -170,12 +170,11 @@ class ModelStore:
         def key(stream: str) -> int:
             return streams.setdefault(stream, len(streams) + 4)
 
-        trim = StreamTrim.of(maxlen).xadd_args()
-        threshold = ["MINID", trim["minid"]] if "minid" in trim else ["MAXLEN", trim["maxlen"]]
-        args: list[Any] = [token, int(ttl * 1000), counters.version, *threshold, group]
+        trim = StreamTrim.of(maxlen).threshold()
+        args: list[Any] = [token, int(ttl * 1000), counters.version, *trim, group]
         state = {"meta": meta, "version": counters.version + 1, **(checkpoint or {})}
-        args += scripts.section([x for pair in state.items() for x in pair])
-        args += scripts.section([x for pair in memory.items() for x in pair])
+        args += scripts.fields(state)
+        args += scripts.fields(memory)
         acks = {stream: ids for stream, ids in acks.items() if ids}
         args.append(len(acks))
         for stream, ids in acks.items():
@@ -187,7 +186,7 @@ class ModelStore:
                 raise ValueError(
                     f"a message for {stream} has {len(fields)} fields (1 to {scripts.MAX_MESSAGE_FIELDS})"
                 )
-            args += [key(stream), *scripts.section([x for pair in fields.items() for x in pair])]
+            args += [key(stream), *scripts.fields(fields)]
         keys = [self.lease_key, self.checkpoint_key, self.memory_key, *streams]
         try:
             self._commit_script(keys=keys, args=args, client=self.redis)

@@ -30,9 +30,14 @@ class StreamTrim:
         """A bare integer is a MAXLEN (what writers passed before there was a choice)."""
         return value if isinstance(value, StreamTrim) else cls("maxlen", maxlen=int(value))
 
-    def xadd_args(self, now: float | None = None) -> dict[str, Any]:
-        """Keyword arguments of redis-py's ``xadd``; ``now`` (unix seconds) defaults to the clock."""
+    def threshold(self, now: float | None = None) -> tuple[Literal["MAXLEN", "MINID"], int | str]:
+        """``XADD``'s trimming strategy and threshold; ``now`` (unix seconds) defaults to the clock."""
         if self.policy == "maxlen":
-            return {"maxlen": self.maxlen, "approximate": True}
+            return "MAXLEN", self.maxlen
         now_ms = int((time.time() if now is None else now) * 1000)
-        return {"minid": f"{max(0, now_ms - self.min_age_ms)}-0", "approximate": True}
+        return "MINID", f"{max(0, now_ms - self.min_age_ms)}-0"
+
+    def xadd_args(self, now: float | None = None) -> dict[str, Any]:
+        """Keyword arguments of redis-py's ``xadd``."""
+        strategy, threshold = self.threshold(now)
+        return {strategy.lower(): threshold, "approximate": True}

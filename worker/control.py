@@ -20,7 +20,8 @@ from pydantic import Field
 from tqdm import tqdm
 
 from worker import evolution, logs
-from worker.connections import last_id
+from worker.aggregator import GROUP as AGGREGATOR_GROUP
+from worker.connections import last_id, text
 from worker.evolution import EvolutionSettings
 from worker.protocol import Encoding, ProtocolError, Streams, decode_entry, encode_entry
 from worker.settings import CommonSettings
@@ -114,8 +115,8 @@ def wait_for_loop(
     deadline = time.monotonic() + timeout
     while True:
         groups = client.xinfo_groups(streams.logits) if client.exists(streams.logits) else []
-        aggregator = any(g["name"] in (b"aggregator", "aggregator") for g in groups)
-        ready = [client.hget(streams.key("runner", r), "ready") for r in runners]
+        aggregator = any(text(g["name"]) == AGGREGATOR_GROUP for g in groups)
+        ready = [client.hget(streams.runner_key(r), "ready") for r in runners]
         if aggregator and all(t is not None and float(t) >= since for t in ready):
             return
         if time.monotonic() > deadline:

@@ -196,7 +196,7 @@ class EnvRunner:
         """Fix where commands are read from: only commands sent after this are obeyed."""
         self.control_cursor = last_id(self.redis, self.streams.control)
         s = self.settings
-        self.redis.hset(self.streams.key("runner", s.runner_id), "ready", time.time())  # for control
+        self.redis.hset(self.streams.runner_key(s.runner_id), "ready", time.time())  # for control
         log.info("ready", runner_id=s.runner_id, env=s.gym_env, n_envs=s.n_envs, seed=s.seed)
 
     def serve(self) -> None:
@@ -336,7 +336,7 @@ class EnvRunner:
         keys = [
             self.streams.status,
             self.streams.observation,
-            self.streams.key("runner", self.settings.runner_id),
+            self.streams.runner_key(self.settings.runner_id),
         ]
         ids = self._publish_script(keys=keys, args=args, client=self.redis)[len(statuses) :]
         for slot, obs_id in zip(ready, ids, strict=True):

@@ -98,6 +98,10 @@ class Streams:
     def model_key(self, component_id: str, *parts: str) -> str:
         return self.key("model", component_id, *parts)
 
+    def runner_key(self, runner_id: str) -> str:
+        """Hash of an environment runner: ``ready`` (unix time it started), its last round published."""
+        return self.key("runner", runner_id)
+
     @staticmethod
     def group(component_id: str) -> str:
         """The consumer group of one model: every model sees every entry."""

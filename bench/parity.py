@@ -29,12 +29,12 @@ from worker.demo import DemoSettings, train_swarm
 TARGET, EVAL_EPISODES = 475.0, 20
 
 
-def sb3_curve(seed: int, n_envs: int, steps_per_round: int, max_rounds: int) -> list[RoundResult]:
+def sb3_a2c(seed: int, n_envs: int) -> A2C:
+    """SB3's A2C with the tutorial's hyper-parameters, on ``n_envs`` CartPole-v1 environments."""
     torch.set_num_threads(1)  # as the model worker: small nets run best on one thread
-    env = make_vec_env("CartPole-v1", n_envs=n_envs, seed=seed)
-    model = A2C(
+    return A2C(
         "MlpPolicy",
-        env,
+        make_vec_env("CartPole-v1", n_envs=n_envs, seed=seed),
         n_steps=5,
         learning_rate=7e-4,
         gamma=0.99,
@@ -48,6 +48,10 @@ def sb3_curve(seed: int, n_envs: int, steps_per_round: int, max_rounds: int) -> 
         device="cpu",
         policy_kwargs={"net_arch": {"pi": [16, 16], "vf": [16, 16]}},
     )
+
+
+def sb3_curve(seed: int, n_envs: int, steps_per_round: int, max_rounds: int) -> list[RoundResult]:
+    model = sb3_a2c(seed, n_envs)
     eval_env = gym.make("CartPole-v1")
     curve: list[RoundResult] = []
     started, train_seconds = time.monotonic(), 0.0

@@ -17,8 +17,9 @@ of every stream, and the number of environments in the worker's memory hash. At 
 warm-up (the first report) against the last, and the longest each stream got.
 
 ``--rotate-envs N`` renames the environments every N rounds (environment runners that come and go
-with new ENV_IDs): the per-environment memory then grows by one entry per new ENV_ID, by design
-(see the report).
+with new ENV_IDs): the worker's memory then holds every environment heard of in the last
+``--memory-ttl`` seconds (a worker option: ``-- --memory-ttl 2``; default an hour), and forgets the
+others.
 """
 
 from __future__ import annotations

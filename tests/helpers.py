@@ -11,13 +11,15 @@ import redis
 from worker.model import ModelWorker
 
 
-def xadd(client: redis.Redis, stream: str, message: dict[str, Any], encoding: str = "json") -> str:
-    """Publish ``message`` the way an environment or ``redis-cli`` would."""
+def xadd(
+    client: redis.Redis, stream: str, message: dict[str, Any], encoding: str = "json", entry_id: str = "*"
+) -> str:
+    """Publish ``message`` the way an environment or ``redis-cli`` would (``entry_id``: an explicit ID)."""
     if encoding == "msgpack":
         fields = {"data": msgpack.packb(message, use_bin_type=True)}
     else:
         fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in message.items()}
-    return client.xadd(stream, fields).decode()
+    return client.xadd(stream, fields, id=entry_id).decode()
 
 
 def read(client: redis.Redis, stream: str) -> list[tuple[str, dict[str, Any]]]:

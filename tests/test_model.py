@@ -193,3 +193,41 @@ def test_restart_resumes_from_redis(real_redis, settings: ModelSettings) -> None
     xadd(real_redis, "rl:observation", {"OBSERVATION": [3, 0, 0, 0], "REWARD": 1.0, "ACTION": 0})
     drain(second)
     assert second.counters.transitions == 3 and len(second.memories["default"].rollout) == 1
+
+
+def test_silent_environments_are_forgotten(real_redis, settings: ModelSettings) -> None:
+    """An environment silent for ``memory_ttl`` seconds of stream time (entry IDs) leaves the model's
+    memory, in Redis too, with its unfinished rollout; if it comes back, it starts a new chain."""
+    settings = settings.model_copy(update={"memory_ttl": 10.0})
+    worker = ModelWorker(settings, real_redis)
+    worker.start()
+
+    def publish(env: str, ms: int, t: int) -> None:
+        step = {"REWARD": 1.0, "ACTION": 0} if t else {}
+        xadd(real_redis, "rl:observation", {"OBSERVATION": OBS, "ENV_ID": env, **step}, entry_id=f"{ms}-0")
+
+    for t, ms in enumerate((1_000, 2_000, 3_000)):
+        publish("gone", ms, t)
+    publish("stays", 3_001, 0)
+    drain(worker)
+    assert set(real_redis.hkeys("rl:model:m1:memory")) == {b"gone", b"stays"}
+
+    publish("stays", 12_000, 1)  # 9 s after "gone" was last heard of: not yet
+    drain(worker)
+    assert "gone" in worker.memories and worker.counters.forgotten == 0
+    publish("stays", 16_000, 2)  # 13 s after (the model looks every quarter of the TTL)
+    drain(worker)
+    assert set(worker.memories) == {"stays"}
+    assert real_redis.hkeys("rl:model:m1:memory") == [b"stays"]
+    assert worker.counters.forgotten == 1 and worker.counters.dropped == 2  # its 2 unfinished transitions
+    worker.shutdown()
+
+    again = ModelWorker(settings, real_redis)  # the forgetting was committed: a successor agrees
+    again.start()
+    assert set(again.memories) == {"stays"} and again.counters == worker.counters
+    assert real_redis.hget("rl:model:m1:info", "envs") == b"1"  # as the heartbeat tells it
+    transitions = again.counters.transitions
+    publish("gone", 17_000, 3)  # back, with the REWARD of an action the model no longer remembers
+    drain(again)
+    assert [r["ENV_ID"] for _, r in read(real_redis, "rl:logits")][-1] == "gone"  # answered
+    assert again.counters.transitions == transitions and again.memories["gone"].rollout == []

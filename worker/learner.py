@@ -46,6 +46,7 @@ class Learner:
         self.counters = Counters()
         self.paused_until = 0.0  # unix time; training is paused between an evolution GET and SET
         self.last_buffer: RolloutBuffer | None = None  # what the latest update trained on
+        self._next_sweep_ms = 0  # stream time of the next look for silent environments
 
     # ----------------------------------------------------------------- acting and learning
 
@@ -112,6 +113,23 @@ class Learner:
         log.debug("update", updates=self.counters.updates, **vars(stats))
         return True
 
+    def forget_silent(self, now_ms: int) -> list[str]:
+        """Forget the environments silent for ``memory_ttl`` seconds before ``now_ms`` (stream time,
+        so a backlog read late is judged by when it was published); their unfinished rollouts are
+        dropped. Looks at most every quarter of the TTL, so a batch rarely pays for a scan.
+
+        :return: the environments forgotten
+        """
+        if now_ms < self._next_sweep_ms:
+            return []
+        ttl_ms = int(self.settings.memory_ttl * 1000)
+        self._next_sweep_ms = now_ms + max(ttl_ms // 4, 1)
+        silent = [env for env, memory in self.memories.items() if memory.seen_ms < now_ms - ttl_ms]
+        for env in silent:
+            self.counters.dropped += len(self.memories.pop(env).rollout)
+        self.counters.forgotten += len(silent)
+        return silent
+
     # ----------------------------------------------------------------- evolution
 
     def paused(self) -> bool:
@@ -141,10 +159,12 @@ class Learner:
         if snapshot.policy is None:
             self.policy = make_policy(self.settings)
             self.counters, self.paused_until, self.memories = Counters(), 0.0, {}
+            self._next_sweep_ms = 0
             return False
         self.policy.load_state_dict(unpack_state(snapshot.policy))
         if snapshot.optimizer is not None:
             self.policy.optimizer.load_state_dict(unpack_state(snapshot.optimizer))
         self.counters, self.paused_until = snapshot.counters, snapshot.paused_until
+        self._next_sweep_ms = 0
         self.memories = {env: EnvMemory.unpack(blob) for env, blob in snapshot.memory.items()}
         return True

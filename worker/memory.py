@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
+from worker.connections import split_id
 from worker.protocol import Observation
 
 
@@ -50,6 +51,7 @@ class EnvMemory:
     log_probs: np.ndarray  # log pi(a | obs) for every action a
     episode_start: bool
     deterministic: bool
+    seen_ms: int  # stream time (entry-ID milliseconds) of ``obs``: when this environment was last heard of
     rollout: list[Transition] = field(default_factory=list)
 
     def pack(self) -> bytes:
@@ -62,6 +64,7 @@ class EnvMemory:
                 self.log_probs.astype("<f4").tobytes(),
                 self.episode_start,
                 self.deterministic,
+                self.seen_ms,
                 b"".join(t.obs.astype("<f4").tobytes() for t in r),
                 [[t.action, t.reward, t.episode_start, t.value, t.log_prob] for t in r],
             ],
@@ -70,12 +73,18 @@ class EnvMemory:
 
     @classmethod
     def unpack(cls, blob: bytes) -> EnvMemory:
-        obs, shape, value, log_probs, start, deterministic, rollout_obs, rows = msgpack.unpackb(blob)
+        obs, shape, value, log_probs, start, deterministic, seen_ms, rollout_obs, rows = msgpack.unpackb(blob)
         obs_array = np.frombuffer(obs, "<f4").reshape(shape)
         obs_rows = np.frombuffer(rollout_obs, "<f4").reshape((len(rows), *shape))
         rollout = [Transition(o.copy(), *row) for o, row in zip(obs_rows, rows, strict=True)]
         return cls(
-            obs_array.copy(), value, np.frombuffer(log_probs, "<f4").copy(), start, deterministic, rollout
+            obs_array.copy(),
+            value,
+            np.frombuffer(log_probs, "<f4").copy(),
+            start,
+            deterministic,
+            seen_ms,
+            rollout,
         )
 
 
@@ -136,5 +145,6 @@ def observe(
         dropped, rollout = len(rollout), []
     # An environment seen for the first time, or restarted without REWARD, starts an episode.
     episode_start = obs.done or obs.reward is None
-    new = EnvMemory(obs.observation, value, log_probs, episode_start, obs.deterministic, rollout)
+    seen_ms = split_id(obs.entry_id)[0]
+    new = EnvMemory(obs.observation, value, log_probs, episode_start, obs.deterministic, seen_ms, rollout)
     return new, StepResult(recorded, segment, dropped)

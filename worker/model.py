@@ -24,7 +24,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from worker import logs, reclaim
-from worker.connections import ensure_group, text
+from worker.connections import ensure_group, split_id, text
 from worker.learner import Learner
 from worker.memory import EnvMemory
 from worker.protocol import (
@@ -55,8 +55,8 @@ def _order(entry: Entry, command_stream: str) -> tuple[int, bool, int]:
     Sequence numbers count within one stream only, so across streams the millisecond is all
     the order there is.
     """
-    ms, _, seq = entry[1].partition("-")
-    return int(ms), entry[0] != command_stream, int(seq or 0)
+    ms, seq = split_id(entry[1])
+    return ms, entry[0] != command_stream, seq
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Outbox:
     messages: list[tuple[str, dict]] = field(default_factory=list)
     acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     touched_envs: set[str] = field(default_factory=set)
+    forgotten_envs: list[str] = field(default_factory=list)
     weights_changed: bool = False
 
 
@@ -253,6 +254,7 @@ class ModelWorker:
                     "version": self.counters.version,
                     "updates": self.counters.updates,
                     "paused": int(self.learner.paused()),
+                    "envs": len(self.memories),
                     "reconnects": self.outages.reconnects,
                 }
             )
@@ -337,6 +339,8 @@ class ModelWorker:
             except ProtocolError as exc:
                 self._reject(outbox, entry, str(exc))
         self._step(run, outbox)
+        if entries:  # sorted: the last one is the newest
+            outbox.forgotten_envs = self.learner.forget_silent(split_id(entries[-1][1])[0])
         return outbox
 
     def _step(self, run: list[Observation], outbox: Outbox) -> None:
@@ -389,12 +393,13 @@ class ModelWorker:
             self.settings.lease_ttl,
             learner.counters,
             learner.paused_until,
-            {env: learner.memories[env].pack() for env in outbox.touched_envs},
+            {env: learner.memories[env].pack() for env in outbox.touched_envs if env in learner.memories},
             learner.checkpoint() if outbox.weights_changed else None,
             outbox.messages,
             outbox.acks,
             self.group,
             self.settings.trimming,
+            outbox.forgotten_envs,
         )
 
     # ----------------------------------------------------------------- views of the learner's state

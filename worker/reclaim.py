@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker.connections import text
+from worker.connections import split_id, text
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def claim(
             break
     if not entries:
         return []
-    ids = sorted(entries, key=_order)
+    ids = sorted(entries, key=split_id)
     # The consumer may hold younger entries of its own between these bounds: leave room for them.
     pending = client.xpending_range(stream, group, ids[0], ids[-1], 2 * len(ids) + 100, consumer)
     deliveries = {text(info["message_id"]): info["times_delivered"] for info in pending}
@@ -59,8 +59,3 @@ def triage(entries: list[Claimed], max_deliveries: int) -> tuple[list[Claimed], 
     buried = [e for e in entries if e.deliveries > max_deliveries]
     suspects = {e.entry_id for e in entries if suspect_after < e.deliveries <= max_deliveries}
     return buried, suspects
-
-
-def _order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

@@ -33,8 +33,9 @@ def fields(mapping: Mapping[Any, Any]) -> list[Any]:
 # KEYS: lease, checkpoint, memory, then every stream written or acknowledged.
 # ARGV: token, lease ttl (ms), version the state grew from, trim (MAXLEN|MINID), trim threshold,
 #   group, then sections, each a count and its items: checkpoint field/value pairs; memory
-#   field/value pairs; acks: per stream its KEYS index and a section of entry IDs; messages: per
-#   message its stream's KEYS index and a section of field/value pairs.
+#   field/value pairs; memory fields to delete (environments forgotten); acks: per stream its KEYS
+#   index and a section of entry IDs; messages: per message its stream's KEYS index and a section
+#   of field/value pairs.
 MAX_MESSAGE_FIELDS = 1000  # field/value pairs per XADD (one unpack of twice as many values)
 COMMIT = """
 local CHUNK = 1000  -- values per unpack(); even, so field/value pairs are never split
@@ -67,6 +68,7 @@ local function keyed()  -- a stream's KEYS index, then a section
 end
 local checkpoint_first, checkpoint_last = section()
 local memory_first, memory_last = section()
+local forget_first, forget_last = section()
 local acks = {}
 local n_acks = tonumber(ARGV[i])
 i = i + 1
@@ -78,6 +80,23 @@ for a = 1, n_acks do
   end
   acks[a] = {stream, first, last}
 end
+local messages = {}
+local n_messages = tonumber(ARGV[i])
+i = i + 1
+for m = 1, n_messages do messages[m] = {keyed()} end
+-- Inside a script the user's ACL is checked command by command: a user denied one (an ACL older
+-- than this script) would stop it halfway, after its first writes. Ask before writing (Redis 7
+-- can tell; older servers and fakeredis cannot).
+local function deny(command, ...)
+  if redis.acl_check_cmd and not redis.acl_check_cmd(command, ...) then
+    return redis.error_reply('NOPERM this user may not run ' .. command .. ' on ' .. ...)
+  end
+end
+local denied = deny('HSET', KEYS[2], 'f', 'v') or deny('HSET', KEYS[3], 'f', 'v')
+  or deny('PEXPIRE', KEYS[1], '1') or (forget_last >= forget_first and deny('HDEL', KEYS[3], 'f'))
+for _, ack in ipairs(acks) do denied = denied or deny('XACK', ack[1], group, '0-1') end
+for _, message in ipairs(messages) do denied = denied or deny('XADD', message[1], '*', 'f', 'v') end
+if denied then return denied end
 -- Every check passed: write. XACK and HSET go in chunks, which changes nothing: they add up.
 local function chunked(first, last, command, ...)
   for from = first, last, CHUNK do
@@ -93,12 +112,11 @@ end
 -- nothing more.
 chunked(checkpoint_first, checkpoint_last, 'HSET', KEYS[2])
 chunked(memory_first, memory_last, 'HSET', KEYS[3])
+chunked(forget_first, forget_last, 'HDEL', KEYS[3])
 for _, ack in ipairs(acks) do chunked(ack[2], ack[3], 'XACK', ack[1], group) end
 redis.call('PEXPIRE', KEYS[1], ttl)
-local n_messages = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, n_messages do
-  local stream, first, last = keyed()
+for _, message in ipairs(messages) do
+  local stream, first, last = unpack(message)
   redis.call('XADD', stream, trim, '~', threshold, '*', unpack(ARGV, first, last))
 end
 return 'OK'

@@ -88,6 +88,12 @@ class ModelSettings(CommonSettings, A2CSettings):
     max_entry_bytes: int = Field(4 << 20, gt=0, description="larger entries are dead-lettered unread")
     evolution_timeout: float = Field(60.0, gt=0, description="seconds after a GET until training resumes")
     train_deterministic: bool = Field(False, description="also train on DETERMINISTIC (evaluation) steps")
+    memory_ttl: float = Field(
+        3600.0,
+        gt=0,
+        description="forget an environment after this many seconds (up to a quarter more) without an"
+        " observation, by entry-ID time; its unfinished rollout is dropped",
+    )
     lease_ttl: float = Field(5.0, gt=0, description="seconds a dead worker's lease blocks its successor")
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between registry heartbeats")
     claim_idle_ms: int = Field(

@@ -5,6 +5,7 @@ Keys, all under ``<prefix>:model:<COMPONENT_ID>``:
 - ``:checkpoint`` hash: ``policy`` and ``optimizer`` (msgpack state dicts), ``meta`` (counters, pause),
   ``version`` (commits so far)
 - ``:memory`` hash: one field per ENV_ID, that environment's :class:`~worker.memory.EnvMemory`
+  (deleted once the environment has been silent for ``--memory-ttl`` seconds)
 - ``:lease`` string: the consumer allowed to commit; it expires when its worker dies
 
 Why one atomic commit per batch: the batch's replies, the memory it changed, the checkpoint it
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ class LostLease(RuntimeError):
 
 class CommitRefused(RuntimeError):
     """Redis refused a commit before writing anything (a key of the wrong type, a consumer group
-    gone, out of memory): nothing changed; retry after a pause."""
+    gone, out of memory, a command the ACL user may not run): nothing changed; retry after a pause."""
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Counters:
     updates: int = 0  # A2C gradient steps
     commands: int = 0  # evolution commands applied
     dead: int = 0  # entries dead-lettered
+    forgotten: int = 0  # environments forgotten after memory_ttl seconds without an observation
 
 
 @dataclass
@@ -150,6 +152,7 @@ class ModelStore:
         acks: Mapping[str, list[str]],
         group: str,
         maxlen: int | StreamTrim,
+        forget: Collection[str] = (),
     ) -> None:
         """Apply one batch atomically (one script, one round trip), or raise :class:`LostLease` and
         change nothing: when another consumer holds the lease, or the stored checkpoint is not the
@@ -161,6 +164,7 @@ class ModelStore:
         :param messages: (stream, fields) to XADD: replies, weights, dead letters
         :param acks: stream -> entry IDs this batch consumed
         :param maxlen: how the streams written are trimmed: a :class:`StreamTrim`, or an approximate MAXLEN
+        :param forget: environments whose memory is deleted
         """
         meta = msgpack.packb(
             {**asdict(counters), "version": counters.version + 1, "paused_until": paused_until}
@@ -175,6 +179,7 @@ class ModelStore:
         state = {"meta": meta, "version": counters.version + 1, **(checkpoint or {})}
         args += scripts.fields(state)
         args += scripts.fields(memory)
+        args += scripts.section(list(forget))
         acks = {stream: ids for stream, ids in acks.items() if ids}
         args.append(len(acks))
         for stream, ids in acks.items():
@@ -193,7 +198,8 @@ class ModelStore:
         except redis.ResponseError as exc:
             if str(exc).startswith(("LOSTLEASE", "STALE")):
                 raise LostLease(f"{self.component_id}: {exc}") from None
-            refused = isinstance(exc, redis.exceptions.OutOfMemoryError)  # redis-py drops the OOM prefix
+            # redis-py drops the OOM and NOPERM prefixes, making them classes
+            refused = isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.NoPermissionError))
             if refused or str(exc).startswith(("WRONGTYPE", "NOGROUP")):  # refused before any write
                 raise CommitRefused(f"{self.component_id}: {exc}") from None
             raise

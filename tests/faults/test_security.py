@@ -25,6 +25,8 @@ import redis
 
 from tests.helpers import read, xadd
 from worker.connections import embedded_redis, free_port
+from worker.protocol import Streams
+from worker.state import CommitRefused, Counters, ModelStore
 
 pytestmark = [pytest.mark.redis_server, pytest.mark.slow]
 
@@ -176,9 +178,10 @@ def test_least_privilege_user(private_redis) -> None:
     admin.xreadgroup("model:m1", "dead-consumer", {"rl:observation": ">"})
     admin.execute_command("ACL", "LOG", "RESET")
 
-    proc = start_worker(user_url, "--n-steps", "2")
+    proc = start_worker(user_url, "--n-steps", "2", "--memory-ttl", "1")
     try:
         wait_for(lambda: admin.xlen("rl:logits") >= 3, proc, "the orphaned entries")
+        time.sleep(1.3)  # the orphans' environments fall silent: the next batch forgets them (HDEL)
         ids = [xadd(admin, "rl:observation", {"OBSERVATION": OBS, "ENV_ID": "e"})]
         for step in range(6):  # three segments of two transitions: training
             message = {
@@ -204,6 +207,7 @@ def test_least_privilege_user(private_redis) -> None:
     answered = [r["OBS_ID"] for _, r in read(admin, "rl:logits")]
     assert sorted(answered) == sorted(orphans + ids)
     assert admin.xlen("rl:dead") == 1
+    assert admin.hkeys("rl:model:m1:memory") == [b"e"]
     assert read(admin, "rl:weights")[1][1]["ACK"] == "SET"
     assert admin.zscore("rl:models", "m1") is None and not admin.exists("rl:model:m1:lease")
     assert admin.xpending("rl:observation", "model:m1")["pending"] == 0
@@ -257,6 +261,39 @@ def test_least_privilege_user_with_a_cluster_prefix(private_redis) -> None:
     admin.execute_command("ACL", "LOG", "RESET")
     serve_one_observation(f"redis://rl-model:{PASSWORD}@127.0.0.1:{port_of(url)}/0", admin, prefix="{rl}")
     assert [e for e in admin.acl_log() if e.get("username") in ("rl-model", b"rl-model")] == []
+
+
+@pytest.mark.parametrize("missing", ["+hdel", "+xack", "+xadd"])
+def test_a_user_short_of_a_command_is_refused_before_any_write(private_redis, missing: str) -> None:
+    """An ACL user older than the worker (here, without ``missing``) cannot stop a commit halfway
+    (Redis checks a script's commands one by one): the commit asks first and is refused whole."""
+    url, admin = private_redis
+    admin.execute_command(*[word for word in acl_setuser() if word != missing])
+    user = redis.Redis.from_url(f"redis://rl-model:{PASSWORD}@127.0.0.1:{port_of(url)}/0")
+    admin.xgroup_create("rl:observation", "model:m1", id="0", mkstream=True)
+    entry = admin.xadd("rl:observation", {"OBSERVATION": "[0,0,0,0]"}).decode()
+    user.xreadgroup("model:m1", "me", {"rl:observation": ">"})
+    admin.hset("rl:model:m1:memory", "old", b"m")
+    store = ModelStore(user, Streams("rl"), "m1")
+    assert store.acquire("me", 5.0) is None
+    command = missing.lstrip("+").upper()
+    with pytest.raises(CommitRefused, match=f"may not run {command}"):
+        store.commit(
+            "me",
+            5.0,
+            Counters(),
+            0.0,
+            {"e": b"m"},
+            {"policy": b"p"},
+            [("rl:logits", {"OBS_ID": entry})],
+            {"rl:observation": [entry]},
+            "model:m1",
+            100,
+            forget=["old"],
+        )
+    assert not admin.exists("rl:model:m1:checkpoint") and not admin.exists("rl:logits")
+    assert admin.hgetall("rl:model:m1:memory") == {b"old": b"m"}
+    assert admin.xpending("rl:observation", "model:m1")["pending"] == 1
 
 
 # --------------------------------------------------------------------------- TLS

@@ -251,6 +251,32 @@ def test_control_stream_commands_and_dead_letters(real_redis, env_settings, scri
     assert "EPISODES or STEPS" in reasons[3] and "msgpack" in reasons[4]
 
 
+def test_stop_aborts_the_run_in_progress(real_redis, env_settings, scripted) -> None:
+    """A STOP sent during a run wakes the runner from its wait for actions: the run ends with an
+    ERROR report and the runner exits; a command queued behind the run is not obeyed."""
+    runner = EnvRunner(env_settings.model_copy(update={"action_timeout": 60.0}), real_redis)
+    runner.start()
+    scripted(lambda *_: None)  # never answers: the run waits for its first actions
+    xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "stuck", "STEPS": 100})
+
+    def stop_when_waiting() -> None:
+        while not real_redis.exists("rl:observation"):
+            time.sleep(0.01)
+        xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "queued", "STEPS": 1})
+        xadd(real_redis, "rl:control", {"CMD": "STOP"})
+
+    threading.Thread(target=stop_when_waiting, daemon=True).start()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        runner.serve()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert statuses(real_redis) == [
+        {"EVENT": "run", "RUN_ID": "stuck", "RUNNER_ID": "env", "ERROR": "runner stopping"}
+    ]
+
+
 def test_models_aggregator_and_runner_play_cartpole_together(real_redis, settings, env_settings) -> None:
     """Two real model workers, the aggregator and the runner: every observation gets its action."""
     from worker.aggregator import Aggregator, AggregatorSettings

@@ -4,6 +4,9 @@ Commands arrive on ``<prefix>:control`` (plain XREAD: every runner obeys every c
 
     {CMD: "RUN", RUN_ID: str, EPISODES: int?, STEPS: int?, DETERMINISTIC: bool?}    {CMD: "STOP"}
 
+A STOP sent during a run aborts it (the runner watches the control stream while it waits for
+actions); commands queued before the run started wait their turn.
+
 A run publishes ``{OBSERVATION, ENV_ID, DETERMINISTIC}`` per environment on ``<prefix>:observation``
 and steps each environment with the action whose ``OBS_ID`` is that observation's entry ID. Later
 messages also carry ``REWARD`` and ``ACTION`` of the step that led to them; ``DONE: true`` when that
@@ -27,14 +30,12 @@ mean (``null`` if no episode ended).
 
 from __future__ import annotations
 
-import math
 import reprlib
 import signal
 import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import gymnasium as gym
@@ -44,6 +45,7 @@ from pydantic import Field
 
 from worker import logs, scripts
 from worker.connections import last_id
+from worker.episodes import Progress, Slot
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
 from worker.settings import CommonSettings
 
@@ -83,80 +85,6 @@ def parse_run(message: Mapping[str, Any]) -> tuple[str, int | None, int | None, 
     return str(run_id), targets[0], targets[1], bool(deterministic)
 
 
-def _vector(array: Any) -> list[float]:
-    return np.asarray(array, dtype=np.float64).tolist()
-
-
-@dataclass
-class Slot:
-    """One gymnasium environment and where its message chain stands."""
-
-    env_id: str
-    env: gym.Env
-    deterministic: bool
-    seed: int | None
-    pending: dict[str, Any] | None = None  # the next message to publish (carried over between runs)
-    obs_id: str | None = None  # the published observation still waiting for its action
-    ret: float = 0.0
-    length: int = 0
-
-    def reset(self, seed: int | None = None) -> None:
-        """Start a fresh episode; its message has no REWARD, so a model starts a new chain."""
-        obs, _ = self.env.reset(seed=seed)
-        self.ret, self.length, self.obs_id = 0.0, 0, None
-        self.pending = self.message(obs)
-
-    def message(self, obs: Any) -> dict[str, Any]:
-        return {"OBSERVATION": _vector(obs), "ENV_ID": self.env_id, "DETERMINISTIC": self.deterministic}
-
-    def step(self, action: int) -> tuple[float, int] | None:
-        """Apply ``action`` and build the next message; ``(return, length)`` if the episode ended."""
-        obs, reward, terminated, truncated, _ = self.env.step(action)
-        self.ret, self.length, self.obs_id = self.ret + float(reward), self.length + 1, None
-        ended = None
-        if terminated or truncated:
-            ended = (self.ret, self.length)
-            self.reset()
-            assert self.pending is not None
-            self.pending["DONE"] = True
-            if truncated and not terminated:  # a time limit: the model bootstraps from the final obs
-                self.pending.update(TRUNCATED=True, TERMINAL_OBSERVATION=_vector(obs))
-        else:
-            self.pending = self.message(obs)
-        self.pending.update(REWARD=float(reward), ACTION=int(action))
-        return ended
-
-
-@dataclass
-class Progress:
-    """A run's target and what it achieved so far."""
-
-    run: dict[str, str]  # RUN_ID and RUNNER_ID, for the status entries
-    episodes: int | None
-    steps: int | None
-    quota: dict[str, int]  # evaluation: the most episodes each env may end
-    returns: list[float] = field(default_factory=list)
-    ended: dict[str, int] = field(default_factory=dict)
-    taken: int = 0
-
-    def ready(self, slots: list[Slot]) -> list[Slot]:
-        """The envs to publish next: those still wanted, but not more than the steps left."""
-        if self.episodes is not None and len(self.returns) >= self.episodes:
-            return []
-        room = len(slots) if self.steps is None else self.steps - self.taken
-        under_quota = [s for s in slots if self.ended.get(s.env_id, 0) < self.quota.get(s.env_id, math.inf)]
-        return [s for s in under_quota if s.pending is not None][: max(room, 0)]
-
-    def record(self, slot: Slot, action: int) -> dict[str, Any] | None:
-        """Step ``slot``; the status entry of the episode it ended, if it did."""
-        self.taken += 1
-        if (ended := slot.step(action)) is None:
-            return None
-        self.returns.append(ended[0])
-        self.ended[slot.env_id] = self.ended.get(slot.env_id, 0) + 1
-        return {"EVENT": "episode", **self.run, "ENV_ID": slot.env_id, "RETURN": ended[0], "LENGTH": ended[1]}
-
-
 class RunAborted(RuntimeError):
     """A run cannot finish: an action timed out or the runner is stopping."""
 
@@ -177,6 +105,7 @@ class EnvRunner:
         self._unreported: tuple[dict[str, Any], Encoding] | None = None  # a run Redis cut short
         self._publish_script = client.register_script(scripts.PUBLISH)
         self._incarnation, self._round = uuid.uuid4().hex[:12], 0  # names each publish, see scripts.PUBLISH
+        self._control_peek = "0-0"  # the last control entry looked at during a run
         s = settings
 
         def make(name: str, k: int, deterministic: bool) -> Slot:
@@ -200,7 +129,7 @@ class EnvRunner:
         log.info("ready", runner_id=s.runner_id, env=s.gym_env, n_envs=s.n_envs, seed=s.seed)
 
     def serve(self) -> None:
-        """Obey commands until STOP, SIGTERM or SIGINT (a signal also aborts the run in progress)."""
+        """Obey commands until STOP, SIGTERM or SIGINT; each also aborts the run in progress."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self.stop)
@@ -288,6 +217,8 @@ class EnvRunner:
             quota = {s.env_id: (episodes + k) // len(slots) for k, s in enumerate(slots)}
         progress = Progress({"RUN_ID": run_id, "RUNNER_ID": self.settings.runner_id}, episodes, steps, quota)
         cursor = last_id(self.redis, self.streams.action)  # before publishing: no answer is missed
+        # A STOP sent from now on aborts the run; commands queued before it wait their turn in serve().
+        self._control_peek = last_id(self.redis, self.streams.control)
         statuses: list[dict[str, Any]] = []
         log.info("run", run_id=run_id, episodes=episodes, steps=steps, deterministic=deterministic)
         try:
@@ -344,6 +275,7 @@ class EnvRunner:
 
     def _read_actions(self, cursor: str, ready: list[Slot]) -> tuple[str, list[tuple[Slot, int]]]:
         """Block until the observations of ``ready`` are all answered; others' actions are skipped.
+        A STOP on the control stream wakes it and aborts the run.
 
         :param cursor: the action stream's last ID read (or seen before these were published)
         """
@@ -359,13 +291,28 @@ class EnvRunner:
                 timeout = self.settings.action_timeout
                 raise RunAborted(f"no action for observation {late.obs_id} of {late.env_id} in {timeout}s")
             block = max(1, min(self.settings.block_ms, int(left * 1000)))
-            for _, items in self.redis.xread({self.streams.action: cursor}, count=1000, block=block) or []:
+            watched = {self.streams.action: cursor, self.streams.control: self._control_peek}
+            for stream, items in self.redis.xread(watched, count=1000, block=block) or []:
                 for entry_id, fields in items:
+                    if stream.decode() == self.streams.control:
+                        self._control_peek = entry_id.decode()
+                        self._watch_control(fields or {})
+                        continue
                     cursor = entry_id.decode()
                     if (match := self._match(cursor, fields or {}, waiting)) is not None:
                         found.append((waiting.pop(match[0]), match[1]))
             if not waiting:
                 return cursor, found
+
+    def _watch_control(self, fields: Mapping[bytes, bytes]) -> None:
+        """A STOP stops the runner at once; other commands (and bad entries) are left for serve()."""
+        try:
+            message, _ = decode_entry(fields, self.settings.max_entry_bytes)
+        except ProtocolError:
+            return
+        if message.get("CMD") == "STOP":
+            log.info("STOP received during a run")
+            self.stop()
 
     def _match(
         self, entry_id: str, fields: Mapping[bytes, bytes], waiting: Mapping

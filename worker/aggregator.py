@@ -45,6 +45,7 @@ from pydantic import Field
 from worker import logs, scripts
 from worker.connections import ensure_group
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
+from worker.reconnect import Outages
 from worker.settings import CommonSettings
 from worker.state import live_models
 
@@ -190,22 +191,20 @@ class Aggregator:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self.stop)
-        started, backoff = False, 0.1
+        started, outages = False, Outages(self.redis, log)
         while not self._stopping:
             try:
                 if not started:  # again after an outage: a lost read reply left entries pending on us
                     self.start()
                     started = True
                 self.step()
-                backoff = 0.1
+                outages.ok()
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
                 # NOGROUP / UNBLOCKED: the logits stream was deleted (or Redis restarted empty)
                 if isinstance(exc, redis.ResponseError) and not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
                 started = False
-                log.warning("redis unreachable, retrying", error=str(exc), sleep=backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                outages.failed(exc)
         log.info("stopped", undecided=len(self.buckets))
 
     def stop(self, *_: Any) -> None:

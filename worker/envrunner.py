@@ -47,6 +47,7 @@ from worker import logs, scripts
 from worker.connections import last_id
 from worker.episodes import Progress, Slot
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
+from worker.reconnect import Outages
 from worker.settings import CommonSettings
 
 log = logs.get("worker.envrunner")
@@ -135,7 +136,7 @@ class EnvRunner:
                 signal.signal(sig, self.stop)
         if self.control_cursor is None:
             self.start()
-        backoff = 0.1
+        outages = Outages(self.redis, log, runner_id=self.settings.runner_id)
         while not self._stopping:
             try:
                 if self._unreported is not None:
@@ -149,12 +150,10 @@ class EnvRunner:
                         self.control_cursor = entry_id.decode()
                         if not self._stopping:
                             self.handle_entry(self.control_cursor, fields or {})
-                backoff = 0.1
+                outages.ok()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unreachable, retrying", error=str(exc), sleep=backoff)
                 self._break_outstanding(self.train + self.eval)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                outages.failed(exc)
         log.info("stopped", runner_id=self.settings.runner_id)
 
     def stop(self, *_: Any) -> None:

@@ -36,7 +36,7 @@ import redis
 
 from bench.parity import sb3_a2c
 from worker.connections import connect, embedded_redis
-from worker.control import run_episodes, wait_for_models
+from worker.control import run_episodes, wait_for_loop, wait_for_models
 from worker.demo import Swarm
 from worker.protocol import Streams
 
@@ -117,7 +117,7 @@ def cpu_seconds(pid: int) -> float:
 def real_loop(url: str, k: int, steps: int) -> tuple[float, dict[str, float]]:
     """Seconds per round of the real loop, and each process's CPU seconds per round (Redis's too)."""
     streams, logdir = Streams("rl"), Path(tempfile.mkdtemp(prefix="rl-latency-"))
-    swarm = Swarm(url, "rl", logdir)
+    swarm, since = Swarm(url, "rl", logdir), time.time()
     names = ["model", "aggregator", "env", "redis-server"]
     try:
         swarm.start("model", "model", "--component-id", "latency-0", "--seed", "0")
@@ -126,7 +126,7 @@ def real_loop(url: str, k: int, steps: int) -> tuple[float, dict[str, float]]:
         client = connect(url)
         pids = [p.pid for p in swarm.processes] + [int(client.info("server")["process_id"])]
         wait_for_models(client, streams, 1)
-        time.sleep(1.0)
+        wait_for_loop(client, streams, ["latency"], since)
         swarm.check()
         run_episodes(client, streams, steps=10 * k)  # warm-up: imports, first forward passes
         before = [cpu_seconds(pid) for pid in pids]

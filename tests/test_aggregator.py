@@ -86,6 +86,19 @@ def test_waits_for_every_live_model_then_decides(real_redis, agg_settings, combi
     assert shares["m1"] + shares["m2"] == pytest.approx(1.0)
 
 
+def test_models_that_join_are_awaited_from_their_first_reply(real_redis, agg_settings) -> None:
+    """The registry was empty at the aggregator's last look; the first reply of a model it does not
+    know makes it look again at once, so it waits for the other model that joined with it."""
+    aggregator = started(agg_settings, real_redis, deadline_ms=10_000)
+    assert aggregator.step(block_ms=0) == [] and aggregator.live == set()
+    register(real_redis, "m1", "m2")
+    reply(real_redis, "1-1", "m1", M1)
+    assert aggregator.step() == [] and aggregator.live == {"m1", "m2"}
+    reply(real_redis, "1-1", "m2", M2)
+    [action] = aggregator.step()
+    assert action["MODELS"] == 2
+
+
 def test_contributions_sum_to_one_per_decision(real_redis, agg_settings) -> None:
     register(real_redis, "m1", "m2", "m3")
     aggregator = started(agg_settings, real_redis)

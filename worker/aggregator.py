@@ -4,7 +4,8 @@ It reads ``<prefix>:logits`` through the consumer group ``aggregator`` and colle
 each observation (``OBS_ID``). The observation is decided once every live model (heartbeat in
 ``<prefix>:models`` at most ``registry_max_age`` seconds old) has answered, or ``deadline_ms`` after
 its first reply with whatever arrived, so a dead model never stalls an environment. Replies arriving
-after the decision are ignored. The decision::
+after the decision are ignored. The registry is read every second, and at once when a reply comes
+from a model not in the last view: models that join are awaited from their first reply on. The decision::
 
     p_i = softmax(logits_i)                            for every model i that answered
     p   = mean_i p_i   (combine=prob)   or   softmax(mean_i logits_i)   (combine=logits)
@@ -159,6 +160,8 @@ class Aggregator:
         self.decided: OrderedDict[str, None] = OrderedDict()
         self.live: set[str] = set()
         self._live_at = -math.inf
+        self._strangers = False  # a reply came from a model not in self.live: look again
+        self._asked: set[str] = set()  # models not live that made us look again in the last second
         self._stopping = False
         self._acks: list[str] = []  # entries done with (late, duplicate, dead) to ack with the next batch
         self._dead: list[dict] = []
@@ -220,8 +223,8 @@ class Aggregator:
         """
         now = time.monotonic()
         if now - self._live_at >= 1.0:  # the registry changes on a scale of seconds
-            self.live = set(live_models(self.redis, self.streams, self.settings.registry_max_age))
-            self._live_at = now
+            self._refresh_live()
+            self._asked.clear()
         block = self.settings.block_ms if block_ms is None else block_ms
         if self.buckets:
             due = min(b.first_seen for b in self.buckets.values()) + self.settings.deadline_ms / 1000
@@ -234,7 +237,14 @@ class Aggregator:
             block=block if block > 0 else None,  # redis-py: None does not block, 0 blocks forever
         )
         self._collect(reply[0][1] if reply else [])
+        if self._strangers:  # a model that joined since the last look: it may not be the only one
+            self._refresh_live()
+            self._strangers = False
         return self._decide()
+
+    def _refresh_live(self) -> None:
+        self.live = set(live_models(self.redis, self.streams, self.settings.registry_max_age))
+        self._live_at = time.monotonic()
 
     def _collect(self, items: list[tuple[bytes, dict[bytes, bytes] | None]]) -> None:
         """File each reply under its observation; reject bad ones, drop late and duplicate ones."""
@@ -266,6 +276,9 @@ class Aggregator:
             if bucket is None:
                 bucket = self.buckets[reply.obs_id] = Bucket(reply, time.monotonic())
             bucket.logits[reply.component_id] = reply.logits
+            if reply.component_id not in self.live and reply.component_id not in self._asked:
+                self._asked.add(reply.component_id)  # once a second at most: it may never register
+                self._strangers = True
             bucket.entry_ids.append(entry_id)
 
     def _decide(self) -> list[dict[str, Any]]:

@@ -123,7 +123,6 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
             print(f"logs of the swarm: {logdir}", flush=True)
             wait_for_models(client, streams, settings.models)
             wait_for_loop(client, streams, ["demo"], since=started)
-            time.sleep(1.1)  # the aggregator's view of the live models is refreshed every second
             swarm.check()
             return train_rounds(client, settings.model_copy(update={"redis_url": url}))
         finally:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 import torch
 
 from tests.helpers import drain, read, xadd
+from worker.memory import EnvMemory
 from worker.model import ModelWorker
 from worker.policy import make_policy, weights_as_vector
 from worker.settings import ModelSettings
@@ -231,3 +233,65 @@ def test_silent_environments_are_forgotten(real_redis, settings: ModelSettings) 
     drain(again)
     assert [r["ENV_ID"] for _, r in read(real_redis, "rl:logits")][-1] == "gone"  # answered
     assert again.counters.transitions == transitions and again.memories["gone"].rollout == []
+
+
+# Entry-ID milliseconds of one input, three environments, memory_ttl 10 s: "a" pauses 11 s and comes
+# back with a REWARD (which must be ignored), "c" falls silent for good, "b" never pauses.
+FORGETTING_INPUT = sorted(
+    [("a", 1_000, False), ("a", 2_000, True), ("a", 3_000, True)]
+    + [("a", ms, True) for ms in range(14_000, 30_000, 1_000)]
+    + [("b", 1_500, False)]
+    + [("b", ms, True) for ms in range(2_500, 30_000, 1_000)]
+    + [("c", 5_000, False), ("c", 6_000, True)],
+    key=lambda step: step[1],
+)
+
+
+def forgetting_history(client, settings: ModelSettings, prefix: str, mode: str) -> tuple:
+    """Feed FORGETTING_INPUT to a model, batched as ``mode`` says; what it learned and remembers."""
+    settings = settings.model_copy(update={"memory_ttl": 10.0, "prefix": prefix})
+    worker = ModelWorker(settings.model_copy(update={"batch_size": 4 if mode == "restart" else 256}), client)
+    worker.start()
+    for k, (env, ms, rewarded) in enumerate(FORGETTING_INPUT):
+        step = {"REWARD": 1.0, "ACTION": 0} if rewarded else {}
+        message = {"OBSERVATION": OBS, "ENV_ID": env, **step}
+        xadd(client, f"{prefix}:observation", message, entry_id=f"{ms}-0")
+        if mode == "one by one":
+            drain(worker)
+        elif mode == "restart" and k == len(FORGETTING_INPUT) // 2:
+            drain(worker)
+            worker.shutdown()
+            worker = ModelWorker(worker.settings, client)
+            worker.start()
+    drain(worker)
+    c = worker.counters
+    memories = {env: (m.seen_ms, len(m.rollout)) for env, m in worker.memories.items()}
+    stored = sorted(client.hkeys(f"{prefix}:model:m1:memory"))
+    return (c.observations, c.transitions, c.segments, c.dropped, c.forgotten), memories, stored
+
+
+def test_forgetting_depends_on_the_input_only(real_redis, settings: ModelSettings) -> None:
+    """Whether a memory is too old is decided by the entry IDs alone: the same input, read one entry
+    at a time, all at once, or in batches of 4 across a restart, leaves the same learning."""
+    histories = [
+        forgetting_history(real_redis, settings, f"h{k}", mode)
+        for k, mode in enumerate(("one by one", "at once", "restart"))
+    ]
+    assert histories[0] == histories[1] == histories[2]
+    counters, memories, stored = histories[0]
+    n = len(FORGETTING_INPUT)
+    # Every observation but the 3 first ones and a's return at 14 s completes a transition; a's
+    # first 2 and c's 1 are dropped with their forgotten environments.
+    assert counters == (n, n - 3 - 1, counters[2], 2 + 1, 2)
+    assert set(memories) == {"a", "b"} and stored == [b"a", b"b"]
+
+
+def test_memories_written_before_they_had_a_time_still_load() -> None:
+    """A memory blob of the earlier format (8 fields, no time) loads, as heard of at time 0."""
+    obs, log_probs = np.array(OBS, "<f4"), np.log(np.full(2, 0.5, "<f4"))
+    rollout = [[1, 1.0, True, 0.4, -0.7]]  # action, reward, episode start, value, log-probability
+    old = [obs.tobytes(), [4], 0.5, log_probs.tobytes(), True, False, obs.tobytes(), rollout]
+    old = msgpack.packb(old, use_bin_type=True)
+    memory = EnvMemory.unpack(old)
+    assert memory.seen_ms == 0 and memory.value == 0.5 and len(memory.rollout) == 1
+    assert EnvMemory.unpack(memory.pack()).seen_ms == 0

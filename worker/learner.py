@@ -46,7 +46,8 @@ class Learner:
         self.counters = Counters()
         self.paused_until = 0.0  # unix time; training is paused between an evolution GET and SET
         self.last_buffer: RolloutBuffer | None = None  # what the latest update trained on
-        self._next_sweep_ms = 0  # stream time of the next look for silent environments
+        self.ttl_ms = int(settings.memory_ttl * 1000)
+        self._swept_below = -1  # the memories older than this (entry-ID ms) are gone
 
     # ----------------------------------------------------------------- acting and learning
 
@@ -82,11 +83,13 @@ class Learner:
                 s.gamma,
                 s.n_steps,
                 s.train_deterministic,
+                self.ttl_ms,
             )
             self.memories[obs.env_id] = memory
             self.counters.observations += 1
             self.counters.transitions += result.transition
             self.counters.dropped += result.dropped
+            self.counters.forgotten += result.forgotten
             if result.segment is not None:
                 segments.append(result.segment)
         trained = self.train(segments)
@@ -114,17 +117,20 @@ class Learner:
         return True
 
     def forget_silent(self, now_ms: int) -> list[str]:
-        """Forget the environments silent for ``memory_ttl`` seconds before ``now_ms`` (stream time,
-        so a backlog read late is judged by when it was published); their unfinished rollouts are
-        dropped. Looks at most every quarter of the TTL, so a batch rarely pays for a scan.
+        """Free the memories of environments silent for the TTL: those older than the last quarter
+        of the TTL that began ``memory_ttl`` before ``now_ms`` (an entry ID's time). :func:`observe`
+        already treats such a memory as gone, so this changes what is remembered, never what is
+        learned; and sweeping on quarter boundaries makes it the same however the observations were
+        batched, or how often the worker restarted.
 
         :return: the environments forgotten
         """
-        if now_ms < self._next_sweep_ms:
+        quarter = max(self.ttl_ms // 4, 1)
+        below = now_ms // quarter * quarter - self.ttl_ms
+        if below <= self._swept_below:
             return []
-        ttl_ms = int(self.settings.memory_ttl * 1000)
-        self._next_sweep_ms = now_ms + max(ttl_ms // 4, 1)
-        silent = [env for env, memory in self.memories.items() if memory.seen_ms < now_ms - ttl_ms]
+        self._swept_below = below
+        silent = [env for env, memory in self.memories.items() if memory.seen_ms < below]
         for env in silent:
             self.counters.dropped += len(self.memories.pop(env).rollout)
         self.counters.forgotten += len(silent)
@@ -159,12 +165,12 @@ class Learner:
         if snapshot.policy is None:
             self.policy = make_policy(self.settings)
             self.counters, self.paused_until, self.memories = Counters(), 0.0, {}
-            self._next_sweep_ms = 0
+            self._swept_below = -1
             return False
         self.policy.load_state_dict(unpack_state(snapshot.policy))
         if snapshot.optimizer is not None:
             self.policy.optimizer.load_state_dict(unpack_state(snapshot.optimizer))
         self.counters, self.paused_until = snapshot.counters, snapshot.paused_until
-        self._next_sweep_ms = 0
+        self._swept_below = -1
         self.memories = {env: EnvMemory.unpack(blob) for env, blob in snapshot.memory.items()}
         return True

@@ -73,7 +73,10 @@ class EnvMemory:
 
     @classmethod
     def unpack(cls, blob: bytes) -> EnvMemory:
-        obs, shape, value, log_probs, start, deterministic, seen_ms, rollout_obs, rows = msgpack.unpackb(blob)
+        fields = msgpack.unpackb(blob)
+        if len(fields) == 8:  # written before memories had a time: forgotten at the next sweep
+            fields.insert(6, 0)
+        obs, shape, value, log_probs, start, deterministic, seen_ms, rollout_obs, rows = fields
         obs_array = np.frombuffer(obs, "<f4").reshape(shape)
         obs_rows = np.frombuffer(rollout_obs, "<f4").reshape((len(rows), *shape))
         rollout = [Transition(o.copy(), *row) for o, row in zip(obs_rows, rows, strict=True)]
@@ -95,6 +98,7 @@ class StepResult:
     transition: bool  # a transition was recorded
     segment: Segment | None  # the transition completed a segment
     dropped: int  # transitions of an interrupted rollout that were thrown away
+    forgotten: bool  # the memory was older than the TTL: the environment starts afresh
 
 
 def observe(
@@ -106,16 +110,23 @@ def observe(
     gamma: float,
     n_steps: int,
     train_deterministic: bool,
+    ttl_ms: int,
 ) -> tuple[EnvMemory, StepResult]:
     """Advance one environment's memory by one observation.
 
-    :param memory: the environment's memory, ``None`` for an environment never seen
+    :param memory: the environment's memory, ``None`` for an environment never seen (or forgotten)
     :param value: V(obs) under the current policy
     :param log_probs: log pi(. | obs) under the current policy
     :param terminal_value: V(terminal observation) when the previous step was truncated
+    :param ttl_ms: a memory older than this (by entry IDs) is forgotten, as if never seen
     :return: the new memory and what happened
     """
-    segment, recorded, dropped = None, False, 0
+    segment, recorded, dropped, forgotten = None, False, 0, False
+    seen_ms = split_id(obs.entry_id)[0]
+    if memory is not None and seen_ms - memory.seen_ms > ttl_ms:
+        # Decided here, by the entry IDs alone, so that what is learned never depends on when a
+        # sweep ran (batching, restarts): Learner.forget_silent only frees what never comes back.
+        dropped, forgotten, memory = len(memory.rollout), True, None
     rollout = memory.rollout if memory is not None else []
     usable = memory is not None and (train_deterministic or not memory.deterministic)
     if obs.reward is not None and usable:
@@ -145,6 +156,5 @@ def observe(
         dropped, rollout = len(rollout), []
     # An environment seen for the first time, or restarted without REWARD, starts an episode.
     episode_start = obs.done or obs.reward is None
-    seen_ms = split_id(obs.entry_id)[0]
     new = EnvMemory(obs.observation, value, log_probs, episode_start, obs.deterministic, seen_ms, rollout)
-    return new, StepResult(recorded, segment, dropped)
+    return new, StepResult(recorded, segment, dropped, forgotten)

@@ -339,8 +339,9 @@ class ModelWorker:
             except ProtocolError as exc:
                 self._reject(outbox, entry, str(exc))
         self._step(run, outbox)
-        if entries:  # sorted: the last one is the newest
-            outbox.forgotten_envs = self.learner.forget_silent(split_id(entries[-1][1])[0])
+        # The observation stream's own time (its IDs only grow; the evolution stream's need not agree).
+        if observed := [entry[1] for entry in entries if entry[0] == self.streams.observation]:
+            outbox.forgotten_envs = self.learner.forget_silent(split_id(observed[-1])[0])
         return outbox
 
     def _step(self, run: list[Observation], outbox: Outbox) -> None:

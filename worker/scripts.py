@@ -66,6 +66,14 @@ local function keyed()  -- a stream's KEYS index, then a section
   i = i + 1
   return stream, section()
 end
+-- Inside a script the user's ACL is checked command by command: a user denied one (an ACL older
+-- than this script) would stop it halfway, after its first writes. Ask before writing (Redis 7
+-- can tell; older servers and fakeredis cannot). DENIED, not NOPERM: nothing was written.
+local function deny(command, ...)
+  if redis.acl_check_cmd and not redis.acl_check_cmd(command, ...) then
+    return redis.error_reply('DENIED this user may not run ' .. command .. ' on ' .. ...)
+  end
+end
 local checkpoint_first, checkpoint_last = section()
 local memory_first, memory_last = section()
 local forget_first, forget_last = section()
@@ -74,6 +82,8 @@ local n_acks = tonumber(ARGV[i])
 i = i + 1
 for a = 1, n_acks do
   local stream, first, last = keyed()
+  local denied = deny('XPENDING', stream, group)
+  if denied then return denied end
   local ok = redis.pcall('XPENDING', stream, group)
   if type(ok) == 'table' and ok.err then
     return redis.error_reply('NOGROUP ' .. stream .. ' has no consumer group ' .. group)
@@ -84,14 +94,6 @@ local messages = {}
 local n_messages = tonumber(ARGV[i])
 i = i + 1
 for m = 1, n_messages do messages[m] = {keyed()} end
--- Inside a script the user's ACL is checked command by command: a user denied one (an ACL older
--- than this script) would stop it halfway, after its first writes. Ask before writing (Redis 7
--- can tell; older servers and fakeredis cannot).
-local function deny(command, ...)
-  if redis.acl_check_cmd and not redis.acl_check_cmd(command, ...) then
-    return redis.error_reply('NOPERM this user may not run ' .. command .. ' on ' .. ...)
-  end
-end
 local denied = deny('HSET', KEYS[2], 'f', 'v') or deny('HSET', KEYS[3], 'f', 'v')
   or deny('PEXPIRE', KEYS[1], '1') or (forget_last >= forget_first and deny('HDEL', KEYS[3], 'f'))
 for _, ack in ipairs(acks) do denied = denied or deny('XACK', ack[1], group, '0-1') end

@@ -91,8 +91,8 @@ class ModelSettings(CommonSettings, A2CSettings):
     memory_ttl: float = Field(
         3600.0,
         gt=0,
-        description="forget an environment after this many seconds (up to a quarter more) without an"
-        " observation, by entry-ID time; its unfinished rollout is dropped",
+        description="forget an environment after this many seconds without an observation, by entry-ID"
+        " time; its unfinished rollout is dropped",
     )
     lease_ttl: float = Field(5.0, gt=0, description="seconds a dead worker's lease blocks its successor")
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between registry heartbeats")

@@ -198,9 +198,8 @@ class ModelStore:
         except redis.ResponseError as exc:
             if str(exc).startswith(("LOSTLEASE", "STALE")):
                 raise LostLease(f"{self.component_id}: {exc}") from None
-            # redis-py drops the OOM and NOPERM prefixes, making them classes
-            refused = isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.NoPermissionError))
-            if refused or str(exc).startswith(("WRONGTYPE", "NOGROUP")):  # refused before any write
+            refused = isinstance(exc, redis.exceptions.OutOfMemoryError)  # redis-py drops the OOM prefix
+            if refused or str(exc).startswith(("WRONGTYPE", "NOGROUP", "DENIED")):  # before any write
                 raise CommitRefused(f"{self.component_id}: {exc}") from None
             raise
         counters.version += 1

@@ -263,7 +263,7 @@ def test_least_privilege_user_with_a_cluster_prefix(private_redis) -> None:
     assert [e for e in admin.acl_log() if e.get("username") in ("rl-model", b"rl-model")] == []
 
 
-@pytest.mark.parametrize("missing", ["+hdel", "+xack", "+xadd"])
+@pytest.mark.parametrize("missing", ["+hdel", "+xack", "+xadd", "+xpending"])
 def test_a_user_short_of_a_command_is_refused_before_any_write(private_redis, missing: str) -> None:
     """An ACL user older than the worker (here, without ``missing``) cannot stop a commit halfway
     (Redis checks a script's commands one by one): the commit asks first and is refused whole."""

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from worker.cli import COMMANDS
+from worker.cli import COMMANDS, find
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -60,13 +60,6 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
 def command_words(service: dict[str, Any]) -> list[str]:
     command = service["command"]
     return shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
-
-
-def split_command(words: list[str]) -> tuple[str, list[str]]:
-    """The ``worker.cli.COMMANDS`` key a command line names (``control train`` before ``control``)."""
-    if len(words) > 1 and f"{words[0]} {words[1]}" in COMMANDS:
-        return f"{words[0]} {words[1]}", words[2:]
-    return words[0], words[1:]
 
 
 def settings_class(name: str) -> type:
@@ -184,8 +177,9 @@ def check_command(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     accepts the flags and the service's environment variables (REDIS_URL, STREAM_PREFIX, ...)."""
     service = SERVICES[name]
     words = command_words(service)
-    assert words[0] in COMMANDS, f"{name}: {words[0]!r} is not a command of worker.cli.COMMANDS"
-    command, args = split_command(words)
+    found = find(words)
+    assert found is not None, f"{name}: {' '.join(words[:2])!r} names no command of worker.cli.COMMANDS"
+    command, args = found
     env = environment(service)
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -7,14 +7,19 @@ pay for importing torch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, CliApp
+from pydantic_settings import BaseSettings, CliApp, SettingsError
 
 from worker import logs
+from worker.connections import redacted
 from worker.settings import CommonSettings
 
 
@@ -39,7 +44,9 @@ def run_model(settings: Any) -> int:
     from worker.connections import connect
     from worker.model import ModelWorker
 
-    ModelWorker(settings, connect(settings.redis_url)).run()
+    with mendable():
+        worker = ModelWorker(settings, connect(settings.redis_url))
+    worker.run()
     return 0
 
 
@@ -47,7 +54,9 @@ def run_env(settings: Any) -> int:
     from worker.connections import connect
     from worker.envrunner import EnvRunner
 
-    EnvRunner(settings, connect(settings.redis_url)).serve()
+    with mendable():
+        runner = EnvRunner(settings, connect(settings.redis_url))
+    runner.serve()
     return 0
 
 
@@ -80,11 +89,6 @@ COMMANDS: dict[str, Command] = {
         "worker.evolution:run",
         "one generation: GET the weights, select and vary, SET the next generation",
     ),
-    "control": Command(
-        "worker.control:TrainSettings",
-        "worker.control:run_train",
-        "'control train': rounds of episodes, evaluation and evolution; 'control status'",
-    ),
     "control train": Command(
         "worker.control:TrainSettings",
         "worker.control:run_train",
@@ -105,17 +109,15 @@ COMMANDS: dict[str, Command] = {
 
 def usage() -> str:
     lines = ["usage: python -m worker <command> [--help] [options]", "", "commands:"]
-    lines += [f"  {name:<15} {command.help}" for name, command in COMMANDS.items() if name != "control"]
+    lines += [f"  {name:<15} {command.help}" for name, command in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def find(argv: list[str]) -> tuple[str, list[str]] | None:
     """The command named by the first one or two words of ``argv`` and the rest of it."""
-    two = " ".join(argv[:2])
-    if two in COMMANDS:
-        return two, argv[2:]
-    if argv and argv[0] in COMMANDS and argv[0] != "control":
-        return argv[0], argv[1:]
+    for words in (2, 1):
+        if len(argv) >= words and (name := " ".join(argv[:words])) in COMMANDS:
+            return name, argv[words:]
     return None
 
 
@@ -136,6 +138,30 @@ def main(argv: list[str] | None = None) -> int:
             where = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
             print(f"error: {where}: {error['msg']} (got {error.get('input')!r})", file=sys.stderr)
         return 2
+    except SettingsError as exc:  # e.g. a flag's JSON that does not parse
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if isinstance(settings, CommonSettings):
         logs.configure(settings.log_level, settings.log_json)
-    return int(runner(settings) or 0)
+    try:
+        return int(runner(settings) or 0)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        # Servers ride out outages themselves; a one-shot tool (control, evolution) says it once.
+        url = redacted(getattr(settings, "redis_url", "?"))
+        print(f"error: Redis at {url} is unreachable: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `control status | head`: the reader left; no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+@contextmanager
+def mendable() -> Iterator[None]:
+    """Errors the user mends with a flag (an unknown or unsupported environment, missing spaces)
+    stop a command with one line, not a traceback; only the building of a component is wrapped."""
+    import gymnasium
+
+    try:
+        yield
+    except (ValueError, gymnasium.error.Error) as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -30,7 +30,9 @@ class CommonSettings(BaseSettings):
     )
 
     redis_url: str = Field(
-        "redis://localhost:6379/0", description="Redis URL (redis://, rediss:// for TLS); env REDIS_URL"
+        "redis://localhost:6379/0",
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis URL (redis://, rediss:// for TLS, unix://); env REDIS_URL",
     )
     prefix: str = Field(
         "rl",

@@ -1,0 +1,73 @@
+"""The command line: what a user can mend is one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from worker.cli import main
+from worker.connections import free_port
+
+
+def test_control_alone_prints_the_usage_and_runs_nothing(capsys) -> None:
+    assert main(["control"]) == 2  # it used to start `control train`, waiting for models
+    err = capsys.readouterr().err
+    assert "control train" in err and "control status" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["model", "--gym-env", "Foo-v0"], "Environment `Foo` doesn't exist"),
+        (["model", "--gym-env", "Pendulum-v1"], "need a Box observation and a Discrete action space"),
+        (["model", "--gym-env", "none"], "give --obs-shape and --n-actions"),
+        (["env", "--gym-env", "Pendulum-v1"], "only discrete actions are supported"),
+    ],
+)
+def test_an_unusable_environment_is_one_line(args: list[str], says: str) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # never reached: the component cannot be built
+    extra = ["--component-id", "m1"] if args[0] == "model" else []
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--redis-url", url, *extra])
+    message = str(stopped.value.code)
+    assert message.startswith("error: ") and says in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["model", "--net-arch", "{pi:[16]}"], "error: Parsing error encountered for net_arch"),
+        (["control", "status", "--redis-url", "http://localhost"], "error: --redis-url: String should match"),
+    ],
+)
+def test_a_malformed_flag_is_one_line(capsys, args: list[str], says: str) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(says) and err.count("\n") == 1
+
+
+def test_a_tool_facing_no_redis_says_so_in_one_line(capsys) -> None:
+    port = free_port()
+    assert main(["control", "status", "--redis-url", f"redis://user:secret@127.0.0.1:{port}/0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Redis at redis://user:***@127.0.0.1:{port}/0 is unreachable")
+    assert "secret" not in err
+
+
+def test_status_into_a_closed_pipe_exits_without_a_traceback(redis_server_url: str) -> None:
+    """``control status | head -1``: the reader leaves early; the writer stops quietly."""
+    env = {**os.environ, "REDIS_URL": redis_server_url}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "control", "status"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # as head does once it has its line
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -71,3 +73,19 @@ def test_status_into_a_closed_pipe_exits_without_a_traceback(redis_server_url: s
     process.stdout.close()  # as head does once it has its line
     _, err = process.communicate(timeout=60)
     assert process.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_status_names_the_redis_it_looked_at(capsys, redis_server_url: str) -> None:
+    """Without REDIS_URL every command uses localhost's Redis: status says which one it read."""
+    assert main(["control", "status", "--redis-url", redis_server_url]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"redis: {redis_server_url}"
+    assert main(["control", "status", "--redis-url", redis_server_url, "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["redis"] == redis_server_url
+
+
+def test_status_gives_the_models_counters_as_numbers(capsys, real_redis, redis_server_url: str) -> None:
+    real_redis.zadd("rl:models", {"m1": time.time()})
+    real_redis.hset("rl:model:m1:info", mapping={"consumer": "host:1:ab", "version": "12", "paused": "0"})
+    assert main(["control", "status", "--redis-url", redis_server_url, "--output", "json"]) == 0
+    info = json.loads(capsys.readouterr().out)["models"]["m1"]
+    assert info == {"consumer": "host:1:ab", "version": 12, "paused": 0}

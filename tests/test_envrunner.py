@@ -97,6 +97,16 @@ def balance(message: Message, _: int) -> int:
     return int(angle + angular_velocity > 0)
 
 
+def serve(runner: EnvRunner) -> None:
+    """``runner.serve()`` in this thread; it sets SIGTERM/SIGINT handlers, so pytest's come back after."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        runner.serve()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def statuses(client: redis.Redis) -> list[Message]:
     return [message for _, message in read(client, "rl:status")]
 
@@ -234,12 +244,7 @@ def test_control_stream_commands_and_dead_letters(real_redis, env_settings, scri
     xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "packed", "EPISODES": 1}, "msgpack")
     xadd(real_redis, "rl:control", {"CMD": "STOP"})
     xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "after-stop", "STEPS": 1})
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        runner.serve()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    serve(runner)
 
     runs = [s for s in statuses(real_redis) if s["EVENT"] == "run"]
     assert [(r["RUN_ID"], r.get("STEPS")) for r in runs] == [("plain", 2), ("packed", runs[1]["STEPS"])]
@@ -266,12 +271,7 @@ def test_stop_aborts_the_run_in_progress(real_redis, env_settings, scripted) -> 
         xadd(real_redis, "rl:control", {"CMD": "STOP"})
 
     threading.Thread(target=stop_when_waiting, daemon=True).start()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        runner.serve()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    serve(runner)
     assert statuses(real_redis) == [
         {"EVENT": "run", "RUN_ID": "stuck", "RUNNER_ID": "env", "ERROR": "runner stopping"}
     ]

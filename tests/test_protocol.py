@@ -290,7 +290,7 @@ def test_flags(encode, key: str) -> None:
 
 
 def test_flag_as_unquoted_text_is_rejected() -> None:
-    rejected({b"OBSERVATION": b"[1,2,3,4]", b"DONE": b"yes"}, "DONE", "not JSON")
+    rejected({b"OBSERVATION": b"[1,2,3,4]", b"DONE": b"yes"}, "DONE", "got 'yes'")  # a bare word
     rejected({b"OBSERVATION": b"[1,2,3,4]", b"DONE": b"True"}, "DONE")  # JSON is lower-case
 
 
@@ -370,7 +370,9 @@ def test_bad_observation(encode, value, words) -> None:
 
 
 def test_bad_observation_json_text() -> None:
-    rejected({b"OBSERVATION": b"[1, 2, 3,"}, "OBSERVATION", "not JSON")
+    rejected({b"OBSERVATION": b"[1, 2, 3,"}, "OBSERVATION", "not JSON")  # meant as JSON: where it breaks
+    rejected({b"OBSERVATION": b"[1, 2, 3, 4]", b"REWARD": b"1", b"ACTION": b"[[1]]"}, "ACTION", "got [[1]]")
+    rejected({b"OBSERVATION": b"[1e39, 0, 0, 0]"}, "OBSERVATION", "float32's range")
     rejected({b"OBSERVATION": b"[NaN, 0, 0, 0]"}, "OBSERVATION", "finite")
     rejected({b"OBSERVATION": b"[Infinity, 0, 0, 0]"}, "OBSERVATION", "finite")
     rejected({b"OBSERVATION": b"[" * 100_000 + b"]" * 100_000}, "OBSERVATION")  # JSON recursion limit
@@ -449,6 +451,16 @@ def test_bad_command(encode, message: dict, key: str) -> None:
     decoded, encoding = decode_entry(fields, LIMIT)
     with pytest.raises(ProtocolError, match=key):
         parse_command(decoded, "1-0", encoding)
+
+
+def test_a_bad_command_says_what_it_got() -> None:
+    for fields, says in [
+        ({b"OTHER": b"1"}, "CMD must be one of GET, SET; it is missing"),
+        ({b"CMD": b"get"}, "CMD must be one of GET, SET; got 'get'"),  # a bare word, as redis-cli sends it
+    ]:
+        with pytest.raises(ProtocolError) as rejected:
+            parse_command(*decode_entry(fields, LIMIT)[:1], "1-0", Encoding.JSON)
+        assert str(rejected.value) == says
 
 
 def test_set_weights_map_needs_string_keys() -> None:

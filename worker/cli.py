@@ -40,12 +40,20 @@ def _resolve(target: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
+def _announce(settings: Any) -> None:
+    """Which Redis a server uses (once it let us in): without REDIS_URL it is localhost's, which may
+    not be the one meant."""
+    logs.get("worker.cli").info("redis", url=redacted(settings.redis_url), prefix=settings.prefix)
+
+
 def run_model(settings: Any) -> int:
     from worker.connections import connect
     from worker.model import ModelWorker
 
+    client = connect(settings.redis_url)
+    _announce(settings)
     with mendable():
-        worker = ModelWorker(settings, connect(settings.redis_url))
+        worker = ModelWorker(settings, client)
     worker.run()
     return 0
 
@@ -54,8 +62,10 @@ def run_env(settings: Any) -> int:
     from worker.connections import connect
     from worker.envrunner import EnvRunner
 
+    client = connect(settings.redis_url)
+    _announce(settings)
     with mendable():
-        runner = EnvRunner(settings, connect(settings.redis_url))
+        runner = EnvRunner(settings, client)
     runner.serve()
     return 0
 
@@ -64,7 +74,9 @@ def run_aggregator(settings: Any) -> int:
     from worker.aggregator import Aggregator
     from worker.connections import connect
 
-    Aggregator(settings, connect(settings.redis_url)).serve()
+    client = connect(settings.redis_url)
+    _announce(settings)
+    Aggregator(settings, client).serve()
     return 0
 
 

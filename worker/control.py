@@ -221,7 +221,7 @@ def status(client: redis.Redis, streams: Streams) -> dict[str, Any]:
     report: dict[str, Any] = {"models": {}, "streams": {}, "groups": {}}
     for cid in live_models(client, streams):
         info = client.hgetall(streams.model_key(cid, "info"))
-        report["models"][cid] = {k.decode(): v.decode() for k, v in info.items()}
+        report["models"][cid] = {k.decode(): _scalar(v.decode()) for k, v in info.items()}
     names = [
         streams.observation,
         streams.evolution,
@@ -244,8 +244,20 @@ def status(client: redis.Redis, streams: Streams) -> dict[str, Any]:
     return report
 
 
+def _scalar(value: str) -> int | float | str:
+    """A hash field as the number it spells (counters, flags), else as text (the consumer name)."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def print_status(report: dict[str, Any]) -> None:
     """``status`` as three small tables a person can read at a glance."""
+    if "redis" in report:
+        print(f"redis: {report['redis']}")
     print(f"live models: {len(report['models'])}")
     for cid, info in report["models"].items():
         details = ", ".join(f"{k}={v}" for k, v in sorted(info.items()))
@@ -266,9 +278,10 @@ class StatusSettings(CommonSettings):
 
 
 def run_status(settings: StatusSettings) -> int:
-    from worker.connections import connect
+    from worker.connections import connect, redacted
 
-    report = status(connect(settings.redis_url), Streams(settings.prefix))
+    found = status(connect(settings.redis_url), Streams(settings.prefix))
+    report = {"redis": redacted(settings.redis_url), **found}
     if settings.output == "json":
         print(json.dumps(report, indent=2, default=str))
     else:

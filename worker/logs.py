@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
+
+
+def _stderr_logger(*_: Any) -> structlog.PrintLogger:
+    # sys.stderr as it is when a line is logged, not when configure() ran: a caller (pytest's
+    # capture, for one) may have swapped it since, and the old one may be closed.
+    return structlog.PrintLogger(sys.stderr)
 
 
 def configure(level: str = "info", json: bool = False) -> None:
@@ -19,7 +26,7 @@ def configure(level: str = "info", json: bool = False) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
 

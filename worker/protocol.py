@@ -184,8 +184,10 @@ _repr.maxlevel = 3
 
 
 def _describe(value: Any) -> str:
+    if isinstance(value, NotJson) and value.lstrip()[:1] in ("[", "{", '"'):
+        return f"text that is not JSON ({value.error})"  # meant as JSON: say where it breaks
     if isinstance(value, NotJson):
-        return f"text that is not JSON ({value.error})"
+        value = str(value)  # a bare word: a string, as the protocol reads it
     text = _repr.repr(value)  # bounded work: a multi-megabyte array is not repr'd whole
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -251,7 +253,7 @@ def _array(message: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.n
     with np.errstate(over="ignore"):  # values beyond float32 become inf, rejected just below
         array = array.astype(np.float32)
     if not np.isfinite(array).all():
-        raise ProtocolError(f"{key} must be finite (no NaN or infinity)")
+        raise ProtocolError(f"{key} must be finite and within float32's range (about ±3.4e38)")
     return array
 
 
@@ -299,11 +301,11 @@ def parse_observation(
     reward = action = None
     if "REWARD" in message:
         reward = _number(message, "REWARD")
-        action = message["ACTION"]
+        action = given = message["ACTION"]
         if isinstance(action, list) and len(action) == 1:  # a one-element array, as from a vector env
             action = action[0]
         if isinstance(action, bool) or not isinstance(action, int) or not 0 <= action < n_actions:
-            raise ProtocolError(f"ACTION must be an integer in [0, {n_actions}), got {_describe(action)}")
+            raise ProtocolError(f"ACTION must be an integer in [0, {n_actions}), got {_describe(given)}")
     truncated = _flag(message, "TRUNCATED")
     done = _flag(message, "DONE") or truncated  # a truncation ends the episode too
     terminal = None
@@ -343,7 +345,8 @@ COMMANDS = ("GET", "SET")
 def parse_command(message: Mapping[str, Any], entry_id: str, encoding: Encoding) -> Command:
     cmd = message.get("CMD")
     if cmd not in COMMANDS:
-        raise ProtocolError(f"CMD must be one of {', '.join(COMMANDS)}, got {_describe(cmd)}")
+        got = "it is missing" if "CMD" not in message else f"got {_describe(cmd)}"
+        raise ProtocolError(f"CMD must be one of {', '.join(COMMANDS)}; {got}")
     weights = None
     if cmd == "SET":
         weights = message.get("WEIGHTS")

@@ -46,7 +46,7 @@ from pydantic import Field
 from worker import logs, scripts
 from worker.connections import ensure_group
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
-from worker.reconnect import Outages
+from worker.reconnect import OUTAGE, Outages
 from worker.settings import CommonSettings
 from worker.state import live_models
 
@@ -202,9 +202,10 @@ class Aggregator:
                     started = True
                 self.step()
                 outages.ok()
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+            except (*OUTAGE, redis.ResponseError) as exc:
                 # NOGROUP / UNBLOCKED: the logits stream was deleted (or Redis restarted empty)
-                if isinstance(exc, redis.ResponseError) and not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                outage = isinstance(exc, OUTAGE) or str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+                if not outage:
                     raise
                 started = False
                 outages.failed(exc)

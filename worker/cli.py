@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsError
 
 from worker import logs
 from worker.connections import redacted
+from worker.reconnect import OUTAGE
 from worker.settings import CommonSettings
 
 
@@ -157,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(settings.log_level, settings.log_json)
     try:
         return int(runner(settings) or 0)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except OUTAGE as exc:
         # Servers ride out outages themselves; a one-shot tool (control, evolution) says it once.
         url = redacted(getattr(settings, "redis_url", "?"))
-        print(f"error: Redis at {url} is unreachable: {exc}", file=sys.stderr)
+        state = "read-only (a replica)" if isinstance(exc, redis.ReadOnlyError) else "unreachable"
+        print(f"error: Redis at {url} is {state}: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `control status | head`: the reader left; no traceback at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

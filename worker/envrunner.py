@@ -47,7 +47,7 @@ from worker import logs, scripts
 from worker.connections import last_id
 from worker.episodes import Progress, Slot
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
-from worker.reconnect import Outages
+from worker.reconnect import OUTAGE, Outages
 from worker.settings import CommonSettings
 
 log = logs.get("worker.envrunner")
@@ -124,9 +124,10 @@ class EnvRunner:
 
     def start(self) -> None:
         """Fix where commands are read from: only commands sent after this are obeyed."""
-        self.control_cursor = last_id(self.redis, self.streams.control)
+        cursor = last_id(self.redis, self.streams.control)
         s = self.settings
         self.redis.hset(self.streams.runner_key(s.runner_id), "ready", time.time())  # for control
+        self.control_cursor = cursor
         log.info("ready", runner_id=s.runner_id, env=s.gym_env, n_envs=s.n_envs, seed=s.seed)
 
     def serve(self) -> None:
@@ -134,11 +135,11 @@ class EnvRunner:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self.stop)
-        if self.control_cursor is None:
-            self.start()
         outages = Outages(self.redis, log, runner_id=self.settings.runner_id)
         while not self._stopping:
             try:
+                if self.control_cursor is None:
+                    self.start()
                 if self._unreported is not None:
                     self._publish([self._unreported[0]], [], self._unreported[1])
                     self._unreported = None
@@ -151,7 +152,7 @@ class EnvRunner:
                         if not self._stopping:
                             self.handle_entry(self.control_cursor, fields or {})
                 outages.ok()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except OUTAGE as exc:
                 self._break_outstanding(self.train + self.eval)
                 outages.failed(exc)
         log.info("stopped", runner_id=self.settings.runner_id)
@@ -236,7 +237,7 @@ class EnvRunner:
             report: dict[str, Any] = {"EVENT": "run", **progress.run, "ERROR": str(exc)}
             self._publish(statuses + [report], [], encoding)
             return report
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except OUTAGE as exc:
             # Reported once Redis is back (serve), so that control stops waiting for this run.
             error = f"redis unreachable during the run: {exc}"
             self._unreported = {"EVENT": "run", **progress.run, "ERROR": error}, encoding

@@ -40,7 +40,7 @@ from worker.protocol import (
     parse_observation,
     parse_weight_vector,
 )
-from worker.reconnect import Outages
+from worker.reconnect import OUTAGE, Outages
 from worker.settings import ModelSettings
 from worker.state import CommitRefused, Counters, LostLease, ModelStore, digest
 
@@ -139,7 +139,7 @@ class ModelWorker:
                 self.poll()
                 self.outages.ok()
                 refused = 0
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except OUTAGE as exc:
                 stale = True
                 self.outages.failed(exc)
             except redis.ResponseError as exc:

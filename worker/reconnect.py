@@ -16,6 +16,11 @@ from typing import Any
 
 import redis
 
+# What a server rides out by backing off and trying again: Redis unreachable (also while it loads
+# its data after a restart), or a replica that does not take writes (yet): during a failover, until
+# it is promoted. Nothing was written by a command refused so.
+OUTAGE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+
 
 class ConnectionWatch:
     """Counts (re)connections of a client's pooled connection.

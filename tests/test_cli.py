@@ -89,3 +89,32 @@ def test_status_gives_the_models_counters_as_numbers(capsys, real_redis, redis_s
     assert main(["control", "status", "--redis-url", redis_server_url, "--output", "json"]) == 0
     info = json.loads(capsys.readouterr().out)["models"]["m1"]
     assert info == {"consumer": "host:1:ab", "version": 12, "paused": 0}
+
+
+def test_forget_deletes_what_a_stopped_model_left(capsys, real_redis, settings, redis_server_url) -> None:
+    """A model run once under a random ID leaves groups and state behind; ``control forget`` takes
+    them away, and refuses a live model (it would only write its state again)."""
+    from worker.model import ModelWorker
+
+    gone, live = [
+        ModelWorker(settings.model_copy(update={"component_id": c}), real_redis) for c in ("gone", "on")
+    ]
+    for worker in (gone, live):
+        worker.start()
+    real_redis.hset("rl:contribution", mapping={"gone": 3.5, "on": 1.0})
+    gone.shutdown()  # stopped: out of the registry, lease released; its groups and state stay
+    assert main(["control", "status", "--redis-url", redis_server_url, "--output", "json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert groups["rl:observation model:gone"]["stale"] and "stale" not in groups["rl:observation model:on"]
+
+    assert main(["control", "forget", "--redis-url", redis_server_url, "--component-id", "on"]) == 1
+    assert "live, not forgotten" in capsys.readouterr().err and real_redis.exists("rl:model:on:checkpoint")
+
+    assert main(["control", "forget", "--redis-url", redis_server_url, "--component-id", "gone"]) == 0
+    assert "group model:gone of rl:observation" in capsys.readouterr().out
+    assert real_redis.keys("rl:model:gone:*") == [] and real_redis.hkeys("rl:contribution") == [b"on"]
+    for stream in ("rl:observation", "rl:evolution"):
+        assert [g["name"] for g in real_redis.xinfo_groups(stream)] == [b"model:on"]
+    assert main(["control", "forget", "--redis-url", redis_server_url, "--component-id", "gone"]) == 0
+    assert capsys.readouterr().out == "gone: nothing to forget\n"
+    live.shutdown()

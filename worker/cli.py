@@ -112,6 +112,11 @@ COMMANDS: dict[str, Command] = {
         "worker.control:run_status",
         "live models, stream lengths, consumer-group lag, pending and dead entries",
     ),
+    "control forget": Command(
+        "worker.control:ForgetSettings",
+        "worker.control:run_forget",
+        "delete what stopped models left in Redis: groups, state, registry entry, contribution",
+    ),
     "demo": Command(
         "worker.demo:DemoSettings",
         "worker.demo:run",

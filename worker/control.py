@@ -8,7 +8,9 @@ lag, pending and dead entries.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -238,8 +240,11 @@ def status(client: redis.Redis, streams: Streams) -> dict[str, Any]:
         if not client.exists(name):
             continue
         for group in client.xinfo_groups(name):
-            key = f"{name} {group['name'].decode() if isinstance(group['name'], bytes) else group['name']}"
+            key = f"{name} {text(group['name'])}"
             report["groups"][key] = {"pending": group["pending"], "lag": group.get("lag")}
+            model = text(group["name"]).removeprefix("model:")
+            if name != streams.logits and model not in report["models"]:
+                report["groups"][key]["stale"] = True  # its model is not live: `control forget` it?
     report["dead"] = report["streams"][streams.dead]
     return report
 
@@ -267,7 +272,8 @@ def print_status(report: dict[str, Any]) -> None:
         print(f"  {name:<30} {length}")
     print("consumer groups:")
     for name, group in report["groups"].items():
-        print(f"  {name:<45} pending={group['pending']} lag={group['lag']}")
+        stale = "  (model not live)" if group.get("stale") else ""
+        print(f"  {name:<45} pending={group['pending']} lag={group['lag']}{stale}")
     print(f"dead entries: {report['dead']}")
 
 
@@ -286,6 +292,48 @@ def run_status(settings: StatusSettings) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         print_status(report)
+    return 0
+
+
+class ForgetSettings(CommonSettings):
+    """``python -m worker control forget``: delete what stopped models left in Redis."""
+
+    component_id: list[str] = Field(description="a model to forget; repeat the flag for more")
+    registry_max_age: float = Field(5.0, gt=0, description="a model with a heartbeat this recent is live")
+
+
+def forget(client: redis.Redis, streams: Streams, component_id: str) -> list[str]:
+    """Delete a model's consumer groups, state (checkpoint, memory, lease, info), registry entry and
+    contribution; what was there to delete. Its replies on the output streams stay."""
+    removed = []
+    group = Streams.group(component_id)
+    for stream in (streams.observation, streams.evolution):
+        with contextlib.suppress(redis.ResponseError):  # no such stream
+            if client.xgroup_destroy(stream, group):
+                removed.append(f"group {group} of {stream}")
+    keys = [streams.model_key(component_id, part) for part in ("checkpoint", "memory", "lease", "info")]
+    removed += [key for key in keys if client.delete(key)]
+    if client.zrem(streams.registry, component_id):
+        removed.append(f"{component_id} in {streams.registry}")
+    if client.hdel(streams.contribution, component_id):
+        removed.append(f"{component_id} in {streams.contribution}")
+    return removed
+
+
+def run_forget(settings: ForgetSettings) -> int:
+    """Forget each model that is not live: a live one (a recent heartbeat, or a lease held) would
+    only write its state again, so it is refused; stop it first."""
+    from worker.connections import connect
+
+    client, streams = connect(settings.redis_url), Streams(settings.prefix)
+    live = set(live_models(client, streams, settings.registry_max_age))
+    busy = [c for c in settings.component_id if c in live or client.exists(streams.model_key(c, "lease"))]
+    if busy:
+        print(f"error: live, not forgotten (stop them first): {', '.join(busy)}", file=sys.stderr)
+        return 1
+    for component_id in settings.component_id:
+        removed = forget(client, streams, component_id)
+        print(f"{component_id}: " + ("; ".join(removed) if removed else "nothing to forget"))
     return 0
 
 

@@ -288,14 +288,16 @@ def test_serve_survives_its_logits_stream_being_deleted(real_redis, agg_settings
     aggregator = Aggregator(agg_settings, real_redis)
     thread = threading.Thread(target=aggregator.serve, daemon=True)
     thread.start()
-    time.sleep(0.3)
-    real_redis.delete("rl:logits")  # with the group: the blocked read fails (UNBLOCKED / NOGROUP)
-    deadline = time.monotonic() + 10
-    while not real_redis.exists("rl:logits") and time.monotonic() < deadline:
-        time.sleep(0.05)  # serve makes the group (and the stream) again
-    reply(real_redis, "1-0", "m1", [0.0, 1.0])
-    while not real_redis.xlen("rl:action") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    aggregator.stop()
-    thread.join(5)
+    try:  # a failure must not leave the thread reading the group of later tests
+        time.sleep(0.3)
+        real_redis.delete("rl:logits")  # with the group: the blocked read fails (UNBLOCKED / NOGROUP)
+        deadline = time.monotonic() + 10
+        while not real_redis.exists("rl:logits") and time.monotonic() < deadline:
+            time.sleep(0.05)  # serve makes the group (and the stream) again
+        reply(real_redis, "1-0", "m1", [0.0, 1.0])
+        while not real_redis.xlen("rl:action") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        aggregator.stop()
+        thread.join(5)
     assert thread.is_alive() is False and len(real_redis.xrange("rl:action")) == 1

@@ -18,6 +18,7 @@ def test_control_alone_prints_the_usage_and_runs_nothing(capsys) -> None:
     assert main(["control"]) == 2  # it used to start `control train`, waiting for models
     err = capsys.readouterr().err
     assert "control train" in err and "control status" in err
+    assert main(["control", "--help"]) == 0 and "control forget" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -42,7 +43,9 @@ def test_an_unusable_environment_is_one_line(args: list[str], says: str) -> None
     ("args", "says"),
     [
         (["model", "--net-arch", "{pi:[16]}"], "error: Parsing error encountered for net_arch"),
-        (["control", "status", "--redis-url", "http://localhost"], "error: --redis-url: String should match"),
+        (["control", "status", "--redis-url", "http://localhost"], "error: --redis-url: Value error, Redis"),
+        (["model", "--redis-url", "redis://localhost:abc/0"], "error: --redis-url: Value error, Port"),
+        (["demo", "--redis-url", "http://localhost"], "error: --redis-url: Value error, Redis"),
     ],
 )
 def test_a_malformed_flag_is_one_line(capsys, args: list[str], says: str) -> None:
@@ -62,6 +65,7 @@ def test_a_tool_facing_no_redis_says_so_in_one_line(capsys) -> None:
 def test_status_into_a_closed_pipe_exits_without_a_traceback(redis_server_url: str) -> None:
     """``control status | head -1``: the reader leaves early; the writer stops quietly."""
     env = {**os.environ, "REDIS_URL": redis_server_url}
+    env.pop("PYTHONUNBUFFERED", None)  # a pipe's stdout is then written at exit, unless flushed before
     process = subprocess.Popen(
         [sys.executable, "-m", "worker", "control", "status"],
         env=env,

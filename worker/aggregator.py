@@ -46,7 +46,7 @@ from pydantic import Field
 from worker import logs, scripts
 from worker.connections import ensure_group
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
-from worker.reconnect import OUTAGE, Outages
+from worker.reconnect import Outages, is_outage
 from worker.settings import CommonSettings
 from worker.state import live_models
 
@@ -202,10 +202,9 @@ class Aggregator:
                     started = True
                 self.step()
                 outages.ok()
-            except (*OUTAGE, redis.ResponseError) as exc:
-                # NOGROUP / UNBLOCKED: the logits stream was deleted (or Redis restarted empty)
-                outage = isinstance(exc, OUTAGE) or str(exc).startswith(("NOGROUP", "UNBLOCKED"))
-                if not outage:
+            except redis.RedisError as exc:
+                # NOGROUP: the logits stream was deleted (or Redis restarted empty)
+                if not (is_outage(exc) or str(exc).startswith("NOGROUP")):
                     raise
                 started = False
                 outages.failed(exc)

@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsError
 from worker import logs
 from worker.connections import redacted
 from worker.reconnect import OUTAGE
-from worker.settings import CommonSettings
+from worker.settings import CommonSettings, SpacesError
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     found = find(argv)
     if found is None:
-        asked = bool(argv) and argv[0] in ("-h", "--help")
+        asked = any(arg in ("-h", "--help") for arg in argv[:2])
         print(usage(), file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     name, rest = found
@@ -162,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(settings, CommonSettings):
         logs.configure(settings.log_level, settings.log_json)
     try:
-        return int(runner(settings) or 0)
+        code = int(runner(settings) or 0)
+        sys.stdout.flush()  # here, not at exit: a reader that left (| head) is told apart below
+        return code
     except OUTAGE as exc:
         # Servers ride out outages themselves; a one-shot tool (control, evolution) says it once.
-        url = redacted(getattr(settings, "redis_url", "?"))
+        url = redacted(getattr(settings, "redis_url", None) or "(the embedded one)")
         state = "read-only (a replica)" if isinstance(exc, redis.ReadOnlyError) else "unreachable"
         print(f"error: Redis at {url} is {state}: {exc}", file=sys.stderr)
         return 1
@@ -182,5 +184,5 @@ def mendable() -> Iterator[None]:
 
     try:
         yield
-    except (ValueError, gymnasium.error.Error) as exc:
+    except (SpacesError, gymnasium.error.Error) as exc:
         raise SystemExit(f"error: {exc}") from None

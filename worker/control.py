@@ -223,7 +223,7 @@ def status(client: redis.Redis, streams: Streams) -> dict[str, Any]:
     report: dict[str, Any] = {"models": {}, "streams": {}, "groups": {}}
     for cid in live_models(client, streams):
         info = client.hgetall(streams.model_key(cid, "info"))
-        report["models"][cid] = {k.decode(): _scalar(v.decode()) for k, v in info.items()}
+        report["models"][cid] = {k.decode(): _counter(k.decode(), v.decode()) for k, v in info.items()}
     names = [
         streams.observation,
         streams.evolution,
@@ -249,14 +249,9 @@ def status(client: redis.Redis, streams: Streams) -> dict[str, Any]:
     return report
 
 
-def _scalar(value: str) -> int | float | str:
-    """A hash field as the number it spells (counters, flags), else as text (the consumer name)."""
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
+def _counter(key: str, value: str) -> int | str:
+    """The info hash's counters and flags as numbers; the rest (the consumer's name) as text."""
+    return int(value) if key in ("version", "updates", "paused", "envs", "reconnects") else value
 
 
 def print_status(report: dict[str, Any]) -> None:

@@ -47,8 +47,8 @@ from worker import logs, scripts
 from worker.connections import last_id
 from worker.episodes import Progress, Slot
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
-from worker.reconnect import OUTAGE, Outages
-from worker.settings import CommonSettings
+from worker.reconnect import Outages, is_outage
+from worker.settings import CommonSettings, SpacesError
 
 log = logs.get("worker.envrunner")
 
@@ -117,7 +117,7 @@ class EnvRunner:
         self.eval = [make(f"{s.runner_id}-eval-{k}", s.n_envs + k, True) for k in range(s.n_envs)]
         space = self.train[0].env.action_space
         if not isinstance(space, gym.spaces.Discrete):
-            raise ValueError(f"{s.gym_env} has {space}; only discrete actions are supported")
+            raise SpacesError(f"{s.gym_env} has {space}; only discrete actions are supported")
         self.n_actions = int(space.n)
 
     # ----------------------------------------------------------------- control loop
@@ -152,7 +152,9 @@ class EnvRunner:
                         if not self._stopping:
                             self.handle_entry(self.control_cursor, fields or {})
                 outages.ok()
-            except OUTAGE as exc:
+            except redis.RedisError as exc:
+                if not is_outage(exc):
+                    raise
                 self._break_outstanding(self.train + self.eval)
                 outages.failed(exc)
         log.info("stopped", runner_id=self.settings.runner_id)
@@ -237,7 +239,9 @@ class EnvRunner:
             report: dict[str, Any] = {"EVENT": "run", **progress.run, "ERROR": str(exc)}
             self._publish(statuses + [report], [], encoding)
             return report
-        except OUTAGE as exc:
+        except redis.RedisError as exc:
+            if not is_outage(exc):
+                raise
             # Reported once Redis is back (serve), so that control stops waiting for this run.
             error = f"redis unreachable during the run: {exc}"
             self._unreported = {"EVENT": "run", **progress.run, "ERROR": error}, encoding

@@ -40,7 +40,7 @@ from worker.protocol import (
     parse_observation,
     parse_weight_vector,
 )
-from worker.reconnect import OUTAGE, Outages
+from worker.reconnect import Outages, is_outage
 from worker.settings import ModelSettings
 from worker.state import CommitRefused, Counters, LostLease, ModelStore, digest
 
@@ -139,13 +139,14 @@ class ModelWorker:
                 self.poll()
                 self.outages.ok()
                 refused = 0
-            except OUTAGE as exc:
-                stale = True
-                self.outages.failed(exc)
-            except redis.ResponseError as exc:
-                if not str(exc).startswith("NOGROUP"):
+            except redis.RedisError as exc:
+                if is_outage(exc):
+                    stale = True
+                    self.outages.failed(exc)
+                elif str(exc).startswith("NOGROUP"):
+                    stale = True  # our group is gone: _recover makes it again
+                else:
                     raise
-                stale = True  # our group is gone: _recover makes it again
             except (LostLease, CommitRefused) as exc:
                 # A takeover is reloaded at once. Refusals in a row are not takeovers (a key of the
                 # wrong type, memory full, a checkpoint changed by hand): back off and say so.

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.policies import ActorCriticPolicy
 
-from worker.settings import A2CSettings
+from worker.settings import A2CSettings, SpacesError
 
 ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
 
@@ -25,11 +25,11 @@ def make_spaces(settings: A2CSettings) -> tuple[gym.spaces.Box, gym.spaces.Discr
         env.close()
     else:
         if not settings.obs_shape or not settings.n_actions:
-            raise ValueError("without --gym-env, give --obs-shape and --n-actions")
+            raise SpacesError("without --gym-env, give --obs-shape and --n-actions")
         obs_space = gym.spaces.Box(-np.inf, np.inf, tuple(settings.obs_shape), np.float32)
         act_space = gym.spaces.Discrete(settings.n_actions)
     if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, gym.spaces.Discrete):
-        raise ValueError(
+        raise SpacesError(
             f"need a Box observation and a Discrete action space, got {obs_space} and {act_space}"
         )
     return obs_space, act_space

@@ -22,6 +22,13 @@ import redis
 OUTAGE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 
 
+def is_outage(error: BaseException) -> bool:
+    """An :data:`OUTAGE`, or UNBLOCKED: Redis ends the blocked reads of a primary being demoted."""
+    return isinstance(error, OUTAGE) or (
+        isinstance(error, redis.ResponseError) and str(error).startswith("UNBLOCKED")
+    )
+
+
 class ConnectionWatch:
     """Counts (re)connections of a client's pooled connection.
 
@@ -107,6 +114,11 @@ class Outages:
         self.watch.reconnected()
 
     def failed(self, error: Exception) -> None:
+        if isinstance(error, redis.ReadOnlyError) or "replica" in str(error):
+            # A server that is a replica now: connect again, to whatever the URL names by then (a
+            # DNS name or virtual IP that moved to the new primary), not to the old server. Only
+            # idle connections: another thread's command in flight is left alone.
+            self.watch.client.connection_pool.disconnect(inuse_connections=False)
         self.failures += 1
         sleep = self.backoff.delay(self.failures - 1)
         self.log.warning(

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 from worker.trimming import StreamTrim
+
+
+class SpacesError(ValueError):
+    """The environment or the spaces a command was given cannot be used: mended with a flag."""
 
 
 def _env(name: str, *more: str) -> AliasChoices:
@@ -31,7 +36,6 @@ class CommonSettings(BaseSettings):
 
     redis_url: str = Field(
         "redis://localhost:6379/0",
-        pattern=r"^(redis|rediss|unix)://",
         description="Redis URL (redis://, rediss:// for TLS, unix://); env REDIS_URL",
     )
     prefix: str = Field(
@@ -41,6 +45,13 @@ class CommonSettings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_json: bool = Field(False, description="log JSON lines instead of human-readable text")
+
+    @field_validator("redis_url", check_fields=False)
+    @classmethod
+    def _redis_can_use(cls, url: str | None) -> str | None:
+        if url is not None:
+            parse_url(url)  # a ValueError for a scheme, port or option redis-py cannot use
+        return url
 
 
 class A2CSettings(BaseSettings):

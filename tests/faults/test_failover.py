@@ -79,3 +79,67 @@ def test_the_loop_started_on_a_replica_runs_once_it_is_promoted(tmp_path: Path) 
                 p.process.kill()
         for server in servers:
             server.close()
+
+
+def test_the_loop_rides_out_its_primary_being_demoted_and_promoted_again(tmp_path: Path) -> None:
+    """A failover and back, under running components: demoted, the primary ends their blocked reads
+    (UNBLOCKED) and refuses their writes (READONLY); they back off, and go on once it is promoted."""
+    servers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        servers.append(RedisServer(tmp_path / name))
+    a, b = servers
+    processes: list[Incarnation] = []
+    try:
+        for server in servers:
+            server.start()
+        client, other = redis.Redis.from_url(a.url), redis.Redis.from_url(b.url)
+        other.replicaof("127.0.0.1", a.port)
+        commands = {
+            "model": worker_command(a.url, "m1", "--lease-ttl", "1"),
+            "aggregator": component(a.url, "aggregator"),
+            "env": component(a.url, "env", "--n-envs", "2", "--runner-id", "r", "--seed", "0"),
+        }
+        processes = [spawn(args, tmp_path / f"{name}.log", name) for name, args in commands.items()]
+        streams = Streams("rl")
+        wait(lambda: processes[0].ready is not None, "the model to be ready", processes)
+        wait_for_loop(client, streams, ["r"], since=0)
+
+        def run(run_id: str) -> dict:
+            xadd(client, streams.control, {"CMD": "RUN", "RUN_ID": run_id, "STEPS": 10})
+
+            def report() -> list[dict]:
+                return [m for _, m in read(client, streams.status) if m.get("RUN_ID") == run_id]
+
+            wait(report, f"the report of {run_id}", processes)
+            return report()[0]
+
+        assert "ERROR" not in run("before")
+        wait(
+            lambda: (
+                other.info("replication")["master_repl_offset"]
+                >= client.info("replication")["master_repl_offset"]
+            ),
+            "b to catch up",
+            processes,
+        )  # noqa: E501
+        other.replicaof("NO", "ONE")  # the failover: b is the primary, a its replica
+        client.replicaof("127.0.0.1", b.port)
+        wait(lambda: all(p.events["redis unreachable, retrying"] for p in processes), "refusals", processes)
+        wait(lambda: client.info("replication")["master_link_status"] == "up", "a to follow b", processes)
+        client.replicaof("NO", "ONE")  # and back
+        other.replicaof("127.0.0.1", a.port)
+        report = run("after")
+        assert report["STEPS"] == 10 and "ERROR" not in report, report
+        assert all(p.process.poll() is None for p in processes)  # nobody crashed
+    finally:
+        for p in processes:
+            if p.process.poll() is None:
+                p.process.terminate()
+        for p in processes:
+            try:
+                p.process.wait(timeout=30)
+            except Exception:
+                p.process.kill()
+        for server in servers:
+            server.close()

@@ -91,6 +91,12 @@ def bad_inputs(n: int) -> list[Bad]:
         Bad("REWARD as text", obs, plain(OBSERVATION=OBS, REWARD="one", ACTION=0), ("REWARD",)),
         Bad("REWARD NaN", obs, plain(OBSERVATION=OBS, REWARD="NaN", ACTION=0), ("REWARD", "finite")),
         Bad(
+            "REWARD beyond float32",
+            obs,
+            packed({"OBSERVATION": OBS, "REWARD": 1e39, "ACTION": 0}),
+            ("REWARD", "float32"),
+        ),
+        Bad(
             "REWARD msgpack inf",
             obs,
             packed({"OBSERVATION": OBS, "REWARD": math.inf, "ACTION": 0}),

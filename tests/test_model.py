@@ -295,3 +295,19 @@ def test_memories_written_before_they_had_a_time_still_load() -> None:
     memory = EnvMemory.unpack(old)
     assert memory.seen_ms == 0 and memory.value == 0.5 and len(memory.rollout) == 1
     assert EnvMemory.unpack(memory.pack()).seen_ms == 0
+
+
+def test_a_reward_that_overflows_the_returns_leaves_the_weights_alone(real_redis, settings) -> None:
+    """Rewards near float32's limit are valid, but their returns overflow: the update's gradient is
+    not finite. One step on it would make every weight NaN for good; the update is skipped instead."""
+    worker = ModelWorker(settings, real_redis)
+    worker.start()
+    before = weights_as_vector(worker.policy).copy()
+    for t in range(settings.n_steps + 1):  # one segment: n_steps rewards of 3e38
+        step = {"REWARD": 3e38, "ACTION": 0} if t else {}
+        xadd(real_redis, "rl:observation", {"OBSERVATION": OBS, "ENV_ID": "e", **step}, "msgpack")
+    drain(worker)
+    assert worker.counters.skipped == 1 and worker.counters.updates == 0 and worker.counters.dead == 0
+    np.testing.assert_array_equal(weights_as_vector(worker.policy), before)
+    assert len(read(real_redis, "rl:logits")) == settings.n_steps + 1  # all answered, with finite logits
+    assert all(np.isfinite(reply["LOGITS"]).all() for _, reply in read(real_redis, "rl:logits"))

@@ -701,7 +701,7 @@ def test_arbitrary_msgpack_values(value) -> None:
     st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=4, max_size=4),
     st.text(min_size=1, max_size=20),
     st.integers(0, N_ACTIONS - 1),
-    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(width=32, allow_nan=False, allow_infinity=False),  # a REWARD must fit float32
     st.sampled_from(list(Encoding)),
 )
 def test_valid_observations_round_trip(values, env_id, action, reward, encoding) -> None:

@@ -29,6 +29,7 @@ from worker.settings import A2CSettings
 @dataclass(frozen=True)
 class UpdateStats:
     segments: int
+    applied: bool  # False: the gradient was not finite, so the weights were left as they were
     policy_loss: float
     value_loss: float
     entropy: float
@@ -82,7 +83,11 @@ def update(policy: ActorCriticPolicy, buffer: RolloutBuffer, settings: A2CSettin
 
     policy.optimizer.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.max_grad_norm)
-    policy.optimizer.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.max_grad_norm)
+    # Rewards near float32's limit overflow the returns, and one step on a NaN gradient would make
+    # every weight NaN for good: no step is better than that (SB3 would take it).
+    applied = bool(torch.isfinite(grad_norm))
+    if applied:
+        policy.optimizer.step()
     policy.set_training_mode(False)
-    return UpdateStats(buffer.n_envs, policy_loss.item(), value_loss.item(), -entropy_loss.item())
+    return UpdateStats(buffer.n_envs, applied, policy_loss.item(), value_loss.item(), -entropy_loss.item())

@@ -111,6 +111,10 @@ class Learner:
             return False
         self.last_buffer = a2c.fill_buffer(self.policy, segments, self.settings)
         stats = a2c.update(self.policy, self.last_buffer, self.settings)
+        if not stats.applied:
+            self.counters.skipped += 1
+            log.warning("update skipped: its gradient is not finite", segments=stats.segments)
+            return False
         self.counters.updates += 1
         self.counters.segments += stats.segments
         log.debug("update", updates=self.counters.updates, **vars(stats))

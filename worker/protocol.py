@@ -7,7 +7,6 @@ Everything another program (or ``redis-cli``) must know to talk to the workers l
 from __future__ import annotations
 
 import json
-import math
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -201,6 +200,9 @@ def _flag(message: Mapping[str, Any], key: str) -> bool:
     raise ProtocolError(f"{key} must be true or false, got {_describe(value)}")
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _number(message: Mapping[str, Any], key: str) -> float:
     value = message[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -209,8 +211,8 @@ def _number(message: Mapping[str, Any], key: str) -> float:
         value = float(value)
     except OverflowError:  # a JSON integer beyond the float range
         raise ProtocolError(f"{key} must be finite, got an integer of {len(str(value))} digits") from None
-    if not math.isfinite(value):
-        raise ProtocolError(f"{key} must be finite, got {value}")
+    if not abs(value) <= _FLOAT32_MAX:  # NaN fails too; training keeps rewards in float32
+        raise ProtocolError(f"{key} must be finite and within float32's range (about ±3.4e38), got {value}")
     return value
 
 
@@ -224,9 +226,6 @@ def _has_bool(value: Any) -> bool:
         if isinstance(item, list):
             stack.extend(item)
     return False
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _array(message: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.ndarray:

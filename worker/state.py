@@ -56,6 +56,7 @@ class Counters:
     segments: int = 0  # n_steps segments trained on
     discarded: int = 0  # segments completed while training was paused
     updates: int = 0  # A2C gradient steps
+    skipped: int = 0  # A2C updates not applied: their gradient was not finite (absurd rewards)
     commands: int = 0  # evolution commands applied
     dead: int = 0  # entries dead-lettered
     forgotten: int = 0  # environments forgotten after memory_ttl seconds without an observation

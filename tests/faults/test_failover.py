@@ -109,7 +109,8 @@ def test_the_loop_rides_out_its_primary_being_demoted_and_promoted_again(tmp_pat
             xadd(client, streams.control, {"CMD": "RUN", "RUN_ID": run_id, "STEPS": 10})
 
             def report() -> list[dict]:
-                return [m for _, m in read(client, streams.status) if m.get("RUN_ID") == run_id]
+                runs = [m for _, m in read(client, streams.status) if m.get("EVENT") == "run"]
+                return [m for m in runs if m.get("RUN_ID") == run_id]  # not its episodes' entries
 
             wait(report, f"the report of {run_id}", processes)
             return report()[0]

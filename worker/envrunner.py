@@ -102,6 +102,7 @@ class EnvRunner:
         self.redis = client
         self.streams = Streams(settings.prefix)
         self.control_cursor: str | None = None
+        self._ready = False  # start() went through
         self._stopping = False
         self._unreported: tuple[dict[str, Any], Encoding] | None = None  # a run Redis cut short
         self._publish_script = client.register_script(scripts.PUBLISH)
@@ -123,11 +124,16 @@ class EnvRunner:
     # ----------------------------------------------------------------- control loop
 
     def start(self) -> None:
-        """Fix where commands are read from: only commands sent after this are obeyed."""
-        cursor = last_id(self.redis, self.streams.control)
+        """Fix where commands are read from (only commands sent after this are obeyed), then say so.
+
+        Retried until both went through: the place is fixed once, before the mark control waits
+        for, so a command sent after the mark is read even if the mark's reply was lost.
+        """
+        if self.control_cursor is None:
+            self.control_cursor = last_id(self.redis, self.streams.control)
         s = self.settings
         self.redis.hset(self.streams.runner_key(s.runner_id), "ready", time.time())  # for control
-        self.control_cursor = cursor
+        self._ready = True
         log.info("ready", runner_id=s.runner_id, env=s.gym_env, n_envs=s.n_envs, seed=s.seed)
 
     def serve(self) -> None:
@@ -138,7 +144,7 @@ class EnvRunner:
         outages = Outages(self.redis, log, runner_id=self.settings.runner_id)
         while not self._stopping:
             try:
-                if self.control_cursor is None:
+                if not self._ready:
                     self.start()
                 if self._unreported is not None:
                     self._publish([self._unreported[0]], [], self._unreported[1])

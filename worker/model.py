@@ -199,18 +199,7 @@ class ModelWorker:
         tells the version and digests of the state as loaded (re-encoded: equal to the blobs' in Redis)."""
         restored = self.learner.restore(self.store.load())
         if not restored:
-            self.store.commit(
-                self.consumer,
-                self.settings.lease_ttl,
-                self.learner.counters,
-                0.0,
-                {},
-                self.learner.checkpoint(),
-                [],
-                {},
-                self.group,
-                self.settings.trimming,
-            )
+            self._commit(Outbox(weights_changed=True), empty=True)  # the first checkpoint
         self.restored = {"restored": restored, "checkpoint_version": self.counters.version}
         self.restored |= {f"{key}_sha": digest(blob) for key, blob in self.learner.checkpoint().items()}
         self._pending_first = True
@@ -386,8 +375,9 @@ class ModelWorker:
         letter.update({f"dead:{k}".encode(): str(v).encode() for k, v in history.items()})
         outbox.messages.append((self.streams.dead, letter))
 
-    def _commit(self, outbox: Outbox) -> None:
-        if not outbox.acks:
+    def _commit(self, outbox: Outbox, empty: bool = False) -> None:
+        """Commit what ``outbox`` holds; nothing if it consumed no entry, unless ``empty``."""
+        if not outbox.acks and not empty:
             return
         learner = self.learner
         self.store.commit(

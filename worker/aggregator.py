@@ -160,7 +160,6 @@ class Aggregator:
         self.decided: OrderedDict[str, None] = OrderedDict()
         self.live: set[str] = set()
         self._live_at = -math.inf
-        self._strangers = False  # a reply came from a model not in self.live: look again
         self._asked: set[str] = set()  # models not live that made us look again in the last second
         self._stopping = False
         self._acks: list[str] = []  # entries done with (late, duplicate, dead) to ack with the next batch
@@ -236,18 +235,20 @@ class Aggregator:
             count=self.settings.batch_size,
             block=block if block > 0 else None,  # redis-py: None does not block, 0 blocks forever
         )
-        self._collect(reply[0][1] if reply else [])
-        if self._strangers:  # a model that joined since the last look: it may not be the only one
-            self._refresh_live()
-            self._strangers = False
+        if self._collect(reply[0][1] if reply else []):
+            self._refresh_live()  # a model that joined since the last look: it may not be the only one
         return self._decide()
 
     def _refresh_live(self) -> None:
         self.live = set(live_models(self.redis, self.streams, self.settings.registry_max_age))
         self._live_at = time.monotonic()
 
-    def _collect(self, items: list[tuple[bytes, dict[bytes, bytes] | None]]) -> None:
-        """File each reply under its observation; reject bad ones, drop late and duplicate ones."""
+    def _collect(self, items: list[tuple[bytes, dict[bytes, bytes] | None]]) -> bool:
+        """File each reply under its observation; reject bad ones, drop late and duplicate ones.
+
+        :return: whether a reply came from a model not in :attr:`live` (at most once a second each)
+        """
+        strangers = False
         for raw_id, fields in items:
             entry_id = raw_id.decode()
             if fields is None:  # trimmed from the stream while pending
@@ -278,8 +279,9 @@ class Aggregator:
             bucket.logits[reply.component_id] = reply.logits
             if reply.component_id not in self.live and reply.component_id not in self._asked:
                 self._asked.add(reply.component_id)  # once a second at most: it may never register
-                self._strangers = True
+                strangers = True
             bucket.entry_ids.append(entry_id)
+        return strangers
 
     def _decide(self) -> list[dict[str, Any]]:
         """Decide every observation that is complete or past its deadline; publish it all at once.

@@ -240,10 +240,10 @@ def status(client: redis.Redis, streams: Streams) -> dict[str, Any]:
         if not client.exists(name):
             continue
         for group in client.xinfo_groups(name):
-            key = f"{name} {text(group['name'])}"
+            group_name = text(group["name"])
+            key = f"{name} {group_name}"
             report["groups"][key] = {"pending": group["pending"], "lag": group.get("lag")}
-            model = text(group["name"]).removeprefix("model:")
-            if name != streams.logits and model not in report["models"]:
+            if name != streams.logits and group_name.removeprefix("model:") not in report["models"]:
                 report["groups"][key]["stale"] = True  # its model is not live: `control forget` it?
     report["dead"] = report["streams"][streams.dead]
     return report

@@ -166,15 +166,14 @@ class Learner:
 
     def restore(self, snapshot: Snapshot) -> bool:
         """Become the committed state; False (and a fresh policy) when there is none yet."""
+        self._swept_below = -1
         if snapshot.policy is None:
             self.policy = make_policy(self.settings)
             self.counters, self.paused_until, self.memories = Counters(), 0.0, {}
-            self._swept_below = -1
             return False
         self.policy.load_state_dict(unpack_state(snapshot.policy))
         if snapshot.optimizer is not None:
             self.policy.optimizer.load_state_dict(unpack_state(snapshot.optimizer))
         self.counters, self.paused_until = snapshot.counters, snapshot.paused_until
-        self._swept_below = -1
         self.memories = {env: EnvMemory.unpack(blob) for env, blob in snapshot.memory.items()}
         return True

@@ -37,7 +37,21 @@ def fields(mapping: Mapping[Any, Any]) -> list[Any]:
 #   index and a section of entry IDs; messages: per message its stream's KEYS index and a section
 #   of field/value pairs.
 MAX_MESSAGE_FIELDS = 1000  # field/value pairs per XADD (one unpack of twice as many values)
-COMMIT = """
+
+# How the scripts read their sections of ARGV: ``i`` is where the next one starts (each script sets
+# it past its fixed arguments); section() returns the first and last index of its items.
+_SECTIONS = """
+local i
+local function section()
+  local n = tonumber(ARGV[i])
+  i = i + 1 + n
+  return i - n, i - 1
+end
+"""
+
+COMMIT = (
+    _SECTIONS
+    + """
 local CHUNK = 1000  -- values per unpack(); even, so field/value pairs are never split
 local token, ttl, version, trim, threshold, group = unpack(ARGV, 1, 6)
 if redis.call('GET', KEYS[1]) ~= token then
@@ -55,12 +69,7 @@ for k = 2, #KEYS do
     return redis.error_reply('WRONGTYPE ' .. KEYS[k] .. ' is a ' .. kind .. ', not a ' .. want)
   end
 end
-local i = 7
-local function section()
-  local n = tonumber(ARGV[i])
-  i = i + 1 + n
-  return i - n, i - 1
-end
+i = 7
 local function keyed()  -- a stream's KEYS index, then a section
   local stream = KEYS[tonumber(ARGV[i])]
   i = i + 1
@@ -123,6 +132,7 @@ for _, message in ipairs(messages) do
 end
 return 'OK'
 """
+)
 
 
 # A decision's writes, atomic, in one round trip; and idempotent: redis-py resends a command whose
@@ -132,13 +142,11 @@ return 'OK'
 # OBS_IDs to keep, then sections (a count, then the items): actions (count, then one section of
 # fields each), their OBS_IDs, shares (model/share pairs), dead letters (count, then one
 # section of fields each), acknowledged entry IDs.
-FLUSH = """
-local group, maxlen, now, remembered, i = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), 5
-local function section()
-  local n = tonumber(ARGV[i])
-  i = i + 1 + n
-  return i - n, i - 1
-end
+FLUSH = (
+    _SECTIONS
+    + """
+local group, maxlen, now, remembered = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+i = 5
 local function sections()
   local n, list = tonumber(ARGV[i]), {}
   i = i + 1
@@ -172,6 +180,7 @@ for from = acks[1], acks[2], 1000 do
 end
 return 1
 """
+)
 
 
 # One round's entries, atomic (a blocked model wakes once, after the whole round, so one round is

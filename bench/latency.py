@@ -35,9 +35,9 @@ from typing import Any
 import redis
 
 from bench.parity import sb3_a2c
-from worker.connections import connect, embedded_redis
-from worker.control import run_episodes, wait_for_loop, wait_for_models
-from worker.demo import Swarm
+from worker.common.connections import connect, embedded_redis
+from worker.control.demo import Swarm
+from worker.control.train import run_episodes, wait_for_loop, wait_for_models
 from worker.protocol import Streams
 
 HZ = os.sysconf("SC_CLK_TCK")

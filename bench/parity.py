@@ -22,9 +22,9 @@ from stable_baselines3 import A2C
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
-from worker import logs
-from worker.control import RoundResult
-from worker.demo import DemoSettings, train_swarm
+from worker.common import logs
+from worker.control.demo import DemoSettings, train_swarm
+from worker.control.train import RoundResult
 
 TARGET, EVAL_EPISODES = 475.0, 20
 

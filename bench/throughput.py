@@ -42,11 +42,11 @@ import redis
 import torch
 
 from bench import tutorial_port
-from worker import logs
-from worker.connections import connect, embedded_redis
-from worker.model import ModelWorker
+from worker.common import logs
+from worker.common.connections import connect, embedded_redis
+from worker.model.loop import ModelWorker
+from worker.model.settings import ModelSettings
 from worker.protocol import Encoding, Streams, encode_entry
-from worker.settings import ModelSettings
 
 PREFILL_CHUNK = 2_000
 

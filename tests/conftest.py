@@ -10,8 +10,8 @@ import fakeredis
 import pytest
 import redis
 
-from worker.connections import embedded_redis
-from worker.settings import ModelSettings
+from worker.common.connections import embedded_redis
+from worker.model.settings import ModelSettings
 
 
 @pytest.fixture(scope="session")

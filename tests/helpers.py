@@ -8,7 +8,7 @@ from typing import Any
 import msgpack
 import redis
 
-from worker.model import ModelWorker
+from worker.model.loop import ModelWorker
 
 
 def xadd(

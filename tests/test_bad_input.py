@@ -19,9 +19,9 @@ import pytest
 import redis
 
 from tests.helpers import read
-from worker.model import ModelWorker
-from worker.policy import n_params, weights_as_vector
-from worker.settings import ModelSettings
+from worker.model.loop import ModelWorker
+from worker.model.policy import n_params, weights_as_vector
+from worker.model.settings import ModelSettings
 
 OBS = [0.01, -0.02, 0.03, 0.04]
 OBSERVATION, EVOLUTION, LOGITS, WEIGHTS, DEAD = (
@@ -297,7 +297,7 @@ def test_dead_letter_of_a_republished_dead_letter(any_redis, settings) -> None:
 
 def _fail_on(monkeypatch: pytest.MonkeyPatch, target: str) -> None:
     """Make the learner raise, mid-batch, when it reaches the observation ``target``."""
-    import worker.learner
+    import worker.model.learner
 
     real = worker.learner.observe
 
@@ -306,7 +306,7 @@ def _fail_on(monkeypatch: pytest.MonkeyPatch, target: str) -> None:
             raise RuntimeError(f"injected failure on {target}")
         return real(memory, obs, *args)
 
-    monkeypatch.setattr(worker.learner, "observe", observe)
+    monkeypatch.setattr(worker.model.learner, "observe", observe)
 
 
 def test_internal_error_spares_the_rest_of_the_batch(any_redis, settings, monkeypatch) -> None:

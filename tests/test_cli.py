@@ -11,7 +11,7 @@ import time
 import pytest
 
 from worker.cli import main
-from worker.connections import free_port
+from worker.common.connections import free_port
 
 
 def test_control_alone_prints_the_usage_and_runs_nothing(capsys) -> None:
@@ -98,7 +98,7 @@ def test_status_gives_the_models_counters_as_numbers(capsys, real_redis, redis_s
 def test_forget_deletes_what_a_stopped_model_left(capsys, real_redis, settings, redis_server_url) -> None:
     """A model run once under a random ID leaves groups and state behind; ``control forget`` takes
     them away, and refuses a live model (it would only write its state again)."""
-    from worker.model import ModelWorker
+    from worker.model.loop import ModelWorker
 
     gone, live = [
         ModelWorker(settings.model_copy(update={"component_id": c}), real_redis) for c in ("gone", "on")

@@ -8,10 +8,9 @@ import time
 import msgpack
 import redis
 
-from worker.control import run_episodes
-from worker.evolution import EvolutionSettings, evolve
+from worker.control.train import run_episodes
+from worker.evolution import REQUEST, EvolutionSettings, evolve
 from worker.protocol import Encoding, Streams, encode_entry
-from worker.scripts import REQUEST
 
 
 def answer_runs(client: redis.Redis, *reports: dict) -> threading.Thread:

@@ -14,11 +14,11 @@ import pytest
 import redis
 
 from tests.helpers import drain, read
-from worker.connections import ensure_group
-from worker.model import ModelWorker
-from worker.policy import make_policy, unpack_state, weights_as_vector
+from worker.common.connections import ensure_group
+from worker.model.loop import ModelWorker
+from worker.model.policy import make_policy, unpack_state, weights_as_vector
+from worker.model.store import ModelStore
 from worker.protocol import Encoding, Streams, encode_entry
-from worker.state import ModelStore
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,8 @@ import pytest
 import redis
 
 from tests.helpers import read, xadd
-from worker.envrunner import EnvRunner, EnvSettings
+from worker.env.runner import PUBLISH, EnvRunner, EnvSettings
 from worker.protocol import Encoding, decode_entry, encode_entry
-from worker.scripts import PUBLISH
 
 Message = dict[str, Any]
 
@@ -280,7 +279,7 @@ def test_stop_aborts_the_run_in_progress(real_redis, env_settings, scripted) -> 
 def test_models_aggregator_and_runner_play_cartpole_together(real_redis, settings, env_settings) -> None:
     """Two real model workers, the aggregator and the runner: every observation gets its action."""
     from worker.aggregator import Aggregator, AggregatorSettings
-    from worker.model import ModelWorker
+    from worker.model.loop import ModelWorker
 
     url = env_settings.redis_url
     workers = [
@@ -354,31 +353,31 @@ def test_processes_stop_on_sigterm_mid_run(real_redis, redis_server_url) -> None
     ]
 
 
-def test_a_run_cut_short_by_redis_is_reported_once_redis_is_back(real_redis, env_settings) -> None:
-    """Otherwise control would wait its whole run timeout for a report that never comes."""
+def test_a_run_rides_out_redis_refusing_it(real_redis, env_settings, scripted) -> None:
+    """Out of memory while publishing, unreachable while waiting for actions: the run backs off,
+    keeps its environments, and goes on once Redis is back; every observation answered once."""
     runner = EnvRunner(env_settings, real_redis)
-    runner.start()
-    calls = {"n": 0}
-    read_actions = runner._read_actions
+    fake = scripted(alternate)
+    failures = {
+        "EVALSHA": redis.exceptions.OutOfMemoryError("command not allowed when used memory"),
+        "XREAD": redis.ConnectionError("Redis went away mid-run"),
+    }
+    execute = real_redis.execute_command
 
-    def flaky(*args: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise redis.ConnectionError("Redis went away mid-run")
-        return read_actions(*args)
+    def flaky(*args: Any, **options: Any) -> Any:
+        if args[0] in failures and fake.seen:
+            raise failures.pop(args[0])
+        return execute(*args, **options)
 
-    runner._read_actions = flaky  # type: ignore[method-assign]
-    thread = threading.Thread(target=runner.serve, daemon=True)
-    thread.start()
-    xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "r1", "STEPS": 10})
-    deadline = time.monotonic() + 10
-    reports: list[dict] = []
-    while not reports and time.monotonic() < deadline:
-        reports = [m for _, m in read(real_redis, "rl:status") if m.get("RUN_ID") == "r1"]
-        time.sleep(0.05)
-    runner.stop()
-    thread.join(5)
-    assert len(reports) == 1 and "redis unreachable during the run" in reports[0]["ERROR"]
+    real_redis.execute_command = flaky  # type: ignore[method-assign]
+    try:
+        report = runner.run("r1", steps=6)
+    finally:
+        real_redis.execute_command = execute  # type: ignore[method-assign]
+    assert not failures, "both faults happened"
+    assert report["STEPS"] == 6 and "ERROR" not in report
+    assert len(fake.seen) == 6 and all(obs_id in fake.answers for obs_id, _ in fake.seen)
+    assert runner.outages.failures == 0 and [m["RUN_ID"] for m in statuses(real_redis)] == ["r1"]
 
 
 def test_a_round_sent_twice_is_published_once(real_redis) -> None:

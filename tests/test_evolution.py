@@ -24,10 +24,10 @@ from worker.evolution import (
     request_weights,
     run,
 )
-from worker.model import ModelWorker
-from worker.policy import make_policy, weights_as_vector
+from worker.model.loop import ModelWorker
+from worker.model.policy import make_policy, weights_as_vector
+from worker.model.settings import ModelSettings
 from worker.protocol import Streams
-from worker.settings import ModelSettings
 
 OBS = [0.01, -0.02, 0.03, 0.04]
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from tests.helpers import read
-from worker.demo import DemoSettings, train_swarm
+from worker.control.demo import DemoSettings, train_swarm
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tests.helpers import drain, read, xadd
-from worker.memory import EnvMemory
-from worker.model import ModelWorker
-from worker.policy import make_policy, weights_as_vector
-from worker.settings import ModelSettings
+from worker.model.loop import ModelWorker
+from worker.model.memory import MEMORY_FORMAT, EnvMemory, Transition
+from worker.model.policy import make_policy, weights_as_vector
+from worker.model.settings import ModelSettings
 
 OBS = [0.01, -0.02, 0.03, 0.04]
 
@@ -286,15 +286,15 @@ def test_forgetting_depends_on_the_input_only(real_redis, settings: ModelSetting
     assert set(memories) == {"a", "b"} and stored == [b"a", b"b"]
 
 
-def test_memories_written_before_they_had_a_time_still_load() -> None:
-    """A memory blob of the earlier format (8 fields, no time) loads, as heard of at time 0."""
+def test_a_memory_round_trips_with_its_format() -> None:
     obs, log_probs = np.array(OBS, "<f4"), np.log(np.full(2, 0.5, "<f4"))
-    rollout = [[1, 1.0, True, 0.4, -0.7]]  # action, reward, episode start, value, log-probability
-    old = [obs.tobytes(), [4], 0.5, log_probs.tobytes(), True, False, obs.tobytes(), rollout]
-    old = msgpack.packb(old, use_bin_type=True)
-    memory = EnvMemory.unpack(old)
-    assert memory.seen_ms == 0 and memory.value == 0.5 and len(memory.rollout) == 1
-    assert EnvMemory.unpack(memory.pack()).seen_ms == 0
+    rollout = [Transition(obs, 1, 1.0, True, 0.4, -0.7)]
+    memory = EnvMemory(obs, 0.5, log_probs, False, False, 1234, rollout)
+    blob = memory.pack()
+    assert msgpack.unpackb(blob)[0] == MEMORY_FORMAT
+    back = EnvMemory.unpack(blob)
+    assert back.seen_ms == 1234 and back.value == 0.5 and back.rollout[0].log_prob == -0.7
+    np.testing.assert_array_equal(back.rollout[0].obs, obs)
 
 
 def test_a_reward_that_overflows_the_returns_leaves_the_weights_alone(real_redis, settings) -> None:

@@ -9,11 +9,14 @@ import pytest
 import redis
 
 from tests.helpers import drain, read, xadd
-from worker.connections import ensure_group
-from worker.model import ModelWorker
+from worker.common.connections import ensure_group
+from worker.common.registry import live_models
+from worker.model.learner import Counters
+from worker.model.loop import ModelWorker
+from worker.model.memory import FormatError
+from worker.model.settings import ModelSettings
+from worker.model.store import Batch, CommitRefused, LostLease, ModelStore
 from worker.protocol import Streams
-from worker.settings import ModelSettings
-from worker.state import CommitRefused, Counters, LostLease, ModelStore, live_models
 
 OBS = [0.0, 0.1, 0.0, -0.1]
 
@@ -92,13 +95,12 @@ def test_a_worker_that_retakes_an_expired_lease_cannot_commit_over_its_successor
 
 def test_a_commit_sent_twice_applies_once(any_redis, settings) -> None:
     """redis-py resends a command whose reply was lost; the version makes the second one a no-op."""
-    store, counters = ModelStore(any_redis, Streams("rl"), "m1"), Counters()
+    store = ModelStore(any_redis, Streams("rl"), "m1", consumer="me")
     assert store.acquire("me", 5.0) is None
-    batch = ({}, None, [("rl:logits", {"LOGITS": "[0, 1]"})], {}, "model:m1", 100)
-    store.commit("me", 5.0, counters, 0.0, *batch)
-    counters.version -= 1  # as if the reply was lost and the same commit went out again
+    batch = Batch(Counters(), messages=[("rl:logits", {"LOGITS": "[0, 1]"})])
+    assert store.commit(batch) == 1
     with pytest.raises(LostLease, match="STALE"):
-        store.commit("me", 5.0, counters, 0.0, *batch)
+        store.commit(batch)  # the same commit again, as if its reply was lost
     assert any_redis.xlen("rl:logits") == 1
     assert store.load().counters.version == 1
 
@@ -150,43 +152,52 @@ def test_a_commit_that_cannot_be_applied_whole_writes_nothing(any_redis, setting
     assert len(read(any_redis, "rl:logits")) == 1 and successor.counters.observations == 1
 
 
-def test_a_checkpoint_deleted_under_a_running_worker_is_started_afresh(any_redis, settings) -> None:
+def test_a_checkpoint_deleted_under_a_running_worker_is_written_back(any_redis, settings) -> None:
     worker = ModelWorker(settings, any_redis)
     worker.start()
     xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
     drain(worker)
+    held = worker.store.load()
     any_redis.delete("rl:model:m1:checkpoint")
     xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
     with pytest.raises(LostLease, match="STALE the checkpoint is at version 0"):
         worker.poll()
-    worker._recover()  # what run() does next: reload (nothing there), write a first checkpoint
+    worker.start()  # what serve() does next: the last commit goes back, at its version
+    back = worker.store.load()
+    assert back.counters == held.counters and (back.policy, back.optimizer) == (held.policy, held.optimizer)
     assert drain(worker) == 1
-    assert worker.store.load().counters.version == worker.counters.version == 2
+    assert worker.store.load().counters.version == worker.counters.version == held.counters.version + 1
 
 
-def test_a_checkpoint_from_before_the_version_field_is_taken_over(any_redis) -> None:
-    store = ModelStore(any_redis, Streams("rl"), "m1")
-    any_redis.hset("rl:model:m1:checkpoint", "meta", msgpack.packb({"version": 3, "observations": 7}))
-    assert store.acquire("me", 5.0) is None
-    counters = store.load().counters
-    store.commit("me", 5.0, counters, 0.0, {}, None, [], {}, "model:m1", 100)
-    assert any_redis.hget("rl:model:m1:checkpoint", "version") == b"4"
-    assert store.load().counters.version == 4 and store.load().counters.observations == 7
+def test_stored_state_of_another_format_is_refused(any_redis, settings) -> None:
+    worker = ModelWorker(settings, any_redis)
+    worker.start()
+    xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
+    drain(worker)
+    any_redis.hset("rl:model:m1:checkpoint", "format", "2")
+    with pytest.raises(FormatError, match="checkpoint format 2, this code reads format 1"):
+        worker.store.load()
+    any_redis.hdel("rl:model:m1:checkpoint", "format")
+    with pytest.raises(FormatError, match="checkpoint format none"):
+        worker.store.load()
+    any_redis.hset("rl:model:m1:checkpoint", "format", "1")
+    any_redis.hset("rl:model:m1:memory", "default", msgpack.packb([7, b"future"]))
+    with pytest.raises(FormatError, match="memory has format 7"):
+        ModelWorker(settings, any_redis).start()
 
 
 def test_a_redis_out_of_memory_refuses_the_commit_whole(real_redis) -> None:
-    store, counters = ModelStore(real_redis, Streams("rl"), "m1"), Counters()
+    store = ModelStore(real_redis, Streams("rl"), "m1", consumer="me")
     assert store.acquire("me", 5.0) is None
-    store.commit("me", 5.0, counters, 0.0, {}, {"policy": b"p"}, [], {}, "model:m1", 100)
+    assert store.commit(Batch(Counters(), checkpoint={"policy": b"p"})) == 1
     real_redis.config_set("maxmemory", 1)  # noeviction, the default: writes that may grow are refused
     try:
-        with pytest.raises(CommitRefused, match="maxmemory"):
-            reply = [("rl:logits", {"A": "1"})]
-            store.commit("me", 5.0, counters, 0.0, {"e": b"m"}, None, reply, {}, "model:m1", 100)
+        with pytest.raises(redis.exceptions.OutOfMemoryError, match="maxmemory"):
+            batch = Batch(Counters(version=1), memory={"e": b"m"}, messages=[("rl:logits", {"A": "1"})])
+            store.commit(batch)
     finally:
         real_redis.config_set("maxmemory", 0)
     assert real_redis.hget("rl:model:m1:checkpoint", "version") == b"1" and real_redis.xlen("rl:logits") == 0
-    assert counters.version == 1
 
 
 def test_a_deleted_input_stream_gets_its_group_back(real_redis, settings) -> None:
@@ -197,6 +208,6 @@ def test_a_deleted_input_stream_gets_its_group_back(real_redis, settings) -> Non
     real_redis.delete("rl:observation")  # and the group with it
     with pytest.raises(redis.ResponseError, match="NOGROUP"):
         worker.poll()
-    worker._recover()  # what run() does next
+    worker.start()  # what serve() does next
     xadd(real_redis, "rl:observation", {"OBSERVATION": OBS})
     assert drain(worker) == 1 and len(read(real_redis, "rl:logits")) == 2

@@ -8,9 +8,9 @@ import torch
 from stable_baselines3.common.buffers import RolloutBuffer
 
 from tests.helpers import drain, xadd
-from worker.model import ModelWorker
-from worker.policy import make_policy
-from worker.settings import ModelSettings
+from worker.model.loop import ModelWorker
+from worker.model.policy import make_policy
+from worker.model.settings import ModelSettings
 
 GAMMA, LAMBDA = 0.99, 0.95
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import math
 import reprlib
-import signal
-import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
@@ -43,14 +41,16 @@ import numpy as np
 import redis
 from pydantic import Field
 
-from worker import logs, scripts
-from worker.connections import ensure_group
+from worker.common import logs, lua
+from worker.common.connections import ensure_group
+from worker.common.registry import live_models
+from worker.common.serve import Service
+from worker.common.settings import CommonSettings
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
-from worker.reconnect import Outages, is_outage
-from worker.settings import CommonSettings
-from worker.state import live_models
 
 log = logs.get("worker.aggregator")
+
+FLUSH = lua.source(__package__, "aggregator.lua", sections=True)  # a decision's writes, at once
 
 GROUP = "aggregator"
 
@@ -144,7 +144,7 @@ class Bucket:
     entry_ids: list[str] = field(default_factory=list)
 
 
-class Aggregator:
+class Aggregator(Service):
     """Turns the models' logits into actions and credits each model its contribution.
 
     :param settings: the aggregator's settings
@@ -152,8 +152,8 @@ class Aggregator:
     """
 
     def __init__(self, settings: AggregatorSettings, client: redis.Redis) -> None:
+        super().__init__(client, log, consumer=settings.consumer)
         self.settings = settings
-        self.redis = client
         self.streams = Streams(settings.prefix)
         self.rng = np.random.default_rng(settings.seed)
         self.buckets: dict[str, Bucket] = {}
@@ -161,15 +161,17 @@ class Aggregator:
         self.live: set[str] = set()
         self._live_at = -math.inf
         self._asked: set[str] = set()  # models not live that made us look again in the last second
-        self._stopping = False
         self._acks: list[str] = []  # entries done with (late, duplicate, dead) to ack with the next batch
         self._dead: list[dict] = []
-        self._flush_script = client.register_script(scripts.FLUSH)
+        self._flush_script = client.register_script(FLUSH)
 
     # ----------------------------------------------------------------- life cycle
 
     def start(self) -> None:
-        """Create the group and take back the replies read before a restart but never decided."""
+        """Create the group and take back the replies read before a restart but never decided: after
+        an outage too, the undecided observations are rebuilt from what is pending on us."""
+        self.buckets.clear()
+        self._acks, self._dead = [], []
         ensure_group(self.redis, self.streams.logits, GROUP)
         # What was decided before a restart: late replies to those must not decide them again.
         recent = self.redis.zrange(self.streams.decided, -self.settings.remembered, -1)
@@ -188,33 +190,12 @@ class Aggregator:
             "ready", consumer=self.settings.consumer, pending=len(self.buckets), combine=self.settings.combine
         )
 
-    def serve(self) -> None:
-        """Decide until SIGTERM/SIGINT."""
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self.stop)
-        started, outages = False, Outages(self.redis, log)
-        while not self._stopping:
-            try:
-                if not started:  # again after an outage: a lost read reply left entries pending on us
-                    self.start()
-                    started = True
-                self.step()
-                outages.ok()
-            except redis.RedisError as exc:
-                # NOGROUP: the logits stream was deleted (or Redis restarted empty)
-                if not (is_outage(exc) or str(exc).startswith("NOGROUP")):
-                    raise
-                started = False
-                outages.failed(exc)
+    def shutdown(self) -> None:
         log.info("stopped", undecided=len(self.buckets))
-
-    def stop(self, *_: Any) -> None:
-        self._stopping = True
 
     # ----------------------------------------------------------------- the loop
 
-    def step(self, block_ms: int | None = None) -> list[dict[str, Any]]:
+    def step(self, block_ms: int | None = None) -> list[dict[str, Any]]:  # type: ignore[override]
         """Read new replies once (blocking at most until the next deadline), decide what is due.
 
         :param block_ms: longest wait for new replies (default ``settings.block_ms``); 0 for none
@@ -331,19 +312,19 @@ class Aggregator:
     def _flush(
         self, actions: list[tuple[dict[str, Any], Encoding]], shares: Mapping[str, float], acks: list[str]
     ) -> None:
-        """Actions, contributions, dead letters and acks at once (:data:`worker.scripts.FLUSH`)."""
+        """Actions, contributions, dead letters and acks at once (:data:`FLUSH`)."""
         if not acks:
             return  # every action and dead letter acknowledges at least one entry
         now_ms, remembered = int(time.time() * 1000), self.settings.remembered
         args: list[Any] = [GROUP, self.settings.stream_maxlen, now_ms, remembered, len(actions)]
         for message, encoding in actions:
-            args += scripts.fields(encode_entry(message, encoding))
-        args += scripts.section([message["OBS_ID"] for message, _ in actions])
-        args += scripts.fields(shares)
+            args += lua.fields(encode_entry(message, encoding))
+        args += lua.section([message["OBS_ID"] for message, _ in actions])
+        args += lua.fields(shares)
         args.append(len(self._dead))
         for letter in self._dead:
-            args += scripts.fields(letter)
-        args += scripts.section(acks)
+            args += lua.fields(letter)
+        args += lua.section(acks)
         streams = self.streams
         keys = [streams.logits, streams.action, streams.contribution, streams.dead, streams.decided]
         self._flush_script(keys=keys, args=args, client=self.redis)

@@ -18,10 +18,10 @@ import redis
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsError
 
-from worker import logs
-from worker.connections import redacted
-from worker.reconnect import OUTAGE
-from worker.settings import CommonSettings, SpacesError
+from worker.common import logs
+from worker.common.connections import redacted
+from worker.common.serve import OUTAGE
+from worker.common.settings import CommonSettings, SpacesError
 
 
 @dataclass(frozen=True)
@@ -48,20 +48,20 @@ def _announce(settings: Any) -> None:
 
 
 def run_model(settings: Any) -> int:
-    from worker.connections import connect
-    from worker.model import ModelWorker
+    from worker.common.connections import connect
+    from worker.model.loop import ModelWorker
 
     client = connect(settings.redis_url)
     _announce(settings)
     with mendable():
         worker = ModelWorker(settings, client)
-    worker.run()
+        worker.serve()
     return 0
 
 
 def run_env(settings: Any) -> int:
-    from worker.connections import connect
-    from worker.envrunner import EnvRunner
+    from worker.common.connections import connect
+    from worker.env.runner import EnvRunner
 
     client = connect(settings.redis_url)
     _announce(settings)
@@ -73,7 +73,7 @@ def run_env(settings: Any) -> int:
 
 def run_aggregator(settings: Any) -> int:
     from worker.aggregator import Aggregator
-    from worker.connections import connect
+    from worker.common.connections import connect
 
     client = connect(settings.redis_url)
     _announce(settings)
@@ -83,12 +83,12 @@ def run_aggregator(settings: Any) -> int:
 
 COMMANDS: dict[str, Command] = {
     "model": Command(
-        "worker.settings:ModelSettings",
+        "worker.model.settings:ModelSettings",
         "worker.cli:run_model",
         "serve one model: logits for observations, online A2C, evolution hooks",
     ),
     "env": Command(
-        "worker.envrunner:EnvSettings",
+        "worker.env.runner:EnvSettings",
         "worker.cli:run_env",
         "run gymnasium environments on the actions of <prefix>:action",
     ),
@@ -103,23 +103,23 @@ COMMANDS: dict[str, Command] = {
         "one generation: GET the weights, select and vary, SET the next generation",
     ),
     "control train": Command(
-        "worker.control:TrainSettings",
-        "worker.control:run_train",
+        "worker.control.train:TrainSettings",
+        "worker.control.train:run_train",
         "rounds of training episodes, evaluation and evolution, with a learning curve",
     ),
     "control status": Command(
-        "worker.control:StatusSettings",
-        "worker.control:run_status",
+        "worker.control.status:StatusSettings",
+        "worker.control.status:run_status",
         "live models, stream lengths, consumer-group lag, pending and dead entries",
     ),
     "control forget": Command(
-        "worker.control:ForgetSettings",
-        "worker.control:run_forget",
+        "worker.control.forget:ForgetSettings",
+        "worker.control.forget:run_forget",
         "delete what stopped models left in Redis: groups, state, registry entry, contribution",
     ),
     "demo": Command(
-        "worker.demo:DemoSettings",
-        "worker.demo:run",
+        "worker.control.demo:DemoSettings",
+        "worker.control.demo:run",
         "start everything (embedded Redis if none is given) and train until CartPole-v1 is solved",
     ),
 }
@@ -178,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextmanager
 def mendable() -> Iterator[None]:
-    """Errors the user mends with a flag (an unknown or unsupported environment, missing spaces)
-    stop a command with one line, not a traceback; only the building of a component is wrapped."""
+    """Errors the user mends with a flag or a command (an unknown or unsupported environment, missing
+    spaces, stored state of another format) stop a command with one line, not a traceback."""
     import gymnasium
+
+    from worker.model.memory import FormatError
 
     try:
         yield
-    except (SpacesError, gymnasium.error.Error) as exc:
+    except (SpacesError, FormatError, gymnasium.error.Error) as exc:
         raise SystemExit(f"error: {exc}") from None

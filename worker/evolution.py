@@ -10,7 +10,7 @@ One generation, through the wire protocol of ``docs/protocol.md``:
    ``--eval-episodes`` deterministic episodes of ``--gym-env`` (the same seeds for every model);
    fitness = mean return. ``contribution``: the aggregator's share of each model in the ensemble's
    actions, taken (renamed away) from ``<prefix>:contribution`` in the GET's own script
-   (:data:`worker.scripts.REQUEST`), so each generation sees the decisions since the previous GET
+   (:data:`REQUEST`, ``evolution.lua``), so each generation sees the decisions since the previous GET
    (models without an entry get 0).
 3. **Vary.** ``pbt`` (exploit/explore): every model of the bottom ``--pbt-quantile`` whose fitness is
    below a randomly picked top-quantile model gets that model's weights plus N(0, --pbt-sigma) noise;
@@ -45,13 +45,16 @@ import redis
 from deap import base, tools
 from pydantic import Field
 
-from worker import logs, scripts
-from worker.connections import last_id
+from worker.common import logs, lua
+from worker.common.connections import last_id
+from worker.common.registry import live_models
+from worker.common.settings import CommonSettings
+from worker.model.settings import A2CSettings
 from worker.protocol import Encoding, ProtocolError, Streams, decode_entry, encode_entry
-from worker.settings import A2CSettings, CommonSettings
-from worker.state import live_models
 
 log = logs.get("worker.evolution")
+
+REQUEST = lua.source(__package__, "evolution.lua")  # the GET and the shares, at once and once
 
 MAX_REPLY_BYTES = 1 << 28  # replies come from our own models; only absurd sizes are refused
 Vectors = dict[str, np.ndarray]  # component ID -> flat float32 weight vector
@@ -182,7 +185,7 @@ def ga_step(
 
 def mean_returns(vectors: Vectors, settings: EvolutionSettings, seeds: list[int]) -> dict[str, float]:
     """Mean return of ``len(seeds)`` deterministic episodes per vector, the envs stepped as one batch."""
-    from worker.policy import load_weight_vector, make_policy, n_params  # torch: imported when needed
+    from worker.model.policy import load_weight_vector, make_policy, n_params  # torch: imported when needed
 
     if not settings.gym_env or settings.gym_env.lower() == "none":
         raise EvolutionError("fitness=returns needs --gym-env to play episodes")
@@ -224,7 +227,7 @@ def request_weights(
     get = encode_entry({"CMD": "GET"}, Encoding.MSGPACK)["data"]
     take = "1" if settings.fitness == "contribution" else "0"
     keys = [streams.evolution, streams.contribution, request_key]
-    flat = client.register_script(scripts.REQUEST)(keys=keys, args=[settings.stream_maxlen, get, take])
+    flat = client.register_script(REQUEST)(keys=keys, args=[settings.stream_maxlen, get, take])
     taken = {flat[k].decode(): flat[k + 1] for k in range(0, len(flat), 2)}
     client.delete(request_key)
     get_id = taken.pop(".get_id").decode()
@@ -347,7 +350,7 @@ def format_report(report: EvolutionReport) -> str:
 
 def run(settings: EvolutionSettings) -> int:
     """CLI: one generation; 0 if every live model answered and acknowledged, else 1."""
-    from worker.connections import connect
+    from worker.common.connections import connect
 
     try:
         report = evolve(connect(settings.redis_url), settings)

@@ -57,9 +57,9 @@ import msgpack
 import numpy as np
 import redis
 
-from worker.connections import connect, ensure_group, free_port
+from worker.common.connections import connect, ensure_group, free_port
+from worker.model.store import ModelStore, digest
 from worker.protocol import Encoding, Streams, encode_entry
-from worker.state import ModelStore, digest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,7 +155,7 @@ class Figures:
             ),
             ("Redis restarts survived", str(self.redis_restarts)),
             ("worker reconnects logged", f"{self.reconnects} {dict(self.reconnects_per_model)}"),
-            ("failed attempts, backed off", str(dict(self.unreachable_per_model))),
+            ("outages ridden out (first failed attempt logged)", str(dict(self.unreachable_per_model))),
             ("load generator retries", str(self.generator_retries)),
             ("worker crashes / unclean stops", f"{len(self.crashes)} / {len(self.unclean_stops)}"),
             ("observations published (env steps)", f"{self.observations} ({self.steps})"),
@@ -703,7 +703,7 @@ def _collect(
         model, n = incarnation.model, incarnation.events["reconnected"]
         figures.reconnects += n
         figures.reconnects_per_model[model] = figures.reconnects_per_model.get(model, 0) + n
-        failed = incarnation.events["redis unreachable, retrying"]
+        failed = incarnation.events["redis unavailable, retrying"]
         figures.unreachable_per_model[model] = figures.unreachable_per_model.get(model, 0) + failed
     episodes = load.episodes
     figures.episodes = len(episodes)

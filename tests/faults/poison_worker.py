@@ -13,8 +13,8 @@ import signal
 import sys
 from typing import Any
 
-from worker import model
 from worker.cli import main
+from worker.model import loop as model
 
 _parse = model.parse_observation
 

@@ -16,7 +16,7 @@ import redis
 
 from tests.faults.chaos import Incarnation, RedisServer, spawn, worker_command
 from tests.helpers import read, xadd
-from worker.control import wait_for_loop
+from worker.control.train import wait_for_loop
 from worker.protocol import Streams
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis_server]
@@ -90,7 +90,7 @@ def run(client: redis.Redis, run_id: str, processes: list[Incarnation]) -> dict:
 
 
 def refused(processes: list[Incarnation]) -> bool:
-    return all(p.events["redis unreachable, retrying"] for p in processes)
+    return all(p.events["redis unavailable, retrying"] for p in processes)
 
 
 def test_the_loop_started_on_a_replica_runs_once_it_is_promoted(tmp_path: Path) -> None:

@@ -51,12 +51,12 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from worker.connections import embedded_redis
-from worker.model import ModelWorker
-from worker.policy import make_policy, unpack_state, weights_as_vector
+from worker.common.connections import embedded_redis
+from worker.model.loop import ModelWorker
+from worker.model.policy import make_policy, unpack_state, weights_as_vector
+from worker.model.settings import ModelSettings
+from worker.model.store import ModelStore
 from worker.protocol import DATA_FIELD, Streams
-from worker.settings import ModelSettings
-from worker.state import ModelStore
 
 CAP = 32 * 1024  # --max-entry-bytes of the fuzzed worker: a JSON SET of 755 weights is about 15 KiB
 N_PARAMS = 755  # CartPole-v1, net_arch pi/vf [16, 16]

@@ -18,9 +18,9 @@ import redis
 
 from tests.faults.chaos import Incarnation, spawn, worker_command
 from tests.helpers import read
-from worker.connections import ensure_group
+from worker.common.connections import ensure_group
+from worker.model.store import ModelStore
 from worker.protocol import Streams
-from worker.state import ModelStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis_server]
 

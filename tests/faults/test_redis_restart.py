@@ -50,7 +50,7 @@ def test_a_worker_started_while_redis_is_down_waits_for_it(tmp_path) -> None:
     try:
         worker = spawn(worker_command(server.url, "m1", "--lease-ttl", "1"), tmp_path / "m1.log", "m1")
         deadline = time.monotonic() + 120
-        while not worker.events["redis unreachable, retrying"]:
+        while not worker.events["redis unavailable, retrying"]:
             assert worker.process.poll() is None, worker.log_path.read_text()
             assert time.monotonic() < deadline, "the worker never tried"
             worker.read_log()

@@ -24,9 +24,10 @@ import pytest
 import redis
 
 from tests.helpers import read, xadd
-from worker.connections import embedded_redis, free_port
+from worker.common.connections import embedded_redis, free_port
+from worker.model.learner import Counters
+from worker.model.store import Batch, CommitRefused, ModelStore
 from worker.protocol import Streams
-from worker.state import CommitRefused, Counters, ModelStore
 
 pytestmark = [pytest.mark.redis_server, pytest.mark.slow]
 
@@ -274,23 +275,19 @@ def test_a_user_short_of_a_command_is_refused_before_any_write(private_redis, mi
     entry = admin.xadd("rl:observation", {"OBSERVATION": "[0,0,0,0]"}).decode()
     user.xreadgroup("model:m1", "me", {"rl:observation": ">"})
     admin.hset("rl:model:m1:memory", "old", b"m")
-    store = ModelStore(user, Streams("rl"), "m1")
+    store = ModelStore(user, Streams("rl"), "m1", consumer="me")
     assert store.acquire("me", 5.0) is None
     command = missing.lstrip("+").upper()
+    batch = Batch(
+        Counters(),
+        memory={"e": b"m"},
+        checkpoint={"policy": b"p"},
+        messages=[("rl:logits", {"OBS_ID": entry})],
+        acks={"rl:observation": [entry]},
+        forget=["old"],
+    )
     with pytest.raises(CommitRefused, match=f"may not run {command}"):
-        store.commit(
-            "me",
-            5.0,
-            Counters(),
-            0.0,
-            {"e": b"m"},
-            {"policy": b"p"},
-            [("rl:logits", {"OBS_ID": entry})],
-            {"rl:observation": [entry]},
-            "model:m1",
-            100,
-            forget=["old"],
-        )
+        store.commit(batch)
     assert not admin.exists("rl:model:m1:checkpoint") and not admin.exists("rl:logits")
     assert admin.hgetall("rl:model:m1:memory") == {b"old": b"m"}
     assert admin.xpending("rl:observation", "model:m1")["pending"] == 1

@@ -16,11 +16,12 @@ import pytest
 import redis
 
 from tests.helpers import drain
-from worker.model import ModelWorker
+from worker.common.trimming import StreamTrim
+from worker.model.learner import Counters
+from worker.model.loop import ModelWorker
+from worker.model.settings import ModelSettings
+from worker.model.store import Batch, ModelStore
 from worker.protocol import Encoding, Streams, encode_entry
-from worker.settings import ModelSettings
-from worker.state import Counters, ModelStore
-from worker.trimming import StreamTrim
 
 pytestmark = pytest.mark.redis_server
 
@@ -97,20 +98,20 @@ def test_minid_trims_by_age(real_redis) -> None:
     slack = node_size(real_redis)
     old = old_entries(real_redis, "rl:logits", age_ms=600_000, n=1000)  # ten minutes old
     recent = old_entries(real_redis, "rl:logits", age_ms=1_000, n=50)  # one second old
-    store, counters = ModelStore(real_redis, Streams("rl"), "m1"), Counters()
+    minid = StreamTrim("minid", min_age_ms=60_000)
+    store = ModelStore(real_redis, Streams("rl"), "m1", consumer="me", trim=minid)
     assert store.acquire("me", 5.0) is None
     messages = [("rl:logits", {"NEW": "1"})]
-    store.commit(
-        "me", 5.0, counters, 0.0, {}, None, messages, {}, "model:m1", StreamTrim("minid", min_age_ms=60_000)
-    )
+    version = store.commit(Batch(Counters(), messages=messages))
 
     left = [i.decode() for i, _ in real_redis.xrange("rl:logits")]
     assert set(recent) <= set(left)  # younger than a minute: all kept
     assert len(set(old) & set(left)) < slack  # older: gone, but for (part of) one macro node
     assert len(left) <= len(recent) + 1 + slack
 
-    # The same commit with a MAXLEN (a bare integer is one, as callers passed before) keeps the newest.
-    store.commit("me", 5.0, counters, 0.0, {}, None, messages, {}, "model:m1", 20)
+    # The same commit with a MAXLEN keeps the newest.
+    store = ModelStore(real_redis, Streams("rl"), "m1", consumer="me", trim=StreamTrim("maxlen", maxlen=20))
+    store.commit(Batch(Counters(version=version), messages=messages))
     assert 20 <= real_redis.xlen("rl:logits") < 20 + slack
 
 

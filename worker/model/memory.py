@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from worker.connections import split_id
-from worker.protocol import Observation
+from worker.protocol import Observation, split_id
+
+MEMORY_FORMAT = 1  # the layout of a packed EnvMemory: its first item
+
+
+class FormatError(ValueError):
+    """Stored state in a format this code does not read (written by another version): refused,
+    never misread."""
 
 
 @dataclass(slots=True)
@@ -58,6 +64,7 @@ class EnvMemory:
         r = self.rollout
         return msgpack.packb(
             [
+                MEMORY_FORMAT,
                 self.obs.astype("<f4").tobytes(),
                 list(self.obs.shape),
                 self.value,
@@ -74,9 +81,10 @@ class EnvMemory:
     @classmethod
     def unpack(cls, blob: bytes) -> EnvMemory:
         fields = msgpack.unpackb(blob)
-        if len(fields) == 8:  # written before memories had a time: forgotten at the next sweep
-            fields.insert(6, 0)
-        obs, shape, value, log_probs, start, deterministic, seen_ms, rollout_obs, rows = fields
+        found = fields[0] if isinstance(fields, list) and fields else None
+        if found != MEMORY_FORMAT:
+            raise FormatError(f"an environment's memory has format {found}, this code reads {MEMORY_FORMAT}")
+        _, obs, shape, value, log_probs, start, deterministic, seen_ms, rollout_obs, rows = fields
         obs_array = np.frombuffer(obs, "<f4").reshape(shape)
         obs_rows = np.frombuffer(rollout_obs, "<f4").reshape((len(rows), *shape))
         rollout = [Transition(o.copy(), *row) for o, row in zip(obs_rows, rows, strict=True)]

@@ -1,57 +1,14 @@
-"""Typed settings: every option is a command-line flag and an environment variable.
-
-``python -m worker model --help`` prints these; the environment variable of ``--foo-bar`` is
-``FOO_BAR`` unless ``validation_alias`` names another one.
-"""
+"""Settings of a model: A2C's hyper-parameters under stable-baselines3's names, and the worker's own."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from redis.connection import parse_url
+from pydantic import Field
+from pydantic_settings import BaseSettings
 
-from worker.trimming import StreamTrim
-
-
-class SpacesError(ValueError):
-    """The environment or the spaces a command was given cannot be used: mended with a flag."""
-
-
-def _env(name: str, *more: str) -> AliasChoices:
-    """Accept the field's own name (CLI) and the documented environment variable(s)."""
-    return AliasChoices(name, *more)
-
-
-class CommonSettings(BaseSettings):
-    """Settings every component shares: where Redis is, which deployment, how to log."""
-
-    model_config = SettingsConfigDict(
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        case_sensitive=False,
-        extra="ignore",
-    )
-
-    redis_url: str = Field(
-        "redis://localhost:6379/0",
-        description="Redis URL (redis://, rediss:// for TLS, unix://); env REDIS_URL",
-    )
-    prefix: str = Field(
-        "rl",
-        validation_alias=_env("prefix", "stream_prefix"),
-        description="prefix of all streams and keys ('{rl}': one Cluster slot); env STREAM_PREFIX",
-    )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
-    log_json: bool = Field(False, description="log JSON lines instead of human-readable text")
-
-    @field_validator("redis_url", check_fields=False)
-    @classmethod
-    def _redis_can_use(cls, url: str | None) -> str | None:
-        if url is not None:
-            parse_url(url)  # a ValueError for a scheme, port or option redis-py cannot use
-        return url
+from worker.common.settings import CommonSettings, env_alias
+from worker.common.trimming import StreamTrim
 
 
 class A2CSettings(BaseSettings):
@@ -115,7 +72,7 @@ class ModelSettings(CommonSettings, A2CSettings):
     max_deliveries: int = Field(5, gt=0, description="an entry delivered this often without commit is dead")
     trim: Literal["maxlen", "minid"] = Field(
         "maxlen",
-        validation_alias=_env("trim", "stream_trim"),
+        validation_alias=env_alias("trim", "stream_trim"),
         description="how the streams this worker writes are trimmed: MAXLEN ~ --stream-maxlen,"
         " or MINID ~ (now - --stream-min-age-ms); env STREAM_TRIM",
     )
@@ -132,7 +89,3 @@ class ModelSettings(CommonSettings, A2CSettings):
         """The trimming of every stream this worker writes (logits, weights, dead)."""
         return StreamTrim(self.trim, maxlen=self.stream_maxlen, min_age_ms=self.stream_min_age_ms)
 
-
-def policy_kwargs(settings: A2CSettings) -> dict[str, Any]:
-    """What the policy builder needs, without the runtime options."""
-    return settings.model_dump(include=set(A2CSettings.model_fields))

@@ -1,33 +1,29 @@
-"""``python -m worker control``: run training rounds (episodes, evaluation, evolution) and report.
+"""``python -m worker control train``: run training rounds (episodes, evaluation, evolution) and report.
 
-``train`` repeats what the tutorial's control script did: E training episodes on the environment
-runners, an evaluation with deterministic actions, then one evolution step; it draws a progress bar
-and, with ``--plot``, a learning curve. ``status`` shows live models, stream lengths, consumer-group
-lag, pending and dead entries.
+It repeats what the tutorial's control script did: E training episodes on the environment runners,
+an evaluation with deterministic actions, then one evolution step; it draws a progress bar and, with
+``--plot``, a learning curve.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import redis
 from pydantic import Field
 from tqdm import tqdm
 
-from worker import evolution, logs
+from worker import evolution
 from worker.aggregator import GROUP as AGGREGATOR_GROUP
-from worker.connections import last_id, text
+from worker.common import logs
+from worker.common.connections import last_id, text
+from worker.common.registry import live_models
 from worker.evolution import EvolutionSettings
 from worker.protocol import Encoding, ProtocolError, Streams, decode_entry, encode_entry
-from worker.settings import CommonSettings
-from worker.state import live_models
 
 log = logs.get("worker.control")
 
@@ -218,120 +214,6 @@ def curve_table(curve: list[RoundResult]) -> str:
     return "\n".join(lines)
 
 
-def status(client: redis.Redis, streams: Streams) -> dict[str, Any]:
-    """Live models, stream lengths, and per consumer group its lag and pending entries."""
-    report: dict[str, Any] = {"models": {}, "streams": {}, "groups": {}}
-    for cid in live_models(client, streams):
-        info = client.hgetall(streams.model_key(cid, "info"))
-        report["models"][cid] = {k.decode(): _counter(k.decode(), v.decode()) for k, v in info.items()}
-    names = [
-        streams.observation,
-        streams.evolution,
-        streams.logits,
-        streams.weights,
-        streams.action,
-        streams.control,
-        streams.status,
-        streams.dead,
-    ]
-    for name in names:
-        report["streams"][name] = client.xlen(name)
-    for name in (streams.observation, streams.evolution, streams.logits):
-        if not client.exists(name):
-            continue
-        for group in client.xinfo_groups(name):
-            group_name = text(group["name"])
-            key = f"{name} {group_name}"
-            report["groups"][key] = {"pending": group["pending"], "lag": group.get("lag")}
-            if name != streams.logits and group_name.removeprefix("model:") not in report["models"]:
-                report["groups"][key]["stale"] = True  # its model is not live: `control forget` it?
-    report["dead"] = report["streams"][streams.dead]
-    return report
-
-
-def _counter(key: str, value: str) -> int | str:
-    """The info hash's counters and flags as numbers; the rest (the consumer's name) as text."""
-    return int(value) if key in ("version", "updates", "paused", "envs", "reconnects") else value
-
-
-def print_status(report: dict[str, Any]) -> None:
-    """``status`` as three small tables a person can read at a glance."""
-    if "redis" in report:
-        print(f"redis: {report['redis']}")
-    print(f"live models: {len(report['models'])}")
-    for cid, info in report["models"].items():
-        details = ", ".join(f"{k}={v}" for k, v in sorted(info.items()))
-        print(f"  {cid}: {details}")
-    print("streams (entries):")
-    for name, length in report["streams"].items():
-        print(f"  {name:<30} {length}")
-    print("consumer groups:")
-    for name, group in report["groups"].items():
-        stale = "  (model not live)" if group.get("stale") else ""
-        print(f"  {name:<45} pending={group['pending']} lag={group['lag']}{stale}")
-    print(f"dead entries: {report['dead']}")
-
-
-class StatusSettings(CommonSettings):
-    """``python -m worker control status``: what is running and how far behind it is."""
-
-    output: Literal["text", "json"] = Field("text", description="print tables, or JSON for scripts")
-
-
-def run_status(settings: StatusSettings) -> int:
-    from worker.connections import connect, redacted
-
-    found = status(connect(settings.redis_url), Streams(settings.prefix))
-    report = {"redis": redacted(settings.redis_url), **found}
-    if settings.output == "json":
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        print_status(report)
-    return 0
-
-
-class ForgetSettings(CommonSettings):
-    """``python -m worker control forget``: delete what stopped models left in Redis."""
-
-    component_id: list[str] = Field(description="a model to forget; repeat the flag for more")
-    registry_max_age: float = Field(5.0, gt=0, description="a model with a heartbeat this recent is live")
-
-
-def forget(client: redis.Redis, streams: Streams, component_id: str) -> list[str]:
-    """Delete a model's consumer groups, state (checkpoint, memory, lease, info), registry entry and
-    contribution; what was there to delete. Its replies on the output streams stay."""
-    removed = []
-    group = Streams.group(component_id)
-    for stream in (streams.observation, streams.evolution):
-        with contextlib.suppress(redis.ResponseError):  # no such stream
-            if client.xgroup_destroy(stream, group):
-                removed.append(f"group {group} of {stream}")
-    keys = [streams.model_key(component_id, part) for part in ("checkpoint", "memory", "lease", "info")]
-    removed += [key for key in keys if client.delete(key)]
-    if client.zrem(streams.registry, component_id):
-        removed.append(f"{component_id} in {streams.registry}")
-    if client.hdel(streams.contribution, component_id):
-        removed.append(f"{component_id} in {streams.contribution}")
-    return removed
-
-
-def run_forget(settings: ForgetSettings) -> int:
-    """Forget each model that is not live: a live one (a recent heartbeat, or a lease held) would
-    only write its state again, so it is refused; stop it first."""
-    from worker.connections import connect
-
-    client, streams = connect(settings.redis_url), Streams(settings.prefix)
-    live = set(live_models(client, streams, settings.registry_max_age))
-    busy = [c for c in settings.component_id if c in live or client.exists(streams.model_key(c, "lease"))]
-    if busy:
-        print(f"error: live, not forgotten (stop them first): {', '.join(busy)}", file=sys.stderr)
-        return 1
-    for component_id in settings.component_id:
-        removed = forget(client, streams, component_id)
-        print(f"{component_id}: " + ("; ".join(removed) if removed else "nothing to forget"))
-    return 0
-
-
 class TrainSettings(EvolutionSettings):
     """``python -m worker control train``: rounds of training, evaluation and one evolution step.
 
@@ -383,7 +265,7 @@ def report(curve: list[RoundResult], settings: TrainSettings) -> None:
 
 
 def run_train(settings: TrainSettings) -> int:
-    from worker.connections import connect
+    from worker.common.connections import connect
 
     client = connect(settings.redis_url)
     wait_for_models(client, Streams(settings.prefix), settings.models)

@@ -1,21 +1,25 @@
 """The model worker: read a batch, answer and learn from it, commit it in one transaction.
 
-One observation's path: ``XREADGROUP`` (:meth:`ModelWorker.poll`) -> :func:`~worker.protocol.decode_entry`
-and :func:`~worker.protocol.parse_observation` -> one batched forward (:meth:`Learner.step
-<worker.learner.Learner.step>`) -> :func:`~worker.memory.observe` turns it into a transition ->
-:mod:`worker.a2c` trains on the completed segments -> :meth:`~worker.state.ModelStore.commit` publishes
-the logits and acknowledges the entry, together with the new memory and checkpoint.
+One observation's path: ``XREADGROUP`` (:meth:`ModelWorker.poll`) ->
+:func:`~worker.protocol.decode_entry` and :func:`~worker.protocol.parse_observation` -> one batched
+forward (:meth:`Learner.step <worker.model.learner.Learner.step>`) ->
+:func:`~worker.model.memory.observe` turns it into a transition -> :mod:`worker.model.a2c` trains on
+the completed segments -> :meth:`~worker.model.store.ModelStore.commit` publishes the logits and
+acknowledges the entry, together with the new memory and checkpoint.
+
+The worker keeps a copy of what it last committed (:attr:`ModelWorker.committed`). Every start
+(the first, and again after each outage, lost lease or refused commit) makes the local state equal
+to the last commit in Redis; if Redis lost it (it came back empty), the copy is written back.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -23,10 +27,14 @@ import torch
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
 
-from worker import logs, reclaim
-from worker.connections import ensure_group, split_id, text
-from worker.learner import Learner
-from worker.memory import EnvMemory
+from worker.common import logs
+from worker.common.connections import ensure_group, text
+from worker.common.serve import Service
+from worker.model import reclaim
+from worker.model.learner import Counters, Learner, Snapshot
+from worker.model.memory import EnvMemory
+from worker.model.settings import ModelSettings
+from worker.model.store import Batch, LostLease, ModelStore, digest
 from worker.protocol import (
     Command,
     Observation,
@@ -39,10 +47,8 @@ from worker.protocol import (
     parse_command,
     parse_observation,
     parse_weight_vector,
+    split_id,
 )
-from worker.reconnect import Outages, is_outage
-from worker.settings import ModelSettings
-from worker.state import CommitRefused, Counters, LostLease, ModelStore, digest
 
 log = logs.get("worker.model")
 
@@ -61,7 +67,7 @@ def _order(entry: Entry, command_stream: str) -> tuple[int, bool, int]:
 
 @dataclass
 class Outbox:
-    """Everything one batch changes, committed together by :meth:`ModelStore.commit`."""
+    """What handling a batch of entries produced; :meth:`ModelWorker._commit` makes it a :class:`Batch`."""
 
     messages: list[tuple[str, dict]] = field(default_factory=list)
     acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -70,7 +76,7 @@ class Outbox:
     weights_changed: bool = False
 
 
-class ModelWorker:
+class ModelWorker(Service):
     """One model (component ID): its policy, its per-environment memory, its consumer group.
 
     :param settings: the worker's settings
@@ -78,10 +84,10 @@ class ModelWorker:
     """
 
     def __init__(self, settings: ModelSettings, client: redis.Redis) -> None:
-        self.settings = settings
-        self.redis = client
-        self.streams = Streams(settings.prefix)
         self.component_id = settings.component_id or uuid.uuid4().hex
+        super().__init__(client, log, component_id=self.component_id)
+        self.settings = settings
+        self.streams = Streams(settings.prefix)
         if settings.component_id is None:
             log.warning(
                 "no component ID given: using a random one, so this model cannot resume",
@@ -89,76 +95,45 @@ class ModelWorker:
             )
         self.consumer = settings.consumer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.group = Streams.group(self.component_id)
-        self.store = ModelStore(client, self.streams, self.component_id)
+        self.store = ModelStore(
+            client, self.streams, self.component_id, self.consumer, settings.lease_ttl, settings.trimming
+        )
         torch.set_num_threads(settings.torch_threads)
         self.learner = Learner(settings)
         self._spaces = (self.learner.obs_shape, self.learner.n_actions)  # what observations must fit
+        self.committed = Snapshot(None, None, Counters(), 0.0, {})  # the last commit, as written
+        self._started = False
         self._pending_first = True
-        self._stopping = False
         self._last_heartbeat = 0.0
         self._suspects: set[str] = set()  # pending entries that may have crashed a predecessor
-        self.outages = Outages(client, log, component_id=self.component_id)
         self.restored: dict[str, Any] = {}  # what the last load found: see _load
 
     # ----------------------------------------------------------------- life cycle
 
     def start(self) -> None:
-        """Create the groups, take the lease, load (or create) the state and claim orphaned entries."""
+        """Become the last commit: make the groups, take the lease, load (or write back) the state,
+        claim what a predecessor left pending. Called again after every outage or lost lease."""
         for stream in (self.streams.observation, self.streams.evolution):
-            ensure_group(self.redis, stream, self.group)
-        self.outages.attach()
+            if ensure_group(self.redis, stream, self.group) and self._started:
+                log.warning("consumer group was gone: made again at the stream's end", stream=stream)
         self._acquire_lease()
         self._load()
         claimed = self._claim_pending()
         self._heartbeat(force=True)
+        event = "reloaded" if self._started else "ready"
+        self._started = True
         log.info(
-            "ready",
+            event,
             component_id=self.component_id,
             consumer=self.consumer,
-            version=self.counters.version,
             envs=len(self.memories),
             reclaimed=claimed,
             params=self.learner.n_params,
             **self.restored,
         )
 
-    def run(self) -> None:
-        """Serve until SIGTERM/SIGINT, then finish the batch in hand and release the lease. After Redis
-        was unreachable (at start too) or the lease lost, nothing is read until :meth:`_recover`."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.stop)
-        started, stale, refused = False, False, 0
-        while not self._stopping:
-            try:
-                if not started:
-                    self.start()
-                    started = True
-                elif stale:
-                    self._recover()
-                stale = False
-                self.poll()
-                self.outages.ok()
-                refused = 0
-            except redis.RedisError as exc:
-                if is_outage(exc):
-                    stale = True
-                    self.outages.failed(exc)
-                elif str(exc).startswith("NOGROUP"):
-                    stale = True  # our group is gone: _recover makes it again
-                else:
-                    raise
-            except (LostLease, CommitRefused) as exc:
-                # A takeover is reloaded at once. Refusals in a row are not takeovers (a key of the
-                # wrong type, memory full, a checkpoint changed by hand): back off and say so.
-                stale, refused = True, refused + 1
-                pause = self.outages.backoff.delay(refused - 2) if refused > 1 else 0.0
-                event = "lease lost, reloading" if isinstance(exc, LostLease) else "commit refused, reloading"
-                (log.warning if refused == 1 else log.error)(event, reason=str(exc), sleep=round(pause, 3))
-                time.sleep(pause)
-        self.shutdown()
-
-    def stop(self, *_: Any) -> None:
-        self._stopping = True
+    def step(self) -> None:
+        self.poll()
 
     def shutdown(self) -> None:
         """Every batch is committed as it completes, so a drained worker only leaves the registry."""
@@ -170,24 +145,10 @@ class ModelWorker:
         reconnects = self.outages.reconnects
         log.info("stopped", component_id=self.component_id, reconnects=reconnects, **vars(self.counters))
 
-    def _recover(self) -> None:
-        """Become the last commit again (lease, state, our pending entries); raises if Redis is down.
-
-        A consumer group that is gone (its stream deleted, or the group destroyed) is made again at
-        the stream's end, as at a first start: what was added meanwhile is not read.
-        """
-        for stream in (self.streams.observation, self.streams.evolution):
-            if ensure_group(self.redis, stream, self.group):
-                log.warning("consumer group was gone: made again at the stream's end", stream=stream)
-        self._acquire_lease()
-        self._load()
-        claimed = self._claim_pending()
-        log.info("reloaded", component_id=self.component_id, reclaimed=claimed, **self.restored)
-
     def _acquire_lease(self) -> None:
         announced = False
         while (holder := self.store.acquire(self.consumer, self.settings.lease_ttl)) is not None:
-            if self._stopping:
+            if self.stopping:
                 raise SystemExit(0)
             if not announced:
                 log.info("waiting for the lease", holder=holder, ttl=self.settings.lease_ttl)
@@ -195,15 +156,36 @@ class ModelWorker:
             time.sleep(min(0.25, self.settings.lease_ttl / 4))
 
     def _load(self) -> None:
-        """Make local state equal to the last commit (or write the first checkpoint); :attr:`restored`
-        tells the version and digests of the state as loaded (re-encoded: equal to the blobs' in Redis)."""
-        restored = self.learner.restore(self.store.load())
-        if not restored:
+        """Make local state equal to the last commit, writing it back if Redis lost it (or write the
+        first checkpoint); :attr:`restored` tells the version and digests of the state as loaded."""
+        stored, held = self.store.load(), self.committed
+        versions = {"stored_version": stored.counters.version, "held_version": held.counters.version}
+        if stored.policy is None and held.policy is not None:
+            log.warning(
+                "the checkpoint is gone (Redis came back empty?): writing back the last commit",
+                component_id=self.component_id,
+                envs=len(held.memory),
+                **versions,
+            )
+            self.store.write_back(held)
+            stored = held
+        elif held.policy is not None and stored.counters.version < held.counters.version:
+            log.error(
+                "the checkpoint is older than this worker's last commit (Redis restored from an older"
+                " snapshot?): continuing from it, as the streams went back with it",
+                component_id=self.component_id,
+                **versions,
+            )
+        if self.learner.restore(stored):
+            self.committed = replace(stored, counters=replace(stored.counters), memory=dict(stored.memory))
+        else:
+            self.committed = Snapshot(None, None, Counters(), 0.0, {})
             self._commit(Outbox(weights_changed=True), empty=True)  # the first checkpoint
-        self.restored = {"restored": restored, "checkpoint_version": self.counters.version}
-        self.restored |= {f"{key}_sha": digest(blob) for key, blob in self.learner.checkpoint().items()}
+        held = self.committed
+        assert held.policy is not None and held.optimizer is not None
+        self.restored = {"restored": stored.policy is not None, "checkpoint_version": self.counters.version}
+        self.restored |= {"policy_sha": digest(held.policy), "optimizer_sha": digest(held.optimizer)}
         self._pending_first = True
-
     def _claim_pending(self, min_idle_ms: int = 0) -> int:
         """Take over entries a dead predecessor read but never committed (we hold the lease).
 
@@ -380,19 +362,25 @@ class ModelWorker:
         if not outbox.acks and not empty:
             return
         learner = self.learner
-        self.store.commit(
-            self.consumer,
-            self.settings.lease_ttl,
-            learner.counters,
-            learner.paused_until,
-            {env: learner.memories[env].pack() for env in outbox.touched_envs if env in learner.memories},
-            learner.checkpoint() if outbox.weights_changed else None,
-            outbox.messages,
-            outbox.acks,
-            self.group,
-            self.settings.trimming,
-            outbox.forgotten_envs,
+        touched = [env for env in outbox.touched_envs if env in learner.memories]
+        batch = Batch(
+            counters=replace(learner.counters),
+            paused_until=learner.paused_until,
+            memory={env: learner.memories[env].pack() for env in touched},
+            checkpoint=learner.checkpoint() if outbox.weights_changed else None,
+            messages=outbox.messages,
+            acks=outbox.acks,
+            forget=outbox.forgotten_envs,
         )
+        version = self.store.commit(batch)
+        learner.counters.version = version
+        held = self.committed  # now the last commit
+        held.counters, held.paused_until = replace(learner.counters), batch.paused_until
+        if batch.checkpoint is not None:
+            held.policy, held.optimizer = batch.checkpoint["policy"], batch.checkpoint["optimizer"]
+        held.memory.update(batch.memory)
+        for env in batch.forget:
+            held.memory.pop(env, None)
 
     # ----------------------------------------------------------------- views of the learner's state
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import redis
 
-from worker.connections import split_id, text
+from worker.common.connections import text
+from worker.protocol import split_id
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from stable_baselines3.common.policies import ActorCriticPolicy
 
-from worker.settings import A2CSettings, SpacesError
+from worker.common.settings import SpacesError
+from worker.model.settings import A2CSettings
 
 ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
 

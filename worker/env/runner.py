@@ -31,8 +31,6 @@ mean (``null`` if no episode ended).
 from __future__ import annotations
 
 import reprlib
-import signal
-import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -43,14 +41,16 @@ import numpy as np
 import redis
 from pydantic import Field
 
-from worker import logs, scripts
-from worker.connections import last_id
-from worker.episodes import Progress, Slot
+from worker.common import logs, lua
+from worker.common.connections import last_id
+from worker.common.serve import Service
+from worker.common.settings import CommonSettings, SpacesError
+from worker.env.episodes import Progress, Slot
 from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
-from worker.reconnect import Outages, is_outage
-from worker.settings import CommonSettings, SpacesError
 
 log = logs.get("worker.envrunner")
+
+PUBLISH = lua.source(__package__, "publish.lua")  # a round's entries, at once and once
 
 
 class EnvSettings(CommonSettings):
@@ -90,7 +90,7 @@ class RunAborted(RuntimeError):
     """A run cannot finish: an action timed out or the runner is stopping."""
 
 
-class EnvRunner:
+class EnvRunner(Service):
     """Training and evaluation environments of one runner, and the control loop that runs them.
 
     :param settings: the runner's settings
@@ -98,15 +98,12 @@ class EnvRunner:
     """
 
     def __init__(self, settings: EnvSettings, client: redis.Redis) -> None:
+        super().__init__(client, log, runner_id=settings.runner_id)
         self.settings = settings
-        self.redis = client
         self.streams = Streams(settings.prefix)
         self.control_cursor: str | None = None
-        self._ready = False  # start() went through
-        self._stopping = False
-        self._unreported: tuple[dict[str, Any], Encoding] | None = None  # a run Redis cut short
-        self._publish_script = client.register_script(scripts.PUBLISH)
-        self._incarnation, self._round = uuid.uuid4().hex[:12], 0  # names each publish, see scripts.PUBLISH
+        self._publish_script = client.register_script(PUBLISH)
+        self._incarnation, self._round = uuid.uuid4().hex[:12], 0  # names each publish, see publish.lua
         self._control_peek = "0-0"  # the last control entry looked at during a run
         s = settings
 
@@ -133,40 +130,19 @@ class EnvRunner:
             self.control_cursor = last_id(self.redis, self.streams.control)
         s = self.settings
         self.redis.hset(self.streams.runner_key(s.runner_id), "ready", time.time())  # for control
-        self._ready = True
         log.info("ready", runner_id=s.runner_id, env=s.gym_env, n_envs=s.n_envs, seed=s.seed)
 
-    def serve(self) -> None:
-        """Obey commands until STOP, SIGTERM or SIGINT; each also aborts the run in progress."""
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self.stop)
-        outages = Outages(self.redis, log, runner_id=self.settings.runner_id)
-        while not self._stopping:
-            try:
-                if not self._ready:
-                    self.start()
-                if self._unreported is not None:
-                    self._publish([self._unreported[0]], [], self._unreported[1])
-                    self._unreported = None
-                reply = self.redis.xread(
-                    {self.streams.control: self.control_cursor}, block=self.settings.block_ms
-                )
-                for _, items in reply or []:
-                    for entry_id, fields in items:
-                        self.control_cursor = entry_id.decode()
-                        if not self._stopping:
-                            self.handle_entry(self.control_cursor, fields or {})
-                outages.ok()
-            except redis.RedisError as exc:
-                if not is_outage(exc):
-                    raise
-                self._break_outstanding(self.train + self.eval)
-                outages.failed(exc)
-        log.info("stopped", runner_id=self.settings.runner_id)
+    def step(self) -> None:
+        """Obey the commands sent since the last one read; a run rides out outages inside it."""
+        reply = self.redis.xread({self.streams.control: self.control_cursor}, block=self.settings.block_ms)
+        for _, items in reply or []:
+            for entry_id, fields in items:
+                self.control_cursor = entry_id.decode()
+                if not self.stopping:
+                    self.handle_entry(self.control_cursor, fields or {})
 
-    def stop(self, *_: Any) -> None:
-        self._stopping = True
+    def shutdown(self) -> None:
+        log.info("stopped", runner_id=self.settings.runner_id)
 
     def handle_entry(self, entry_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any] | None:
         """Decode and obey one control entry; an invalid one goes to the dead stream."""
@@ -233,9 +209,9 @@ class EnvRunner:
             # Lockstep: a round publishes every env's observation at once and waits for all the
             # actions, so each model batch holds one step of each env.
             while ready := progress.ready(slots):
-                if self._stopping:
+                if self.stopping:
                     raise RunAborted("runner stopping")
-                self._publish(statuses, ready, encoding)
+                self.ride_out(self._publish, statuses, ready, encoding)  # idempotent: by its name
                 statuses = []
                 cursor, actions = self._read_actions(cursor, ready)
                 statuses = [e for slot, action in actions if (e := progress.record(slot, action)) is not None]
@@ -243,37 +219,30 @@ class EnvRunner:
             self._break_outstanding(slots)
             log.warning("run aborted", run_id=run_id, error=str(exc))
             report: dict[str, Any] = {"EVENT": "run", **progress.run, "ERROR": str(exc)}
-            self._publish(statuses + [report], [], encoding)
+            self.ride_out(self._publish, statuses + [report], [], encoding)
             return report
-        except redis.RedisError as exc:
-            if not is_outage(exc):
-                raise
-            # Reported once Redis is back (serve), so that control stops waiting for this run.
-            error = f"redis unreachable during the run: {exc}"
-            self._unreported = {"EVENT": "run", **progress.run, "ERROR": error}, encoding
-            raise
         for slot in self.eval:
             slot.pending = None  # evaluation envs never carry over
         kept = progress.returns[:episodes] if episodes else progress.returns
         report = {"EVENT": "run", **progress.run, "EPISODES": len(progress.returns), "STEPS": progress.taken}
         report.update(MEAN_RETURN=float(np.mean(kept)) if kept else None, RETURNS=kept)
-        self._publish(statuses + [report], [], encoding)
+        self.ride_out(self._publish, statuses + [report], [], encoding)
         log.info("run done", **{k.lower(): v for k, v in report.items() if k not in ("EVENT", "RETURNS")})
         return report
 
     def _publish(self, statuses: list[dict[str, Any]], ready: list[Slot], encoding: Encoding) -> None:
-        """Statuses and the next observation of every ready env, at once (:data:`worker.scripts.PUBLISH`)."""
+        """Statuses and the next observation of every ready env, at once (:data:`PUBLISH`)."""
         if not statuses and not ready:
             return
         maxlen, obs_encoding = self.settings.stream_maxlen, Encoding(self.settings.encoding)
         self._round += 1
         args: list[Any] = [f"{self._incarnation}:{self._round}", maxlen, len(statuses)]
         for message in statuses:
-            args += scripts.fields(encode_entry(message, encoding))
+            args += lua.fields(encode_entry(message, encoding))
         args.append(len(ready))
         for slot in ready:
             assert slot.pending is not None
-            args += scripts.fields(encode_entry(slot.pending, obs_encoding))
+            args += lua.fields(encode_entry(slot.pending, obs_encoding))
         keys = [
             self.streams.status,
             self.streams.observation,
@@ -285,7 +254,8 @@ class EnvRunner:
 
     def _read_actions(self, cursor: str, ready: list[Slot]) -> tuple[str, list[tuple[Slot, int]]]:
         """Block until the observations of ``ready`` are all answered; others' actions are skipped.
-        A STOP on the control stream wakes it and aborts the run.
+        A STOP on the control stream wakes it and aborts the run. Redis being unavailable does not
+        count against the action timeout: the read is retried (it is safe to repeat) until it is back.
 
         :param cursor: the action stream's last ID read (or seen before these were published)
         """
@@ -293,7 +263,7 @@ class EnvRunner:
         waiting = {s.obs_id: s for s in ready if s.obs_id is not None}
         found: list[tuple[Slot, int]] = []
         while True:
-            if self._stopping:
+            if self.stopping:
                 raise RunAborted("runner stopping")
             left = deadline - time.monotonic()
             if left <= 0:
@@ -302,7 +272,10 @@ class EnvRunner:
                 raise RunAborted(f"no action for observation {late.obs_id} of {late.env_id} in {timeout}s")
             block = max(1, min(self.settings.block_ms, int(left * 1000)))
             watched = {self.streams.action: cursor, self.streams.control: self._control_peek}
-            for stream, items in self.redis.xread(watched, count=1000, block=block) or []:
+            read_at = time.monotonic()
+            reply = self.ride_out(self.redis.xread, watched, count=1000, block=block)
+            deadline += max(0.0, time.monotonic() - read_at - block / 1000)  # the outage's time, if any
+            for stream, items in reply or []:
                 for entry_id, fields in items:
                     if stream.decode() == self.streams.control:
                         self._control_peek = entry_id.decode()

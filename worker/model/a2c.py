@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
 
-from worker.memory import Segment
-from worker.settings import A2CSettings
+from worker.model.memory import Segment
+from worker.model.settings import A2CSettings
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,18 @@ from pathlib import Path
 
 from pydantic import AliasChoices, Field
 
-from worker import logs
-from worker.connections import connect, embedded_redis
-from worker.control import RoundResult, TrainSettings, report, train_rounds, wait_for_loop, wait_for_models
+from worker.common import logs
+from worker.common.connections import connect, embedded_redis
+from worker.control.train import (
+    RoundResult,
+    TrainSettings,
+    report,
+    train_rounds,
+    wait_for_loop,
+    wait_for_models,
+)
+from worker.model.settings import A2CSettings
 from worker.protocol import Encoding, Streams, encode_entry
-from worker.settings import A2CSettings
 
 log = logs.get("worker.demo")
 

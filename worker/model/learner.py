@@ -8,14 +8,16 @@ forward pass, turns them into transitions, and trains once on the segments they 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from stable_baselines3.common.buffers import RolloutBuffer
 
-from worker import a2c, logs
-from worker.memory import EnvMemory, Segment, observe
-from worker.policy import (
+from worker.common import logs
+from worker.model import a2c
+from worker.model.memory import EnvMemory, Segment, observe
+from worker.model.policy import (
     load_weight_vector,
     make_policy,
     n_params,
@@ -23,11 +25,43 @@ from worker.policy import (
     unpack_state,
     weights_as_vector,
 )
+from worker.model.settings import ModelSettings
 from worker.protocol import Observation
-from worker.settings import ModelSettings
-from worker.state import Counters, Snapshot
 
 log = logs.get("worker.learner")
+
+
+@dataclass
+class Counters:
+    """Monotonic counters, committed with the state they describe (so they are exact after a crash)."""
+
+    version: int = 0  # commits
+    observations: int = 0  # observations answered with logits
+    transitions: int = 0  # transitions recorded into rollouts
+    dropped: int = 0  # transitions of interrupted rollouts thrown away
+    segments: int = 0  # n_steps segments trained on
+    discarded: int = 0  # segments completed while training was paused
+    updates: int = 0  # A2C gradient steps
+    skipped: int = 0  # A2C updates not applied: their gradient was not finite (absurd rewards)
+    commands: int = 0  # evolution commands applied
+    dead: int = 0  # entries dead-lettered
+    forgotten: int = 0  # environments forgotten after memory_ttl seconds without an observation
+
+
+@dataclass
+class Snapshot:
+    """A model's whole committed state, as stored: ``policy`` is ``None`` for a model never checkpointed.
+
+    :param policy: the policy's packed ``state_dict``
+    :param optimizer: the optimizer's packed ``state_dict``
+    :param memory: env_id -> packed :class:`~worker.model.memory.EnvMemory`
+    """
+
+    policy: bytes | None
+    optimizer: bytes | None
+    counters: Counters
+    paused_until: float
+    memory: dict[str, bytes]
 
 
 class Learner:
@@ -174,6 +208,6 @@ class Learner:
         self.policy.load_state_dict(unpack_state(snapshot.policy))
         if snapshot.optimizer is not None:
             self.policy.optimizer.load_state_dict(unpack_state(snapshot.optimizer))
-        self.counters, self.paused_until = snapshot.counters, snapshot.paused_until
+        self.counters, self.paused_until = replace(snapshot.counters), snapshot.paused_until
         self.memories = {env: EnvMemory.unpack(blob) for env, blob in snapshot.memory.items()}
         return True

@@ -1,0 +1,53 @@
+"""Typed settings every component shares: every option is a command-line flag and an environment
+variable.
+
+``python -m worker model --help`` prints them; the environment variable of ``--foo-bar`` is
+``FOO_BAR`` unless ``validation_alias`` names another one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
+
+
+class SpacesError(ValueError):
+    """The environment or the spaces a command was given cannot be used: mended with a flag."""
+
+
+def env_alias(name: str, *more: str) -> AliasChoices:
+    """Accept the field's own name (CLI) and the documented environment variable(s)."""
+    return AliasChoices(name, *more)
+
+
+class CommonSettings(BaseSettings):
+    """Settings every component shares: where Redis is, which deployment, how to log."""
+
+    model_config = SettingsConfigDict(
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        case_sensitive=False,
+        extra="ignore",
+    )
+
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        description="Redis URL (redis://, rediss:// for TLS, unix://); env REDIS_URL",
+    )
+    prefix: str = Field(
+        "rl",
+        validation_alias=env_alias("prefix", "stream_prefix"),
+        description="prefix of all streams and keys ('{rl}': one Cluster slot); env STREAM_PREFIX",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_json: bool = Field(False, description="log JSON lines instead of human-readable text")
+
+    @field_validator("redis_url", check_fields=False)
+    @classmethod
+    def _redis_can_use(cls, url: str | None) -> str | None:
+        if url is not None:
+            parse_url(url)  # a ValueError for a scheme, port or option redis-py cannot use
+        return url

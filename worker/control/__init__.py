@@ -1,0 +1,7 @@
+"""Control of a running swarm, one module per command of ``python -m worker control``, and the demo.
+
+- ``train.py``: rounds of training runs, evaluation and evolution, with a learning curve;
+- ``status.py``: live models, stream lengths, consumer-group lag;
+- ``forget.py``: delete what a stopped model left in Redis;
+- ``demo.py``: start every component and train until CartPole-v1 is solved.
+"""

@@ -1,0 +1,46 @@
+"""The wire protocol: stream names, the two entry encodings, and every message of every stream.
+
+Everything another program (or ``redis-cli``) must know to talk to the components lives in this
+package and in ``docs/protocol.md``; every component decodes, validates and encodes through it,
+and nothing here touches Redis.
+
+- :mod:`~worker.protocol.streams`: the names of the streams and keys under one prefix;
+- :mod:`~worker.protocol.encoding`: msgpack or JSON entries, and dead letters;
+- :mod:`~worker.protocol.fields`: the checks every message shares (flags, numbers, arrays, names);
+- :mod:`~worker.protocol.observations`: observations, logits replies, actions;
+- :mod:`~worker.protocol.commands`: evolution's GET/SET and their answers, RUN/STOP and status reports.
+"""
+
+from worker.protocol.commands import Command, parse_command, parse_weight_vector
+from worker.protocol.encoding import (
+    DATA_FIELD,
+    MAX_DEAD_FIELDS,
+    Encoding,
+    NotJson,
+    ProtocolError,
+    dead_letter,
+    decode_entry,
+    encode_entry,
+)
+from worker.protocol.observations import MAX_ENV_ID_LENGTH, Observation, logits_reply, parse_observation
+from worker.protocol.streams import Streams, split_id
+
+__all__ = [
+    "DATA_FIELD",
+    "MAX_DEAD_FIELDS",
+    "MAX_ENV_ID_LENGTH",
+    "Command",
+    "Encoding",
+    "NotJson",
+    "Observation",
+    "ProtocolError",
+    "Streams",
+    "dead_letter",
+    "decode_entry",
+    "encode_entry",
+    "logits_reply",
+    "parse_command",
+    "parse_observation",
+    "parse_weight_vector",
+    "split_id",
+]

@@ -1,0 +1,94 @@
+"""Validation of single fields, shared by every message: flags, numbers, arrays, names.
+
+Each raises :class:`~worker.protocol.encoding.ProtocolError` with a reason a person can act on, and
+describes a bad value in a bounded number of characters.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from worker.protocol.encoding import NotJson, ProtocolError
+
+_repr = reprlib.Repr()
+_repr.maxlist = _repr.maxdict = 8
+_repr.maxstring = _repr.maxother = 40
+_repr.maxlevel = 3
+
+
+def describe(value: Any) -> str:
+    if isinstance(value, NotJson) and value.lstrip()[:1] in ("[", "{", '"'):
+        return f"text that is not JSON ({value.error})"  # meant as JSON: say where it breaks
+    if isinstance(value, NotJson):
+        value = str(value)  # a bare word: a string, as the protocol reads it
+    text = _repr.repr(value)  # bounded work: a multi-megabyte array is not repr'd whole
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def flag(message: Mapping[str, Any], key: str) -> bool:
+    value = message.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    raise ProtocolError(f"{key} must be true or false, got {describe(value)}")
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def number(message: Mapping[str, Any], key: str) -> float:
+    value = message[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"{key} must be a number, got {describe(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer beyond the float range
+        raise ProtocolError(f"{key} must be finite, got an integer of {len(str(value))} digits") from None
+    if not abs(value) <= _FLOAT32_MAX:  # NaN fails too; training keeps rewards in float32
+        raise ProtocolError(f"{key} must be finite and within float32's range (about ±3.4e38), got {value}")
+    return value
+
+
+def has_bool(value: Any) -> bool:
+    """Whether a nested list holds a boolean anywhere (no numpy: object arrays stop at 32 dimensions)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is bool:
+            return True
+        if isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def array(message: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.ndarray:
+    value = message[key]
+    # The common case in one pass: a flat list of finite numbers that fit float32 (a NaN fails the
+    # comparisons). Anything else takes the checks below, which also say what is wrong.
+    if (
+        type(value) is list
+        and len(shape) == 1
+        and len(value) == shape[0]
+        and all((type(x) is float or type(x) is int) and -_FLOAT32_MAX < x < _FLOAT32_MAX for x in value)
+    ):
+        return np.array(value, dtype=np.float32)
+    if isinstance(value, NotJson | str | bytes) or not isinstance(value, list | int | float):
+        raise ProtocolError(f"{key} must be an array of numbers, got {describe(value)}")
+    try:
+        array = np.asarray(value)
+    except (ValueError, OverflowError) as exc:
+        raise ProtocolError(f"{key} is not a rectangular array of numbers: {exc}") from None
+    if array.dtype.kind not in "iuf" or has_bool(value):  # numpy turns [1, true] into [1, 1]
+        raise ProtocolError(f"{key} must hold only numbers, got {describe(value)}")
+    if array.shape != shape:
+        raise ProtocolError(f"{key} must have shape {list(shape)}, got {list(array.shape)}")
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, rejected just below
+        array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ProtocolError(f"{key} must be finite and within float32's range (about ±3.4e38)")
+    return array

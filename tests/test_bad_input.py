@@ -299,7 +299,7 @@ def _fail_on(monkeypatch: pytest.MonkeyPatch, target: str) -> None:
     """Make the learner raise, mid-batch, when it reaches the observation ``target``."""
     import worker.model.learner
 
-    real = worker.learner.observe
+    real = worker.model.learner.observe
 
     def observe(memory, obs, *args):
         if obs.entry_id == target:

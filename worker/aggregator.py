@@ -30,7 +30,6 @@ Run one aggregator per prefix: two consumers of the group would split an observa
 from __future__ import annotations
 
 import math
-import reprlib
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
@@ -46,9 +45,18 @@ from worker.common.connections import ensure_group
 from worker.common.registry import live_models
 from worker.common.serve import Service
 from worker.common.settings import CommonSettings
-from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
+from worker.protocol import (
+    Encoding,
+    LogitsReply,
+    ProtocolError,
+    action_message,
+    dead_letter,
+    decode_entry,
+    encode_entry,
+    parse_logits_reply,
+)
 
-log = logs.get("worker.aggregator")
+log = logs.get(__name__)
 
 FLUSH = lua.source(__package__, "aggregator.lua", sections=True)  # a decision's writes, at once
 
@@ -68,50 +76,6 @@ class AggregatorSettings(CommonSettings):
     max_entry_bytes: int = Field(1 << 20, gt=0, description="larger entries are dead-lettered unread")
     stream_maxlen: int = Field(100_000, gt=0, description="approximate MAXLEN of the streams written")
     remembered: int = Field(100_000, gt=0, description="decided OBS_IDs remembered to drop late replies")
-
-
-@dataclass(slots=True)
-class Reply:
-    """One model's logits for one observation."""
-
-    obs_id: str
-    component_id: str
-    env_id: str
-    logits: np.ndarray
-    deterministic: bool
-    encoding: Encoding
-
-
-def _text(message: Mapping[str, Any], key: str, default: str | None = None) -> str:
-    value = message.get(key, default)
-    value = str(value) if type(value) is int else value  # JSON plain fields turn "7" into 7
-    if not isinstance(value, str) or not value:
-        raise ProtocolError(f"{key} must be a non-empty string, got {reprlib.repr(value)}")
-    return str(value)  # a plain str, not the NotJson subclass
-
-
-def parse_reply(message: Mapping[str, Any], encoding: Encoding) -> Reply:
-    """Validate a logits reply ``{LOGITS, COMPONENT_ID, ENV_ID, OBS_ID, DETERMINISTIC}``."""
-    logits = message.get("LOGITS")
-    if not isinstance(logits, list) or not logits or any(type(x) not in (int, float) for x in logits):
-        raise ProtocolError(f"LOGITS must be a non-empty list of numbers, got {reprlib.repr(logits)}")
-    try:
-        array = np.asarray(logits, dtype=np.float64)
-    except OverflowError:  # a JSON integer beyond the float range
-        array = np.array([math.inf])
-    if not np.isfinite(array).all():
-        raise ProtocolError("LOGITS must be finite (no NaN or infinity)")
-    deterministic = message.get("DETERMINISTIC", False)
-    if deterministic not in (True, False) or type(deterministic) not in (bool, int):
-        raise ProtocolError(f"DETERMINISTIC must be true or false, got {reprlib.repr(deterministic)}")
-    return Reply(
-        obs_id=_text(message, "OBS_ID"),
-        component_id=_text(message, "COMPONENT_ID"),
-        env_id=_text(message, "ENV_ID", "default"),
-        logits=array,
-        deterministic=bool(deterministic),
-        encoding=encoding,
-    )
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -138,7 +102,7 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class Bucket:
     """The replies to one observation collected so far."""
 
-    first: Reply
+    first: LogitsReply
     first_seen: float
     logits: dict[str, np.ndarray] = field(default_factory=dict)
     entry_ids: list[str] = field(default_factory=list)
@@ -148,13 +112,11 @@ class Aggregator(Service):
     """Turns the models' logits into actions and credits each model its contribution.
 
     :param settings: the aggregator's settings
-    :param client: a redis-py client with ``decode_responses`` off
+    :param client: see :class:`~worker.common.serve.Service`
     """
 
     def __init__(self, settings: AggregatorSettings, client: redis.Redis) -> None:
-        super().__init__(client, log, consumer=settings.consumer)
-        self.settings = settings
-        self.streams = Streams(settings.prefix)
+        super().__init__(settings, client, log, consumer=settings.consumer)
         self.rng = np.random.default_rng(settings.seed)
         self.buckets: dict[str, Bucket] = {}
         self.decided: OrderedDict[str, None] = OrderedDict()
@@ -236,7 +198,7 @@ class Aggregator(Service):
                 self._acks.append(entry_id)
                 continue
             try:
-                reply = parse_reply(*decode_entry(fields, self.settings.max_entry_bytes))
+                reply = parse_logits_reply(*decode_entry(fields, self.settings.max_entry_bytes))
                 bucket = self.buckets.get(reply.obs_id)
                 if bucket is not None and len(reply.logits) != len(bucket.first.logits):
                     n, expected = len(reply.logits), len(bucket.first.logits)
@@ -293,10 +255,8 @@ class Aggregator(Service):
             share = np.where(total > 0, mass / np.where(total > 0, total, 1.0), 1.0 / len(ids))
             for component_id, value in zip(ids, share.sum(axis=0), strict=True):
                 shares[component_id] += float(value)
-            for (obs_id, bucket), action in zip(members, chosen.tolist(), strict=True):
-                message = {"ACTION": action, "ENV_ID": bucket.first.env_id, "OBS_ID": obs_id}
-                message.update(MODELS=len(ids), DETERMINISTIC=bucket.first.deterministic)
-                actions.append((message, bucket.first.encoding))
+            for (_, bucket), action in zip(members, chosen.tolist(), strict=True):
+                actions.append((action_message(bucket.first, action, len(ids)), bucket.first.encoding))
         acks = self._acks + [i for _, bucket in due for i in bucket.entry_ids]
         # If the flush fails, nothing changed here: the same observations are decided next step
         # (and if it had landed after all, that flush finds its entries acknowledged and does nothing).

@@ -44,41 +44,30 @@ def _resolve(target: str) -> Any:
 def _announce(settings: Any) -> None:
     """Which Redis a server uses (once it let us in): without REDIS_URL it is localhost's, which may
     not be the one meant."""
-    logs.get("worker.cli").info("redis", url=redacted(settings.redis_url), prefix=settings.prefix)
+    logs.get(__name__).info("redis", url=redacted(settings.redis_url), prefix=settings.prefix)
+
+
+def serve(settings: Any, service: str) -> int:
+    """Build the long-running component ``service`` (``module:Class``) and serve until stopped."""
+    from worker.common.connections import connect
+
+    client = connect(settings.redis_url)
+    _announce(settings)
+    with mendable():
+        _resolve(service)(settings, client).serve()
+    return 0
 
 
 def run_model(settings: Any) -> int:
-    from worker.common.connections import connect
-    from worker.model.loop import ModelWorker
-
-    client = connect(settings.redis_url)
-    _announce(settings)
-    with mendable():
-        worker = ModelWorker(settings, client)
-        worker.serve()
-    return 0
+    return serve(settings, "worker.model.loop:ModelWorker")
 
 
 def run_env(settings: Any) -> int:
-    from worker.common.connections import connect
-    from worker.env.runner import EnvRunner
-
-    client = connect(settings.redis_url)
-    _announce(settings)
-    with mendable():
-        runner = EnvRunner(settings, client)
-    runner.serve()
-    return 0
+    return serve(settings, "worker.env.runner:EnvRunner")
 
 
 def run_aggregator(settings: Any) -> int:
-    from worker.aggregator import Aggregator
-    from worker.common.connections import connect
-
-    client = connect(settings.redis_url)
-    _announce(settings)
-    Aggregator(settings, client).serve()
-    return 0
+    return serve(settings, "worker.aggregator:Aggregator")
 
 
 COMMANDS: dict[str, Command] = {

@@ -33,6 +33,8 @@ from typing import Any
 import redis
 from redis.backoff import EqualJitterBackoff
 
+from worker.protocol import Streams
+
 # Errors redis-py raises as their own classes: ConnectionError covers LOADING (BusyLoadingError),
 # ClusterDownError covers MASTERDOWN.
 OUTAGE = (
@@ -69,6 +71,8 @@ def is_gone_group(error: BaseException) -> bool:
 
 class Interrupted(RuntimeError):
     """A component must start again from what Redis holds (e.g. a model that lost its lease)."""
+
+    event = "interrupted, starting again"  # the log line
 
 
 class ConnectionWatch:
@@ -174,7 +178,7 @@ class Outages:
         self.interruptions += 1
         pause = self.backoff.compute(self.interruptions - 2) if self.interruptions > 1 else 0.0
         (self.log.warning if self.interruptions == 1 else self.log.error)(
-            str(error).split(":", 1)[0] if ":" in str(error) else "interrupted",
+            getattr(error, "event", "interrupted, starting again"),
             reason=str(error),
             sleep=round(pause, 3),
             **self.context,
@@ -225,12 +229,15 @@ class Service:
     """A long-running component: :meth:`start` (again after every outage), then :meth:`step` until
     stopped, then :meth:`shutdown`.
 
+    :param settings: the component's settings (``prefix`` names its deployment's streams)
     :param client: a redis-py client with ``decode_responses`` off
     :param log: the component's logger
     :param context: fields of every outage line (e.g. ``component_id``)
     """
 
-    def __init__(self, client: redis.Redis, log: Any, **context: Any) -> None:
+    def __init__(self, settings: Any, client: redis.Redis, log: Any, **context: Any) -> None:
+        self.settings = settings
+        self.streams = Streams(settings.prefix)
         self.redis = client
         self.log = log
         self.outages = Outages(client, log, **context)

@@ -31,9 +31,9 @@ from worker.control.train import (
     wait_for_models,
 )
 from worker.model.settings import A2CSettings
-from worker.protocol import Encoding, Streams, encode_entry
+from worker.protocol import Encoding, Streams, encode_entry, stop_command
 
-log = logs.get("worker.demo")
+log = logs.get(__name__)
 
 
 class DemoSettings(TrainSettings):
@@ -134,7 +134,7 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
             return train_rounds(client, settings.model_copy(update={"redis_url": url}))
         finally:
             with contextlib.suppress(Exception):
-                stop = encode_entry({"CMD": "STOP"}, Encoding.MSGPACK)
+                stop = encode_entry(stop_command(), Encoding.MSGPACK)
                 client.xadd(streams.control, stop, maxlen=1000, approximate=True)
             swarm.stop()
 

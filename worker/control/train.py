@@ -23,9 +23,19 @@ from worker.common import logs
 from worker.common.connections import last_id, text
 from worker.common.registry import live_models
 from worker.evolution import EvolutionSettings
-from worker.protocol import Encoding, ProtocolError, Streams, decode_entry, encode_entry
+from worker.protocol import (
+    Encoding,
+    ProtocolError,
+    Run,
+    RunReport,
+    Streams,
+    decode_entry,
+    encode_entry,
+    parse_run_report,
+    run_command,
+)
 
-log = logs.get("worker.control")
+log = logs.get(__name__)
 
 
 @dataclass
@@ -38,17 +48,6 @@ class RoundResult:
     eval_return: float  # mean deterministic return of the evaluation episodes
     train_seconds: float  # wall-clock spent in training runs so far
     seconds: float  # wall-clock since training started, evaluations and evolution included
-
-
-def _valid_report(message: dict[str, Any]) -> bool:
-    """A run report whose counts are integers and whose returns are numbers."""
-    counts = [message.get(key, 0) for key in ("EPISODES", "STEPS")]
-    returns = message.get("RETURNS", [])
-    return (
-        all(type(n) is int for n in counts)
-        and isinstance(returns, list)
-        and all(type(r) in (int, float) for r in returns)
-    )
 
 
 def run_episodes(
@@ -68,13 +67,9 @@ def run_episodes(
     """
     run_id = uuid.uuid4().hex[:12]
     cursor = last_id(client, streams.status)
-    command: dict[str, Any] = {"CMD": "RUN", "RUN_ID": run_id, "DETERMINISTIC": deterministic}
-    if episodes is not None:
-        command["EPISODES"] = episodes
-    if steps is not None:
-        command["STEPS"] = steps
+    command = run_command(Run(run_id, episodes, steps, deterministic))
     client.xadd(streams.control, encode_entry(command, Encoding.MSGPACK), maxlen=1000, approximate=True)
-    reports: list[dict[str, Any]] = []
+    reports: list[RunReport] = []
     deadline = time.monotonic() + timeout
     while len(reports) < runners:
         remaining = deadline - time.monotonic()
@@ -85,21 +80,19 @@ def run_episodes(
             for entry_id, fields in items:
                 cursor = entry_id.decode()
                 try:
-                    message, _ = decode_entry(fields or {}, 1 << 24)
+                    report = parse_run_report(decode_entry(fields or {}, 1 << 24)[0])
                 except ProtocolError as exc:
                     log.warning("unreadable status entry skipped", id=cursor, error=str(exc))
                     continue
-                if message.get("EVENT") == "run" and message.get("RUN_ID") == run_id:
-                    if "ERROR" in message:
-                        raise RuntimeError(f"run {run_id} failed: {message['ERROR']}")
-                    if _valid_report(message):
-                        reports.append(message)
-                    else:
-                        log.warning("malformed run report skipped", id=cursor)
-    returns = [r for report in reports for r in report.get("RETURNS", [])]
+                if report is None or report.run_id != run_id:
+                    continue  # an episode's report, or another run's
+                if report.error is not None:
+                    raise RuntimeError(f"run {run_id} failed: {report.error}")
+                reports.append(report)
+    returns = [r for report in reports for r in report.returns]
     return {
-        "episodes": sum(int(r.get("EPISODES", 0)) for r in reports),
-        "steps": sum(int(r.get("STEPS", 0)) for r in reports),
+        "episodes": sum(r.episodes for r in reports),
+        "steps": sum(r.steps for r in reports),
         "returns": returns,
         "mean_return": sum(returns) / len(returns) if returns else float("nan"),
     }

@@ -28,7 +28,7 @@ from worker.model.policy import (
 from worker.model.settings import ModelSettings
 from worker.protocol import Observation
 
-log = logs.get("worker.learner")
+log = logs.get(__name__)
 
 
 @dataclass

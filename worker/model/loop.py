@@ -47,10 +47,12 @@ from worker.protocol import (
     parse_command,
     parse_observation,
     parse_weight_vector,
+    set_ack,
     split_id,
+    weights_reply,
 )
 
-log = logs.get("worker.model")
+log = logs.get(__name__)
 
 Entry = tuple[str, str, dict[bytes, bytes]]  # (stream, entry ID, fields)
 
@@ -80,14 +82,13 @@ class ModelWorker(Service):
     """One model (component ID): its policy, its per-environment memory, its consumer group.
 
     :param settings: the worker's settings
-    :param client: a redis-py client with ``decode_responses`` off
+    :param client: see :class:`~worker.common.serve.Service`
     """
 
     def __init__(self, settings: ModelSettings, client: redis.Redis) -> None:
         self.component_id = settings.component_id or uuid.uuid4().hex
-        super().__init__(client, log, component_id=self.component_id)
-        self.settings = settings
-        self.streams = Streams(settings.prefix)
+        super().__init__(settings, client, log, component_id=self.component_id)
+        self.settings: ModelSettings = settings
         if settings.component_id is None:
             log.warning(
                 "no component ID given: using a random one, so this model cannot resume",
@@ -328,11 +329,7 @@ class ModelWorker(Service):
     def _command(self, command: Command, outbox: Outbox) -> None:
         """GET publishes the weights and pauses training; SET (naming this model) loads and resumes."""
         if command.cmd == "GET":
-            reply = {
-                "WEIGHTS": self.learner.weights().tolist(),
-                "COMPONENT_ID": self.component_id,
-                "REQUEST_ID": command.entry_id,
-            }
+            reply = weights_reply(command, self.learner.weights().tolist(), self.component_id)
             self.learner.pause(self.settings.evolution_timeout)
         else:
             assert command.weights is not None
@@ -342,7 +339,7 @@ class ModelWorker(Service):
                 parse_weight_vector(command.weights[self.component_id], self.learner.n_params)
             )
             outbox.weights_changed = True
-            reply = {"ACK": "SET", "COMPONENT_ID": self.component_id, "REQUEST_ID": command.entry_id}
+            reply = set_ack(command, self.component_id)
         self.counters.commands += 1
         outbox.messages.append((self.streams.weights, encode_entry(reply, command.encoding)))
 

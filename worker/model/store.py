@@ -51,10 +51,14 @@ class LostLease(Interrupted):
     """This worker may no longer commit from its local state: another consumer holds the lease, or
     the stored checkpoint is not the version the local state grew from. Reload."""
 
+    event = "lease lost, reloading"
+
 
 class CommitRefused(Interrupted):
     """Redis refused a commit before writing anything (a key of the wrong type, a consumer group
     gone, a command the ACL user may not run): nothing changed; retry after a pause."""
+
+    event = "commit refused, reloading"
 
 
 @dataclass

@@ -11,7 +11,26 @@ and nothing here touches Redis.
 - :mod:`~worker.protocol.commands`: evolution's GET/SET and their answers, RUN/STOP and status reports.
 """
 
-from worker.protocol.commands import Command, parse_command, parse_weight_vector
+from worker.protocol.commands import (
+    Answer,
+    Command,
+    Run,
+    RunReport,
+    Stop,
+    episode_report,
+    parse_answer,
+    parse_command,
+    parse_control,
+    parse_reply_weights,
+    parse_run_report,
+    parse_weight_vector,
+    run_command,
+    run_failed,
+    run_report,
+    set_ack,
+    stop_command,
+    weights_reply,
+)
 from worker.protocol.encoding import (
     DATA_FIELD,
     MAX_DEAD_FIELDS,
@@ -22,25 +41,53 @@ from worker.protocol.encoding import (
     decode_entry,
     encode_entry,
 )
-from worker.protocol.observations import MAX_ENV_ID_LENGTH, Observation, logits_reply, parse_observation
+from worker.protocol.observations import (
+    MAX_ENV_ID_LENGTH,
+    LogitsReply,
+    Observation,
+    action_message,
+    logits_reply,
+    parse_action,
+    parse_logits_reply,
+    parse_observation,
+)
 from worker.protocol.streams import Streams, split_id
 
 __all__ = [
     "DATA_FIELD",
     "MAX_DEAD_FIELDS",
     "MAX_ENV_ID_LENGTH",
+    "Answer",
     "Command",
     "Encoding",
+    "LogitsReply",
     "NotJson",
     "Observation",
     "ProtocolError",
+    "Run",
+    "RunReport",
+    "Stop",
     "Streams",
+    "action_message",
     "dead_letter",
     "decode_entry",
     "encode_entry",
+    "episode_report",
     "logits_reply",
+    "parse_action",
+    "parse_answer",
     "parse_command",
+    "parse_control",
+    "parse_logits_reply",
     "parse_observation",
+    "parse_reply_weights",
+    "parse_run_report",
     "parse_weight_vector",
+    "run_command",
+    "run_failed",
+    "run_report",
+    "stop_command",
+    "set_ack",
     "split_id",
+    "weights_reply",
 ]

@@ -38,6 +38,46 @@ def flag(message: Mapping[str, Any], key: str) -> bool:
     raise ProtocolError(f"{key} must be true or false, got {describe(value)}")
 
 
+def name(
+    message: Mapping[str, Any], key: str, default: str | None = None, max_length: int | None = None
+) -> str:
+    """An identifier (ENV_ID, OBS_ID, COMPONENT_ID, RUN_ID...): a non-empty string, or an integer
+    taken as its decimal text, since ``redis-cli``'s ``RUN_ID 7`` arrives as the JSON integer 7 and
+    must name the same thing as ``"7"``.
+
+    :param default: the value when ``key`` is absent; ``None`` makes the key required
+    :param max_length: the most characters allowed (``None``: no limit)
+    """
+    value = message.get(key, default)
+    if type(value) is int:
+        value = str(value)
+    if isinstance(value, str) and value and (max_length is None or len(value) <= max_length):
+        return str(value)  # a plain str, not the NotJson text of a plain field
+    what = "a non-empty string" if max_length is None else f"a string of 1 to {max_length} characters"
+    got = "it is missing" if key not in message else f"got {describe(value)}"
+    raise ProtocolError(f"{key} must be {what} (or an integer); {got}")
+
+
+def choice(message: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices``, spelled exactly (``CMD``: ``GET`` but not ``get``)."""
+    value = message.get(key)
+    if isinstance(value, str) and value in choices:
+        return str(value)
+    got = "it is missing" if key not in message else f"got {describe(value)}"
+    raise ProtocolError(f"{key} must be one of {', '.join(choices)}; {got}")
+
+
+def integer(message: Mapping[str, Any], key: str, minimum: int = 0) -> int | None:
+    """An integer of at least ``minimum`` (booleans are not integers), or ``None`` when absent or null."""
+    value = message.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+        raise ProtocolError(f"{key} must be {what}, got {describe(value)}")
+    return value
+
+
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -52,6 +92,14 @@ def number(message: Mapping[str, Any], key: str) -> float:
     if not abs(value) <= _FLOAT32_MAX:  # NaN fails too; training keeps rewards in float32
         raise ProtocolError(f"{key} must be finite and within float32's range (about ±3.4e38), got {value}")
     return value
+
+
+def numbers(message: Mapping[str, Any], key: str) -> list[float]:
+    """A list of any length, each item a number as :func:`number` checks one."""
+    value = message[key]
+    if not isinstance(value, list):
+        raise ProtocolError(f"{key} must be a list of numbers, got {describe(value)}")
+    return [number({key: item}, key) for item in value]
 
 
 def has_bool(value: Any) -> bool:

@@ -3,7 +3,8 @@ aggregator) and actions (aggregator -> environments)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,26 +43,13 @@ def parse_observation(
     if "OBSERVATION" not in message:
         raise ProtocolError("missing OBSERVATION")
     observation = fields.array(message, "OBSERVATION", obs_shape)
-    env_id = message.get("ENV_ID", "default")
-    if isinstance(env_id, int) and not isinstance(env_id, bool):
-        env_id = str(env_id)
-    if not isinstance(env_id, str) or not 0 < len(env_id) <= MAX_ENV_ID_LENGTH:
-        raise ProtocolError(
-            f"ENV_ID must be a string of 1 to {MAX_ENV_ID_LENGTH} characters (or an integer),"
-            f" got {fields.describe(env_id)}"
-        )
-    env_id = str(env_id)  # a plain str, not the NotJson text of a plain field
+    env_id = fields.name(message, "ENV_ID", default="default", max_length=MAX_ENV_ID_LENGTH)
     if ("REWARD" in message) != ("ACTION" in message):
         raise ProtocolError("REWARD and ACTION come together (both describe the previous step)")
     reward = action = None
     if "REWARD" in message:
         reward = fields.number(message, "REWARD")
-        action = given = message["ACTION"]
-        if isinstance(action, list) and len(action) == 1:  # a one-element array, as from a vector env
-            action = action[0]
-        if isinstance(action, bool) or not isinstance(action, int) or not 0 <= action < n_actions:
-            got = fields.describe(given)
-            raise ProtocolError(f"ACTION must be an integer in [0, {n_actions}), got {got}")
+        action = _action(message, n_actions)
     truncated = fields.flag(message, "TRUNCATED")
     done = fields.flag(message, "DONE") or truncated  # a truncation ends the episode too
     terminal = None
@@ -85,6 +73,16 @@ def parse_observation(
     )
 
 
+def _action(message: Mapping[str, Any], n_actions: int) -> int:
+    """ACTION: an integer in ``[0, n_actions)``, or a one-element array of one (as from a vector env)."""
+    action = given = message.get("ACTION")
+    if isinstance(action, list) and len(action) == 1:
+        action = action[0]
+    if type(action) is not int or not 0 <= action < n_actions:
+        raise ProtocolError(f"ACTION must be an integer in [0, {n_actions}), got {fields.describe(given)}")
+    return action
+
+
 def logits_reply(obs: Observation, logits: list[float], component_id: str) -> dict[str, Any]:
     return {
         "LOGITS": logits,
@@ -93,3 +91,65 @@ def logits_reply(obs: Observation, logits: list[float], component_id: str) -> di
         "ENV_ID": obs.env_id,
         "OBS_ID": obs.entry_id,
     }
+
+
+@dataclass(slots=True)
+class LogitsReply:
+    """One model's logits for one observation, as read from ``<prefix>:logits``."""
+
+    obs_id: str
+    component_id: str
+    env_id: str
+    logits: np.ndarray  # float64: softmax and sampling in double precision
+    deterministic: bool
+    encoding: Encoding
+
+
+def parse_logits_reply(message: Mapping[str, Any], encoding: Encoding) -> LogitsReply:
+    """Validate a logits reply ``{LOGITS, COMPONENT_ID, ENV_ID, OBS_ID, DETERMINISTIC}``."""
+    logits = message.get("LOGITS")
+    if not isinstance(logits, list) or not logits or any(type(x) not in (int, float) for x in logits):
+        raise ProtocolError(f"LOGITS must be a non-empty list of numbers, got {fields.describe(logits)}")
+    try:
+        array = np.asarray(logits, dtype=np.float64)
+    except OverflowError:  # a JSON integer beyond the float range
+        array = np.array([math.inf])
+    if not np.isfinite(array).all():
+        raise ProtocolError("LOGITS must be finite (no NaN or infinity)")
+    return LogitsReply(
+        obs_id=fields.name(message, "OBS_ID"),
+        component_id=fields.name(message, "COMPONENT_ID"),
+        env_id=fields.name(message, "ENV_ID", default="default", max_length=MAX_ENV_ID_LENGTH),
+        logits=array,
+        deterministic=fields.flag(message, "DETERMINISTIC"),
+        encoding=encoding,
+    )
+
+
+def action_message(reply: LogitsReply, action: int, models: int) -> dict[str, Any]:
+    """The aggregator's action for the observation ``reply`` answers; ``models``: how many were combined."""
+    return {
+        "ACTION": action,
+        "ENV_ID": reply.env_id,
+        "OBS_ID": reply.obs_id,
+        "MODELS": models,
+        "DETERMINISTIC": reply.deterministic,
+    }
+
+
+def parse_action(
+    message: Mapping[str, Any], n_actions: int, waiting: Container[str]
+) -> tuple[str, int] | None:
+    """``(OBS_ID, ACTION)`` of an action answering one of the observations in ``waiting``.
+
+    An action for another observation (another runner's), or for none, is not this reader's to
+    judge: ``None``. One for an observation in ``waiting`` with an invalid ACTION raises
+    :class:`ProtocolError`.
+    """
+    try:
+        obs_id = fields.name(message, "OBS_ID")
+    except ProtocolError:
+        return None
+    if obs_id not in waiting:
+        return None
+    return obs_id, _action(message, n_actions)

@@ -5,7 +5,7 @@ pi/vf [16, 16], gamma 0.99, gae_lambda 1, ent_coef 0, vf_coef 0.5, max_grad_norm
 number of environments, train in rounds of the same number of environment steps and are evaluated
 after each round on 20 deterministic episodes; "solved" is a mean evaluation return of at least 475.
 The streams side is one model worker, the aggregator and one environment runner, as separate
-processes on a private redis-server (``worker.demo.train_swarm``).
+processes on a private redis-server (``worker.control.demo.train_swarm``).
 
     python -m bench.parity [--seeds 0 1 2] [--n-envs 8] [--steps-per-round 10000]
 """

@@ -3,9 +3,9 @@
 ``python -m bench.throughput [--n-obs N] [--tutorial-n-obs M] [--envs 64] [--encoding json|msgpack|both]
 [--batch-size B] [--tutorial-torch-threads T] [--profile]``
 
-One run starts a private ``redis-server`` (:func:`worker.connections.embedded_redis`) and, for every
+One run starts a private ``redis-server`` (:func:`worker.common.connections.embedded_redis`) and, for every
 encoding and every contender (:mod:`bench.tutorial_port`, then the real
-:class:`worker.model.ModelWorker` in-process with its default settings and a component ID):
+:class:`worker.model.loop.ModelWorker` in-process with its default settings and a component ID):
 
 1. creates the contender's consumer group on a fresh key prefix (groups start at ``$``);
 2. pre-fills ``<prefix>:observation`` with N observations of ``--envs`` CartPole-v1 environments
@@ -70,7 +70,7 @@ class Result:
 def observations(n: int, n_envs: int, seed: int = 0) -> list[dict]:
     """``n`` messages of ``n_envs`` CartPole-v1 environments stepped with random actions, round-robin.
 
-    Each message is what :mod:`worker.envrunner` would publish: the first of an environment has no
+    Each message is what :mod:`worker.env.runner` would publish: the first of an environment has no
     REWARD; later ones carry the REWARD and ACTION of the step that led to them, ``DONE: true`` when
     that step ended the episode (the observation is then the reset one), and for a time-limit
     truncation ``TRUNCATED`` and ``TERMINAL_OBSERVATION``.

@@ -69,10 +69,12 @@ def test_the_get_and_the_shares_are_taken_once_even_if_sent_twice(real_redis) ->
     """redis-py resends a command whose reply was lost: the second copy answers like the first."""
     real_redis.hset("rl:contribution", mapping={"m1": 3.0, "m2": 1.0})
     script = real_redis.register_script(REQUEST)
-    keys = ["rl:evolution", "rl:contribution", "rl:contribution:req"]
-    first = script(keys=keys, args=[1000, b"\x81\xa3CMD\xa3GET", "1"])
-    again = script(keys=keys, args=[1000, b"\x81\xa3CMD\xa3GET", "1"])
+    keys = ["rl:evolution", "rl:contribution", "rl:generation", "rl:evolving"]
+    args = [1000, b"\x81\xa3CMD\xa3GET", "1", '["m1", "m2"]', 7, "0-0", 60_000]
+    first = script(keys=keys, args=args)
+    again = script(keys=keys, args=args)
     assert first == again and real_redis.xlen("rl:evolution") == 1
+    assert real_redis.get("rl:generation") == b"1"  # one generation, however often it is sent
     assert not real_redis.exists("rl:contribution")  # reset for the next generation
     shares = dict(zip(first[::2], first[1::2], strict=True))
     assert float(shares[b"m1"]) == 3.0 and float(shares[b"m2"]) == 1.0

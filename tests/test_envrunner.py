@@ -17,7 +17,7 @@ import redis
 
 from tests.helpers import read, xadd
 from worker.env.runner import PUBLISH, EnvRunner, EnvSettings
-from worker.protocol import Encoding, decode_entry, encode_entry
+from worker.protocol import Encoding, decode_entry, encode_entry, split_id
 
 Message = dict[str, Any]
 
@@ -274,6 +274,9 @@ def test_stop_aborts_the_run_in_progress(real_redis, env_settings, scripted) -> 
     assert statuses(real_redis) == [
         {"EVENT": "run", "RUN_ID": "stuck", "RUNNER_ID": "env", "ERROR": "runner stopping"}
     ]
+    # Obeyed, the STOP counts as finished, with what was queued before it: a restart obeys neither.
+    [(stop_id, _)] = real_redis.xrevrange("rl:control", count=1)
+    assert real_redis.hget("rl:runner:env", "finished") == stop_id
 
 
 def test_models_aggregator_and_runner_play_cartpole_together(real_redis, settings, env_settings) -> None:
@@ -384,8 +387,79 @@ def test_a_round_sent_twice_is_published_once(real_redis) -> None:
     """redis-py resends a command whose reply was lost: the copy gets the first one's entry IDs."""
     script = real_redis.register_script(PUBLISH)
     keys = ["rl:status", "rl:observation", "rl:runner:env"]
-    args = ["abc:1", 1000, 0, 2, 2, "OBSERVATION", "[0,0,0,0]", 2, "OBSERVATION", "[1,1,1,1]"]
+    args = ["abc:1", 1000, "", 0, 2, 2, "OBSERVATION", "[0,0,0,0]", 2, "OBSERVATION", "[1,1,1,1]"]
     first, again = script(keys=keys, args=args), script(keys=keys, args=args)
     assert first == again and len(first) == 2 and real_redis.xlen("rl:observation") == 2
     third = script(keys=keys, args=["abc:2", *args[1:]])  # the next round is published
     assert real_redis.xlen("rl:observation") == 4 and third != first
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no handler sees it."""
+
+
+def test_a_runner_restarted_after_a_crash_runs_the_interrupted_run_again(
+    real_redis, env_settings, scripted
+) -> None:
+    """The runner's key remembers the last command finished: a runner killed mid-run and started
+    again with the same ID runs that RUN again and obeys what came while it was down; a STOP, once
+    obeyed, is not obeyed again by the next start."""
+    runner = EnvRunner(env_settings, real_redis)
+    runner.start()
+    fake = scripted(lambda *_: None)  # nothing answers: the run waits for its first actions
+    run_1 = xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "r1", "STEPS": 6})
+
+    def killed(*_: Any) -> Any:
+        raise Killed
+
+    runner._read_actions = killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        runner.step()  # the first round is out, then the process dies
+    assert real_redis.xlen("rl:observation") == 2 and statuses(real_redis) == []
+    finished = real_redis.hget("rl:runner:env", "finished").decode()
+    assert split_id(finished) < split_id(run_1)  # not finished
+    xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "r2", "STEPS": 2})  # sent while it is down
+    stop = xadd(real_redis, "rl:control", {"CMD": "STOP"})
+
+    fake.policy = alternate
+    again = EnvRunner(env_settings, redis.Redis.from_url(env_settings.redis_url))
+    serve(again)
+    assert again.resumed_from == finished
+    runs = [s for s in statuses(real_redis) if s["EVENT"] == "run"]
+    assert [(r["RUN_ID"], r["STEPS"], "ERROR" in r) for r in runs] == [("r1", 6, False), ("r2", 2, False)]
+    assert real_redis.hget("rl:runner:env", "finished").decode() == stop
+    # The dead runner's observations were answered too; the new attempt's chains start afresh.
+    first_new = real_redis.xrange("rl:observation")[2][0].decode()
+    assert "REWARD" not in fake.seen[2][1] and fake.seen[2][0] == first_new
+
+    reported = len(statuses(real_redis))
+    third = EnvRunner(env_settings, real_redis)
+    third.start()
+    third.step()  # nothing left to obey: the STOP was obeyed
+    assert not third.stopping and len(statuses(real_redis)) == reported
+
+
+def test_a_report_finishes_its_run_in_the_same_script(real_redis, env_settings, scripted) -> None:
+    runner = EnvRunner(env_settings, real_redis)
+    runner.start()
+    scripted(alternate)
+    run_id = xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "r1", "STEPS": 3})
+    runner.step()
+    [(report_id, _)] = [(i, m) for i, m in read(real_redis, "rl:status") if m["EVENT"] == "run"]
+    key = real_redis.hgetall("rl:runner:env")
+    assert key[b"finished"].decode() == run_id
+    assert report_id in key[b"ids"].decode()  # written by the round that published the report
+
+
+def test_a_restarted_runner_skips_commands_older_than_its_resume_window(
+    real_redis, env_settings, scripted
+) -> None:
+    real_redis.hset("rl:runner:env", "finished", "1-0")  # a runner of this ID finished something once
+    seconds, _ = real_redis.time()
+    stale = f"{(seconds - 30) * 1000}-0"
+    xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "stale", "STEPS": 1}, entry_id=stale)
+    xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "fresh", "STEPS": 1})
+    xadd(real_redis, "rl:control", {"CMD": "STOP"})
+    scripted(alternate)
+    serve(EnvRunner(env_settings.model_copy(update={"resume_window": 10.0}), real_redis))
+    assert [s["RUN_ID"] for s in statuses(real_redis) if s["EVENT"] == "run"] == ["fresh"]

@@ -17,12 +17,15 @@ from tests.helpers import read, xadd
 from worker.evolution import (
     EvolutionError,
     EvolutionSettings,
+    decide,
     evolve,
     ga_step,
+    generation_key,
     mean_returns,
     pbt_step,
     request_weights,
     run,
+    send_weights,
 )
 from worker.model.loop import ModelWorker
 from worker.model.policy import make_policy, weights_as_vector
@@ -144,11 +147,20 @@ def test_mean_returns_plays_deterministic_seeded_episodes() -> None:
 
 def test_contribution_is_read_and_reset_with_the_get(any_redis) -> None:
     any_redis.hset("rl:contribution", mapping={"m1": "2.5", "m2": "0.5"})
-    get_id, shares = request_weights(any_redis, Streams("rl"), evo_settings(fitness="contribution"))
-    assert shares == {"m1": 2.5, "m2": 0.5}
+    any_redis.zadd("rl:models", {"m1": time.time(), "m2": time.time()})
+    settings = evo_settings(fitness="contribution")
+    generation = request_weights(any_redis, Streams("rl"), settings)
+    assert generation.shares == {"m1": 2.5, "m2": 0.5} and generation.number == 1
+    assert generation.live == ["m1", "m2"] and not generation.resumed
     assert not any_redis.exists("rl:contribution")
-    assert read(any_redis, "rl:evolution") == [(get_id, {"CMD": "GET"})]
-    assert request_weights(any_redis, Streams("rl"), evo_settings(fitness="contribution"))[1] == {}
+    assert read(any_redis, "rl:evolution") == [(generation.get_id, {"CMD": "GET"})]
+    # Until the generation is over, asking again gets it back: no second GET, no second take.
+    again = request_weights(any_redis, Streams("rl"), settings)
+    assert again.resumed and again.number == 1 and again.get_id == generation.get_id
+    assert again.shares == {"m1": 2.5, "m2": 0.5} and len(read(any_redis, "rl:evolution")) == 1
+    any_redis.delete(generation_key(Streams("rl")))
+    following = request_weights(any_redis, Streams("rl"), settings)
+    assert (following.number, following.shares) == (2, {})
 
 
 def test_no_live_models_is_a_clear_error(fake_redis) -> None:
@@ -288,3 +300,80 @@ def test_a_failed_generation_resumes_every_model_unchanged(real_redis, redis_ser
         assert not any(w.learner.paused() for w in workers.values())
         for cid, worker in workers.items():
             np.testing.assert_array_equal(weights_as_vector(worker.policy), before[cid])
+
+
+# --------------------------------------------------------------------------- interrupted generations
+
+
+def commands(client: redis.Redis) -> list[str]:
+    return [m["CMD"] for _, m in read(client, "rl:evolution")]
+
+
+def test_a_generation_interrupted_after_its_get_is_finished_by_the_next_evolution(
+    real_redis, redis_server_url
+) -> None:
+    """The evolution died after its GET: the next one reads the replies back, decides with the
+    generation's own seed (drawn for it: no --seed here), sends the one SET and resumes everyone."""
+    with models(redis_server_url, "m1", "m2", "m3") as workers:
+        before = {cid: weights_as_vector(w.policy) for cid, w in workers.items()}
+        real_redis.hset("rl:contribution", mapping={"m1": 10, "m2": 5, "m3": 1})
+        settings = evo_settings(
+            redis_server_url, fitness="contribution", pbt_quantile=0.34, pbt_sigma=0.05, seed=None
+        )
+        begun = request_weights(real_redis, Streams("rl"), settings)  # ... and then it was killed
+        wait_for(lambda: all(w.learner.paused() for w in workers.values()))
+
+        report = evolve(real_redis, settings)
+        assert report.resumed and report.generation == begun.number == 1
+        assert report.fitness == {"m1": 10.0, "m2": 5.0, "m3": 1.0} and report.missing == []
+        assert report.acknowledged == ["m1", "m2", "m3"] and report.unacknowledged == []
+        assert commands(real_redis) == ["GET", "SET"]
+        assert not any(w.learner.paused() for w in workers.values())
+        assert not real_redis.exists(generation_key(Streams("rl")))
+        # Same seed, same replies: the SET is what the first attempt would have sent.
+        expected, _ = pbt_step(before, report.fitness, settings, np.random.default_rng([begun.seed, 1]))
+        for cid, worker in workers.items():
+            np.testing.assert_array_equal(weights_as_vector(worker.policy), expected[cid])
+        assert not np.array_equal(expected["m3"], before["m3"])
+        assert evolve(real_redis, settings).generation == 2  # the next one is a new generation
+
+
+def test_a_generation_interrupted_after_its_set_only_waits_for_the_acks(real_redis, redis_server_url) -> None:
+    with models(redis_server_url, "m1", "m2") as workers:
+        settings = evo_settings(redis_server_url, fitness="contribution", pbt_sigma=0.0)
+        streams = Streams("rl")
+        generation = request_weights(real_redis, streams, settings)
+        decide(real_redis, streams, generation, settings)  # the SET went out; killed before the acks
+        assert generation.outcome is not None
+        sent = generation.set_id
+        wait_for(lambda: not any(w.learner.paused() for w in workers.values()))
+
+        report = evolve(real_redis, settings)
+        assert report.resumed and report.generation == 1 and report.acknowledged == ["m1", "m2"]
+        assert (report.fitness, report.actions) == (
+            generation.outcome["fitness"],
+            generation.outcome["actions"],
+        )
+        assert commands(real_redis) == ["GET", "SET"]  # no second SET
+        acks = [m for _, m in read(real_redis, "rl:weights") if m.get("ACK") == "SET"]
+        assert {m["REQUEST_ID"] for m in acks} == {sent} and len(acks) == 2
+
+        # redis-py resending the SET's script (its reply lost) gets the same ID and sends nothing.
+        following = request_weights(real_redis, streams, settings)
+        decide(real_redis, streams, following, settings)
+        set_id = following.set_id
+        send_weights(real_redis, streams, following, {}, {}, settings)
+        assert following.set_id == set_id != sent
+        assert commands(real_redis) == ["GET", "SET", "GET", "SET"]
+
+
+def test_a_generation_older_than_the_resume_window_is_not_resumed(real_redis, redis_server_url) -> None:
+    """Its models trained on after their own timeout: a new generation begins instead."""
+    with models(redis_server_url, "m1", "m2") as workers:
+        settings = evo_settings(redis_server_url, fitness="contribution", resume_window=0.2)
+        request_weights(real_redis, Streams("rl"), settings)  # ... and killed
+        wait_for(lambda: not real_redis.exists(generation_key(Streams("rl"))))
+        report = evolve(real_redis, settings)
+        assert not report.resumed and report.generation == 2
+        assert commands(real_redis) == ["GET", "GET", "SET"]
+        assert not any(w.learner.paused() for w in workers.values())

@@ -211,3 +211,21 @@ def test_a_deleted_input_stream_gets_its_group_back(real_redis, settings) -> Non
     worker.start()  # what serve() does next
     xadd(real_redis, "rl:observation", {"OBSERVATION": OBS})
     assert drain(worker) == 1 and len(read(real_redis, "rl:logits")) == 2
+
+
+def test_a_worker_whose_redis_came_back_empty_misses_nothing_published_since(real_redis, settings) -> None:
+    """Its groups are made again after the last entry it read, not at the stream's end, so what
+    environments published between the flush and the worker noticing is answered too."""
+    worker = ModelWorker(settings, real_redis)
+    worker.start()
+    xadd(real_redis, "rl:observation", {"OBSERVATION": OBS})
+    assert drain(worker) == 1
+    version = worker.counters.version
+    real_redis.flushall()
+    xadd(real_redis, "rl:observation", {"OBSERVATION": OBS, "ENV_ID": "after"})  # before it noticed
+    with pytest.raises(redis.ResponseError, match="NOGROUP"):
+        worker.poll()
+    worker.start()  # what serve() does next: groups after the last entry read, the last commit back
+    assert drain(worker) == 1
+    assert [m["ENV_ID"] for _, m in read(real_redis, "rl:logits")] == ["after"]
+    assert worker.store.load().counters.version == version + 1

@@ -126,6 +126,7 @@ class Aggregator(Service):
         self._acks: list[str] = []  # entries done with (late, duplicate, dead) to ack with the next batch
         self._dead: list[dict] = []
         self._flush_script = client.register_script(FLUSH)
+        self._read_upto = "$"  # the last reply read: a vanished group is made again after it
 
     # ----------------------------------------------------------------- life cycle
 
@@ -134,7 +135,7 @@ class Aggregator(Service):
         an outage too, the undecided observations are rebuilt from what is pending on us."""
         self.buckets.clear()
         self._acks, self._dead = [], []
-        ensure_group(self.redis, self.streams.logits, GROUP)
+        ensure_group(self.redis, self.streams.logits, GROUP, self._read_upto)
         # What was decided before a restart: late replies to those must not decide them again.
         recent = self.redis.zrange(self.streams.decided, -self.settings.remembered, -1)
         self.decided.update((obs_id.decode(), None) for obs_id in recent)
@@ -178,7 +179,15 @@ class Aggregator(Service):
             count=self.settings.batch_size,
             block=block if block > 0 else None,  # redis-py: None does not block, 0 blocks forever
         )
-        if self._collect(reply[0][1] if reply else []):
+        if self.outages.reconnected():
+            # redis-py resent a read on a new connection: the reply it lost may have delivered
+            # replies, pending on us now. Take everything back from there, as after a restart.
+            self.start()
+            return []
+        items = reply[0][1] if reply else []
+        if items:
+            self._read_upto = items[-1][0].decode()
+        if self._collect(items):
             self._refresh_live()  # a model that joined since the last look: it may not be the only one
         return self._decide()
 

@@ -25,15 +25,27 @@ One generation, through the wire protocol of ``docs/protocol.md``:
 
 Randomness comes from ``--seed`` mixed with the generation number (``INCR <prefix>:generation``), so
 a seeded run is reproducible and successive generations differ. Run one evolution per prefix.
+
+**Resuming.** From its GET until its SET is acknowledged, a generation lives in the hash
+``<prefix>:evolving`` (:func:`generation_key`): its number, the GET's ID, the live models it asked,
+the seed of its randomness (``--seed``, or one drawn for it), the shares it took and, once sent, the
+SET's ID and what it carried out. An evolution killed mid-generation leaves the models paused; the
+next ``python -m worker evolution`` finds the hash and finishes that generation instead of beginning
+another: before the SET, it reads the GET's replies back from ``<prefix>:weights`` and decides again
+(the same seed and replies give the same SET); after it, it only waits for the acknowledgements. It
+deletes the hash when done. A generation older than ``--resume-window`` seconds is not resumed (the
+hash expires): its models train on after their own ``--evolution-timeout``, and its SET would
+overwrite what they learned since.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
+import secrets
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,11 +62,21 @@ from worker.common.connections import last_id
 from worker.common.registry import live_models
 from worker.common.settings import CommonSettings
 from worker.model.settings import A2CSettings
-from worker.protocol import Encoding, ProtocolError, Streams, decode_entry, encode_entry
+from worker.protocol import (
+    Answer,
+    Encoding,
+    ProtocolError,
+    Streams,
+    decode_entry,
+    encode_entry,
+    parse_answer,
+    parse_reply_weights,
+)
 
-log = logs.get("worker.evolution")
+log = logs.get(__name__)
 
-REQUEST = lua.source(__package__, "evolution.lua")  # the GET and the shares, at once and once
+REQUEST = lua.source(__package__, "evolution.lua")  # a generation's number, GET and shares, at once and once
+SET = lua.source(__package__, "evolution_set.lua")  # a generation's SET, once
 
 MAX_REPLY_BYTES = 1 << 28  # replies come from our own models; only absurd sizes are refused
 Vectors = dict[str, np.ndarray]  # component ID -> flat float32 weight vector
@@ -81,6 +103,12 @@ class EvolutionSettings(CommonSettings, A2CSettings):
     pbt_sigma: float = Field(0.01, ge=0, description="pbt: standard deviation of the copied weights' noise")
     seed: int | None = Field(None, description="seed of operators and evaluation (mixed with the generation)")
     stream_maxlen: int = Field(1000, gt=0, description="approximate MAXLEN of <prefix>:evolution")
+    resume_window: float = Field(
+        60.0,
+        gt=0,
+        description="a generation interrupted less than this many seconds after its GET is finished by"
+        " the next evolution; make it the models' --evolution-timeout, after which they train on",
+    )
 
 
 class EvolutionError(RuntimeError):
@@ -99,6 +127,7 @@ class EvolutionReport:
     acknowledged: list[str]
     unacknowledged: list[str]  # sent a SET, no ACK within the timeout
     seconds: float
+    resumed: bool = False  # a generation an interrupted evolution had begun
 
 
 # --------------------------------------------------------------------------- operators (pure)
@@ -219,27 +248,74 @@ def mean_returns(vectors: Vectors, settings: EvolutionSettings, seeds: list[int]
 # --------------------------------------------------------------------------- the wire
 
 
-def request_weights(
-    client: redis.Redis, streams: Streams, settings: EvolutionSettings
-) -> tuple[str, dict[str, float]]:
-    """XADD the GET and, with fitness=contribution, take (and reset) the shares, at once."""
-    request_key = streams.key(f"contribution:{uuid.uuid4().hex}")
+def generation_key(streams: Streams) -> str:
+    """The hash of the generation in progress (see the module docstring)."""
+    return streams.key("evolving")
+
+
+@dataclass
+class Generation:
+    """One generation, as :func:`generation_key` remembers it from its GET until it is over."""
+
+    number: int
+    get_id: str
+    cursor: str  # the weights stream's last ID before the GET: its replies come after it
+    live: list[str]  # the models it asked
+    seed: int  # of its randomness: a resumed generation decides as its first attempt would have
+    shares: dict[str, float]  # fitness=contribution: the shares taken with the GET
+    set_id: str | None = None  # once the SET went out
+    set_cursor: str | None = None  # the weights stream's last ID before the SET
+    outcome: dict[str, Any] | None = None  # what the SET carries out: fitness, actions, missing, named
+    resumed: bool = False  # begun by an evolution that did not finish it
+
+    @classmethod
+    def from_hash(cls, fields: dict[bytes, bytes], resumed: bool) -> Generation:
+        meta = {k.decode(): v.decode() for k, v in fields.items() if k.startswith(b".")}
+        shares = {k.decode(): float(v) for k, v in fields.items() if not k.startswith(b".")}
+        return cls(
+            number=int(meta[".generation"]),
+            get_id=meta[".get_id"],
+            cursor=meta[".cursor"],
+            live=json.loads(meta[".live"]),
+            seed=int(meta[".seed"]),
+            shares=shares,
+            set_id=meta.get(".set_id"),
+            set_cursor=meta.get(".set_cursor"),
+            outcome=json.loads(meta[".outcome"]) if ".outcome" in meta else None,
+            resumed=resumed,
+        )
+
+
+def request_weights(client: redis.Redis, streams: Streams, settings: EvolutionSettings) -> Generation:
+    """The generation an interrupted evolution left, or a new one: its number, the GET and, with
+    fitness=contribution, the shares taken (and reset), at once (:data:`REQUEST`).
+
+    :raises EvolutionError: when a new generation is due and no model is live
+    """
+    key = generation_key(streams)
+    found = client.hgetall(key)
+    if b".get_id" in found:
+        return Generation.from_hash(found, resumed=True)
+    live = live_models(client, streams, settings.registry_max_age)
+    if not live:
+        raise EvolutionError(
+            f"no live models (heartbeat in {streams.registry} within {settings.registry_max_age}s)"
+        )
     get = encode_entry({"CMD": "GET"}, Encoding.MSGPACK)["data"]
     take = "1" if settings.fitness == "contribution" else "0"
-    keys = [streams.evolution, streams.contribution, request_key]
-    flat = client.register_script(REQUEST)(keys=keys, args=[settings.stream_maxlen, get, take])
-    taken = {flat[k].decode(): flat[k + 1] for k in range(0, len(flat), 2)}
-    client.delete(request_key)
-    get_id = taken.pop(".get_id").decode()
-    return get_id, {k: float(v) for k, v in taken.items()}
+    seed = settings.seed if settings.seed is not None else secrets.randbits(63)
+    keys = [streams.evolution, streams.contribution, streams.key("generation"), key]
+    args = [settings.stream_maxlen, get, take, json.dumps(live), seed, last_id(client, streams.weights)]
+    flat = client.register_script(REQUEST)(keys=keys, args=[*args, int(settings.resume_window * 1000)])
+    return Generation.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)), resumed=False)
 
 
 def await_replies(
     client: redis.Redis, stream: str, cursor: str, request_id: str, expected: set[str], timeout: float
-) -> dict[str, dict[str, Any]]:
-    """Messages on ``stream`` after ``cursor`` answering ``request_id``, by COMPONENT_ID, until all
+) -> dict[str, Answer]:
+    """Answers on ``stream`` after ``cursor`` to ``request_id``, by COMPONENT_ID, until all
     ``expected`` answered or ``timeout`` seconds passed (unexpected answers are kept too)."""
-    replies: dict[str, dict[str, Any]] = {}
+    replies: dict[str, Answer] = {}
     deadline = time.monotonic() + timeout
     while not expected <= replies.keys() and (remaining := deadline - time.monotonic()) > 0:
         block = max(1, int(min(remaining, 0.5) * 1000))  # never 0: that blocks forever
@@ -247,66 +323,115 @@ def await_replies(
             for entry_id, fields in items:
                 cursor = entry_id
                 try:
-                    message, _ = decode_entry(fields, MAX_REPLY_BYTES)
+                    answer = parse_answer(decode_entry(fields, MAX_REPLY_BYTES)[0])
                 except ProtocolError:
-                    continue
-                if message.get("REQUEST_ID") == request_id and isinstance(message.get("COMPONENT_ID"), str):
-                    replies[message["COMPONENT_ID"]] = message
+                    continue  # names no model or no request: it answers nobody
+                if answer.request_id == request_id:
+                    replies[answer.component_id] = answer
     return replies
 
 
 def send_weights(
-    client: redis.Redis, streams: Streams, vectors: Vectors, settings: EvolutionSettings
-) -> set[str]:
-    """One SET naming every model; the IDs that acknowledged it within the timeout."""
-    cursor = last_id(client, streams.weights)
+    client: redis.Redis,
+    streams: Streams,
+    generation: Generation,
+    vectors: Vectors,
+    outcome: dict[str, Any],
+    settings: EvolutionSettings,
+) -> None:
+    """The generation's one SET naming every model of ``vectors`` (:data:`SET`: never a second),
+    recorded with ``outcome`` so that a restarted evolution only waits for its acknowledgements."""
     weights = {cid: np.asarray(v, dtype="<f4").tobytes() for cid, v in vectors.items()}
-    message = encode_entry({"CMD": "SET", "WEIGHTS": weights}, Encoding.MSGPACK)
-    set_id = client.xadd(streams.evolution, message, maxlen=settings.stream_maxlen, approximate=True).decode()
-    acks = await_replies(client, streams.weights, cursor, set_id, set(vectors), settings.timeout)
-    return {cid for cid, reply in acks.items() if reply.get("ACK") == "SET"}
+    data = encode_entry({"CMD": "SET", "WEIGHTS": weights}, Encoding.MSGPACK)["data"]
+    outcome = {**outcome, "named": sorted(vectors)}
+    keys = [streams.evolution, generation_key(streams)]
+    args = [generation.get_id, settings.stream_maxlen, data, last_id(client, streams.weights)]
+    args += [json.dumps(outcome), int(settings.resume_window * 1000)]
+    set_id, cursor = client.register_script(SET)(keys=keys, args=args)
+    generation.set_id, generation.set_cursor, generation.outcome = set_id.decode(), cursor.decode(), outcome
+
+
+def await_acks(client: redis.Redis, streams: Streams, generation: Generation, timeout: float) -> set[str]:
+    """The models named by the generation's SET that acknowledged it (waiting up to ``timeout``)."""
+    assert generation.set_id is not None and generation.set_cursor is not None and generation.outcome
+    named = set(generation.outcome["named"])
+    acks = await_replies(client, streams.weights, generation.set_cursor, generation.set_id, named, timeout)
+    return {cid for cid, answer in acks.items() if answer.acknowledged}
 
 
 def _vector(component_id: str, weights: Any) -> np.ndarray | None:
-    """A reply's flat weight vector, or ``None`` (logged) when it is not one: that model is resumed."""
+    """A reply's flat weight vector, or ``None`` (logged) when it is not one: that model is left out
+    of the SET, and resumes after its own ``--evolution-timeout``."""
     try:
-        vector = np.asarray(weights, np.float32)
-    except (ValueError, TypeError, OverflowError) as exc:
-        log.warning("weights are not a vector of numbers", component_id=component_id, error=str(exc))
+        return parse_reply_weights(weights)
+    except ProtocolError as exc:
+        log.warning("weights rejected", component_id=component_id, reason=str(exc))
         return None
-    if vector.ndim != 1 or not vector.size:
-        log.warning("weights are not a flat vector", component_id=component_id, shape=list(vector.shape))
-        return None
-    return vector
 
 
 def evolve(client: redis.Redis, settings: EvolutionSettings) -> EvolutionReport:
-    """Run one generation over the live models; see the module docstring."""
+    """Run one generation over the live models, or finish the one an interrupted evolution left;
+    see the module docstring."""
     started, streams = time.monotonic(), Streams(settings.prefix)
-    live = live_models(client, streams, settings.registry_max_age)
-    if not live:
-        raise EvolutionError(
-            f"no live models (heartbeat in {streams.registry} within {settings.registry_max_age}s)"
-        )
-    generation = int(client.incr(streams.key("generation")))
-    rng = np.random.default_rng(None if settings.seed is None else [settings.seed, generation])
+    generation = request_weights(client, streams, settings)
+    if generation.resumed:
+        sent = generation.set_id is not None
+        log.info("resuming generation", generation=generation.number, get_id=generation.get_id, set_sent=sent)
+    if generation.outcome is None:
+        decide(client, streams, generation, settings)
+    outcome = generation.outcome
+    assert outcome is not None
+    acknowledged = await_acks(client, streams, generation, settings.timeout)
+    client.delete(generation_key(streams))
+    report = EvolutionReport(
+        generation=generation.number,
+        algorithm=outcome["algorithm"],
+        fitness=outcome["fitness"],
+        actions=outcome["actions"],
+        missing=outcome["missing"],
+        acknowledged=sorted(acknowledged),
+        unacknowledged=sorted(set(outcome["named"]) - acknowledged),
+        seconds=time.monotonic() - started,
+        resumed=generation.resumed,
+    )
+    if report.unacknowledged:
+        log.warning("SET not acknowledged within the timeout", models=report.unacknowledged)
+    log.info(
+        "generation",
+        generation=report.generation,
+        fitness=report.fitness,
+        actions=report.actions,
+        seconds=report.seconds,
+        resumed=report.resumed,
+    )
+    return report
 
-    cursor = last_id(client, streams.weights)
-    get_id, shares = request_weights(client, streams, settings)
-    replies = await_replies(client, streams.weights, cursor, get_id, set(live), settings.timeout)
+
+def decide(
+    client: redis.Redis, streams: Streams, generation: Generation, settings: EvolutionSettings
+) -> None:
+    """Collect the GET's replies, compute fitness, vary, and send the SET (recorded on ``generation``).
+
+    Every random draw comes from the generation's own seed, and the replies are read from the
+    stream, so an evolution that resumes the generation decides what its first attempt would have.
+    """
+    rng = np.random.default_rng([generation.seed, generation.number])
+    live, timeout = generation.live, settings.timeout
+    replies = await_replies(client, streams.weights, generation.cursor, generation.get_id, set(live), timeout)
     missing = sorted(set(live) - replies.keys())
     if missing:
-        log.warning("no weights within the timeout", missing=missing, timeout=settings.timeout)
-    own = {c: v for c, r in replies.items() if (v := _vector(c, r.get("WEIGHTS"))) is not None}
+        log.warning("no weights within the timeout", missing=missing, timeout=timeout)
+    own = {c: v for c, r in replies.items() if (v := _vector(c, r.weights)) is not None}
     if not own:
-        raise EvolutionError(f"none of the live models {live} sent its weights within {settings.timeout}s")
+        client.delete(generation_key(streams))  # nobody to resume: nothing left to finish
+        raise EvolutionError(f"none of the live models {live} sent its weights within {timeout}s")
 
     # Individuals must have one layout; a model of another architecture is resumed, not evolved.
     size = Counter(len(v) for v in own.values()).most_common(1)[0][0]
     vectors = {cid: v for cid, v in own.items() if len(v) == size and np.isfinite(v).all()}
     try:
         if settings.fitness == "contribution":
-            fitness = {cid: shares.get(cid, 0.0) for cid in vectors}
+            fitness = {cid: generation.shares.get(cid, 0.0) for cid in vectors}
         else:
             seeds = rng.integers(2**31, size=settings.fitness_episodes).tolist()  # the same for every model
             fitness = mean_returns(vectors, settings, seeds)
@@ -316,29 +441,21 @@ def evolve(client: redis.Redis, settings: EvolutionSettings) -> EvolutionReport:
             new, actions = ga_step(vectors, fitness, settings, int(rng.integers(2**63)))
     except BaseException:
         log.exception("generation failed: resuming every model with its own weights")
-        send_weights(client, streams, own, settings)
+        kept = {cid: "kept: the generation failed" for cid in own}
+        outcome = {"algorithm": settings.algorithm, "fitness": {}, "actions": kept, "missing": missing}
+        send_weights(client, streams, generation, own, outcome, settings)
+        await_acks(client, streams, generation, timeout)
+        client.delete(generation_key(streams))
         raise
     for cid in own.keys() - vectors.keys():
         actions[cid] = f"kept: {len(own[cid])} weights, not {size}, or not finite"
-    acknowledged = send_weights(client, streams, {**own, **new}, settings)
-    report = EvolutionReport(
-        generation=generation,
-        algorithm=settings.algorithm,
-        fitness=fitness,
-        actions=actions,
-        missing=missing,
-        acknowledged=sorted(acknowledged),
-        unacknowledged=sorted(own.keys() - acknowledged),
-        seconds=time.monotonic() - started,
-    )
-    if report.unacknowledged:
-        log.warning("SET not acknowledged within the timeout", models=report.unacknowledged)
-    log.info("generation", generation=generation, fitness=fitness, actions=actions, seconds=report.seconds)
-    return report
+    outcome = {"algorithm": settings.algorithm, "fitness": fitness, "actions": actions, "missing": missing}
+    send_weights(client, streams, generation, {**own, **new}, outcome, settings)
 
 
 def format_report(report: EvolutionReport) -> str:
-    lines = [f"generation {report.generation} ({report.algorithm}) in {report.seconds:.2f}s"]
+    resumed = ", resumed after an interruption" if report.resumed else ""
+    lines = [f"generation {report.generation} ({report.algorithm}) in {report.seconds:.2f}s{resumed}"]
     for cid in ranked(report.fitness) + sorted(report.actions.keys() - report.fitness.keys()):
         ack = "acknowledged" if cid in report.acknowledged else "NOT acknowledged"
         fitness = report.fitness.get(cid, float("nan"))

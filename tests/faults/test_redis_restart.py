@@ -1,8 +1,8 @@
 """Redis (AOF, every write fsynced) stopped and started again under load: SIGKILLed once, shut
-down once, each time for longer than redis-py's own retries last, so the workers' loop must back
-off, reconnect, reload and go on. No worker may crash, and nothing may be lost or done twice:
-the same checks as the chaos run (tests/faults/chaos.py). A worker started while Redis is down
-waits for it.
+down once, each time for longer than redis-py's own retries last, under the whole loop (models,
+aggregator, runner, rounds with evolution), so every component must back off, reconnect, reload and
+go on. Nothing may crash, and nothing may be lost or done twice: the same checks as the chaos run
+(tests/faults/chaos/). A worker started while Redis is down waits for it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ def test_workers_ride_out_redis_restarts_without_losing_an_entry(tmp_path) -> No
     config = ChaosConfig(
         kills=0,
         redis_restarts=2,
+        aggregator_kills=0,
+        runner_kills=0,
+        evolution_kills=0,
         models=2,
         envs=4,
         seed=2,
@@ -32,13 +35,15 @@ def test_workers_ride_out_redis_restarts_without_losing_an_entry(tmp_path) -> No
     print(figures.table())
 
     assert figures.redis_restarts == 2
-    assert figures.incarnations == 2 and not figures.crashes  # the same two processes throughout
+    assert figures.incarnations == 2 and not figures.crashes  # the same two workers throughout
     # Each worker noticed each restart, and backed off while Redis was away.
     assert all(n >= 2 for n in figures.reconnects_per_model.values()), figures.reconnects_per_model
     assert all(n >= 2 for n in figures.unreachable_per_model.values()), figures.unreachable_per_model
     assert figures.replies == figures.replies_expected > 0
     assert figures.lost == 0 and figures.duplicates == 0
     assert figures.counters_exact, figures.counter_mismatches
+    assert figures.actions == figures.observations and figures.actions_missing == 0
+    assert not figures.run_failures and not figures.generations_failed and figures.sets_not_one_per_get == 0
     assert not figures.unclean_stops and figures.pending == 0 and figures.dead == 0
 
 

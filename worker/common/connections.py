@@ -83,10 +83,15 @@ def check_access(url: str, **kwargs) -> None:
         probe.close()
 
 
-def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
-    """Create ``group`` on ``stream`` at its end (``$``), making the stream if needed; True if new."""
+def ensure_group(client: redis.Redis, stream: str, group: str, start: str = "$") -> bool:
+    """Create ``group`` on ``stream``, making the stream if needed; True if it was new.
+
+    :param start: the group reads the entries after this ID; ``$``, the stream's end, for a group
+        never made before (a component that made it before passes the last entry it read, so a
+        group that vanished, as in a Redis that came back empty, misses nothing published since)
+    """
     try:
-        client.xgroup_create(stream, group, id="$", mkstream=True)
+        client.xgroup_create(stream, group, id=start, mkstream=True)
         return True
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
@@ -98,8 +103,10 @@ def last_id(client: redis.Redis, stream: str) -> str:
     """What ``$`` means now, as a concrete ID: reading after it later misses nothing in between."""
     try:
         value = client.xinfo_stream(stream)["last-generated-id"]
-    except redis.ResponseError:  # no such stream yet: everything added later is new
-        return "0-0"
+    except redis.ResponseError as exc:
+        if "no such key" not in str(exc):
+            raise  # BUSY, TRYAGAIN, ...: an outage, not a stream that does not exist
+        return "0-0"  # no such stream yet: everything added later is new
     return text(value)
 
 

@@ -25,6 +25,7 @@ entries that were never seen, and those must be read back before any new entry.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -66,7 +67,11 @@ def is_outage(error: BaseException) -> bool:
 
 
 def is_gone_group(error: BaseException) -> bool:
-    return isinstance(error, redis.ResponseError) and str(error).startswith("NOGROUP")
+    """A consumer group (or its stream) that vanished: deleted, or Redis came back empty."""
+    text = str(error)
+    return isinstance(error, redis.ResponseError) and (
+        text.startswith("NOGROUP") or text.startswith("UNBLOCKED the stream key no longer exists")
+    )
 
 
 class Interrupted(RuntimeError):
@@ -140,10 +145,15 @@ class Outages:
         self.backoff = EqualJitterBackoff(cap=5.0, base=0.1)
         self.log, self.context = log, context
         self.failures = 0  # consecutive failed attempts
+        self.attempts = 0  # failed attempts in this outage, relapses included
         self.reconnects = 0  # reconnections noticed (by the connect hook, or the loop without one)
         self.interruptions = 0  # consecutive Interrupted
+        # A refusal within this many seconds of Redis serving again is a relapse of the same outage:
+        # at its memory limit Redis takes one write and refuses the next.
+        self.settle = 2.0
         self._since = 0.0  # monotonic time the outage began
-        self._announced = False  # its end was logged (as a reconnection)
+        self._served = -math.inf  # monotonic time Redis served again after the last outage
+        self._announced = False  # its end was logged (as a reconnection, or available again)
 
     def attach(self) -> None:
         """Hook the client's connection once; what it did before is not a reconnection."""
@@ -158,14 +168,15 @@ class Outages:
             # DNS name or virtual IP that moved to the new primary), not to the old server. Only
             # idle connections: another thread's command in flight is left alone.
             self.watch.client.connection_pool.disconnect(inuse_connections=False)
-        if not self.failures:
-            self._since, self._announced = time.monotonic(), False
+        if not self.failures and time.monotonic() - self._served >= self.settle:  # not a relapse
+            self._since, self._announced, self.attempts = time.monotonic(), False, 0
         self.failures += 1
+        self.attempts += 1
         sleep = self.backoff.compute(self.failures - 1)
-        (self.log.warning if self.failures == 1 else self.log.debug)(
+        (self.log.warning if self.attempts == 1 else self.log.debug)(
             "redis unavailable, retrying",
             error=str(error),
-            attempt=self.failures,
+            attempt=self.attempts,
             sleep=round(sleep, 3),
             **self.context,
         )
@@ -189,13 +200,15 @@ class Outages:
         """A step ran: an outage (if any) is over."""
         self.interruptions = 0
         if self.failures:
+            self._served = time.monotonic()
             if not self.reconnected(force=not self.watch.available) and not self._announced:
                 self.log.info("redis available again", **self._outage(), **self.context)
+                self._announced = True
             self.failures = 0
 
     def _outage(self) -> dict[str, Any]:
         seconds = round(time.monotonic() - self._since, 3) if self.failures else 0.0
-        return {"failed_attempts": self.failures, "outage_seconds": seconds}
+        return {"failed_attempts": self.attempts, "outage_seconds": seconds}
 
     def reconnected(self, force: bool = False) -> bool:
         """Log and count reconnections since the last call; True if there were any."""
@@ -214,8 +227,10 @@ def warn_if_evicting(client: redis.Redis, log: Any) -> None:
     ``INFO memory``, as job queues on Redis do (``CONFIG`` is often denied, and reveals more)."""
     try:
         policy = client.info("memory").get("maxmemory_policy")
-    except redis.ResponseError as exc:  # INFO denied by the ACL
-        log.info("cannot read maxmemory_policy; make sure it is noeviction", error=str(exc))
+    except redis.ResponseError as exc:
+        if is_outage(exc):  # BUSY, ...: asked again once Redis serves
+            raise
+        log.info("cannot read maxmemory_policy; make sure it is noeviction", error=str(exc))  # ACL
         return
     if policy is not None and policy != "noeviction":
         log.warning(
@@ -282,21 +297,29 @@ class Service:
                 started = False
                 self.outages.interrupted(exc)
             except redis.RedisError as exc:
-                if not (is_outage(exc) or is_gone_group(exc)):
-                    raise
                 started = False
-                self.outages.failed(exc)
+                if is_gone_group(exc):  # start() makes it again, after the last entry read
+                    self.log.warning("consumer group gone, making it again", error=str(exc))
+                elif is_outage(exc):
+                    self.outages.failed(exc)
+                else:
+                    raise
         self.shutdown()
 
     def ride_out(self, call: Any, *args: Any, **kwargs: Any) -> Any:
-        """``call(*args, **kwargs)``, retried through outages (backing off) until it runs or the
-        component stops; for a call that is safe to repeat, inside a step that must not start over."""
-        while True:
-            try:
-                result = call(*args, **kwargs)
-                self.outages.ok()
-                return result
-            except redis.RedisError as exc:
-                if not is_outage(exc) or self._stopping:
-                    raise
-                self.outages.failed(exc)
+        """:func:`ride_out` until the component stops, inside a step that must not start over."""
+        return ride_out(self.outages, call, *args, stopping=lambda: self._stopping, **kwargs)
+
+
+def ride_out(outages: Outages, call: Any, *args: Any, stopping: Any = None, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, retried through outages (backing off, each outage logged once by
+    ``outages``) until it runs or ``stopping()``; for a call that is safe to repeat."""
+    while True:
+        try:
+            result = call(*args, **kwargs)
+            outages.ok()
+            return result
+        except redis.RedisError as exc:
+            if not is_outage(exc) or (stopping is not None and stopping()):
+                raise
+            outages.failed(exc)

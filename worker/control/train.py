@@ -22,6 +22,7 @@ from worker.aggregator import GROUP as AGGREGATOR_GROUP
 from worker.common import logs
 from worker.common.connections import last_id, text
 from worker.common.registry import live_models
+from worker.common.serve import Outages, ride_out
 from worker.evolution import EvolutionSettings
 from worker.protocol import (
     Encoding,
@@ -62,20 +63,27 @@ def run_episodes(
 ) -> dict[str, Any]:
     """Ask the environment runners for one run and wait for all ``runners`` reports.
 
+    Redis refusing writes or unreachable for a while (an outage, see :mod:`worker.common.serve`)
+    is ridden out as the runners ride it out: backing off, logged once.
+
     :return: ``{"episodes", "steps", "mean_return", "returns"}`` summed over the runners
     :raises RuntimeError: when a runner reports an error or the reports do not come in time
     """
     run_id = uuid.uuid4().hex[:12]
-    cursor = last_id(client, streams.status)
+    outages = Outages(client, log)
+    outages.attach()
+    cursor = ride_out(outages, last_id, client, streams.status)
     command = run_command(Run(run_id, episodes, steps, deterministic))
-    client.xadd(streams.control, encode_entry(command, Encoding.MSGPACK), maxlen=1000, approximate=True)
+    entry = encode_entry(command, Encoding.MSGPACK)
+    ride_out(outages, client.xadd, streams.control, entry, maxlen=1000, approximate=True)
     reports: list[RunReport] = []
     deadline = time.monotonic() + timeout
     while len(reports) < runners:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RuntimeError(f"run {run_id}: {len(reports)} of {runners} runner reports after {timeout}s")
-        reply = client.xread({streams.status: cursor}, block=int(min(remaining, 1.0) * 1000), count=100)
+        block = int(min(remaining, 1.0) * 1000)
+        reply = ride_out(outages, client.xread, {streams.status: cursor}, block=block, count=100)
         for _, items in reply or []:
             for entry_id, fields in items:
                 cursor = entry_id.decode()

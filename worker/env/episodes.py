@@ -2,7 +2,7 @@
 
 :class:`Slot` is one gymnasium environment and where its message chain stands (the next message to
 publish, with the REWARD/ACTION/DONE/TRUNCATED of the step that led to it); :class:`Progress` is a
-run's target and what it achieved. :mod:`worker.envrunner` publishes and reads for them.
+run's target and what it achieved. :mod:`worker.env.runner` publishes and reads for them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+
+from worker.protocol import episode_report
 
 
 def _vector(array: Any) -> list[float]:
@@ -63,7 +65,8 @@ class Slot:
 class Progress:
     """A run's target and what it achieved so far."""
 
-    run: dict[str, str]  # RUN_ID and RUNNER_ID, for the status entries
+    run_id: str
+    runner_id: str
     episodes: int | None
     steps: int | None
     quota: dict[str, int]  # evaluation: the most episodes each env may end
@@ -86,4 +89,4 @@ class Progress:
             return None
         self.returns.append(ended[0])
         self.ended[slot.env_id] = self.ended.get(slot.env_id, 0) + 1
-        return {"EVENT": "episode", **self.run, "ENV_ID": slot.env_id, "RETURN": ended[0], "LENGTH": ended[1]}
+        return episode_report(self.run_id, self.runner_id, slot.env_id, ret=ended[0], length=ended[1])

@@ -7,6 +7,12 @@ Commands arrive on ``<prefix>:control`` (plain XREAD: every runner obeys every c
 A STOP sent during a run aborts it (the runner watches the control stream while it waits for
 actions); commands queued before the run started wait their turn.
 
+The runner's key (``<prefix>:runner:<runner_id>``) remembers the last control entry it finished
+(``finished``: a RUN once its report is published, in the same script; a STOP once obeyed), so a
+runner restarted with the same ID after a crash reads on from there: the RUN it was killed in runs
+again (its report is the new attempt's), and commands sent while it was down are obeyed, unless
+older than ``--resume-window``. On the first start of an ID only commands sent after it count.
+
 A run publishes ``{OBSERVATION, ENV_ID, DETERMINISTIC}`` per environment on ``<prefix>:observation``
 and steps each environment with the action whose ``OBS_ID`` is that observation's entry ID. Later
 messages also carry ``REWARD`` and ``ACTION`` of the step that led to them; ``DONE: true`` when that
@@ -30,14 +36,12 @@ mean (``null`` if no episode ended).
 
 from __future__ import annotations
 
-import reprlib
 import time
 import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import gymnasium as gym
-import numpy as np
 import redis
 from pydantic import Field
 
@@ -46,9 +50,21 @@ from worker.common.connections import last_id
 from worker.common.serve import Service
 from worker.common.settings import CommonSettings, SpacesError
 from worker.env.episodes import Progress, Slot
-from worker.protocol import Encoding, ProtocolError, Streams, dead_letter, decode_entry, encode_entry
+from worker.protocol import (
+    Encoding,
+    ProtocolError,
+    Stop,
+    dead_letter,
+    decode_entry,
+    encode_entry,
+    parse_action,
+    parse_control,
+    run_failed,
+    run_report,
+    split_id,
+)
 
-log = logs.get("worker.envrunner")
+log = logs.get(__name__)
 
 PUBLISH = lua.source(__package__, "publish.lua")  # a round's entries, at once and once
 
@@ -66,24 +82,12 @@ class EnvSettings(CommonSettings):
     block_ms: int = Field(1000, gt=0, le=30_000, description="longest blocking XREAD")
     max_entry_bytes: int = Field(1 << 20, gt=0, description="larger control entries are dead-lettered")
     stream_maxlen: int = Field(100_000, gt=0, description="approximate MAXLEN of the streams written")
-
-
-def parse_run(message: Mapping[str, Any]) -> tuple[str, int | None, int | None, bool]:
-    """``(RUN_ID, EPISODES, STEPS, DETERMINISTIC)`` of a RUN command, or :class:`ProtocolError`."""
-    run_id = message.get("RUN_ID")
-    run_id = str(run_id) if type(run_id) is int else run_id  # redis-cli's RUN_ID 7 arrives as JSON 7
-    if not isinstance(run_id, str) or not run_id:
-        raise ProtocolError("RUN needs RUN_ID, a non-empty string")
-    targets = [message.get(key) for key in ("EPISODES", "STEPS")]
-    for key, value in zip(("EPISODES", "STEPS"), targets, strict=True):
-        if value is not None and (type(value) is not int or value <= 0):
-            raise ProtocolError(f"{key} must be a positive integer, got {reprlib.repr(value)}")
-    if targets == [None, None]:
-        raise ProtocolError("RUN needs EPISODES or STEPS (or both)")
-    deterministic = message.get("DETERMINISTIC", False)
-    if deterministic not in (True, False) or type(deterministic) not in (bool, int):
-        raise ProtocolError(f"DETERMINISTIC must be true or false, got {reprlib.repr(deterministic)}")
-    return str(run_id), targets[0], targets[1], bool(deterministic)
+    resume_window: float = Field(
+        600.0,
+        gt=0,
+        description="after a restart, commands older than this many seconds are skipped, not obeyed:"
+        " their sender has given up (control's --run-timeout)",
+    )
 
 
 class RunAborted(RuntimeError):
@@ -94,14 +98,14 @@ class EnvRunner(Service):
     """Training and evaluation environments of one runner, and the control loop that runs them.
 
     :param settings: the runner's settings
-    :param client: a redis-py client with ``decode_responses`` off
+    :param client: see :class:`~worker.common.serve.Service`
     """
 
     def __init__(self, settings: EnvSettings, client: redis.Redis) -> None:
-        super().__init__(client, log, runner_id=settings.runner_id)
-        self.settings = settings
-        self.streams = Streams(settings.prefix)
-        self.control_cursor: str | None = None
+        super().__init__(settings, client, log, runner_id=settings.runner_id)
+        self.control_cursor: str | None = None  # the last control entry finished: reading goes on after it
+        self.resumed_from: str | None = None  # the command a restart read on after (None: first start)
+        self._stale_before_ms: int | None = None  # after a restart: older commands are skipped
         self._publish_script = client.register_script(PUBLISH)
         self._incarnation, self._round = uuid.uuid4().hex[:12], 0  # names each publish, see publish.lua
         self._control_peek = "0-0"  # the last control entry looked at during a run
@@ -121,25 +125,53 @@ class EnvRunner(Service):
     # ----------------------------------------------------------------- control loop
 
     def start(self) -> None:
-        """Fix where commands are read from (only commands sent after this are obeyed), then say so.
+        """Fix where commands are read from, then say so: after the last command this runner ID
+        finished (a restart after a crash), or else after the stream's newest entry.
 
         Retried until both went through: the place is fixed once, before the mark control waits
         for, so a command sent after the mark is read even if the mark's reply was lost.
         """
+        s, key = self.settings, self.streams.runner_key(self.settings.runner_id)
         if self.control_cursor is None:
-            self.control_cursor = last_id(self.redis, self.streams.control)
-        s = self.settings
-        self.redis.hset(self.streams.runner_key(s.runner_id), "ready", time.time())  # for control
-        log.info("ready", runner_id=s.runner_id, env=s.gym_env, n_envs=s.n_envs, seed=s.seed)
+            finished = self.redis.hget(key, "finished")
+            if finished is None:
+                self.control_cursor = last_id(self.redis, self.streams.control)
+            else:
+                self.control_cursor = self.resumed_from = finished.decode()
+                seconds, micros = self.redis.time()  # entry IDs are the server's clock
+                self._stale_before_ms = int((seconds + micros / 1e6 - s.resume_window) * 1000)
+        self.redis.hset(key, mapping={"ready": time.time(), "finished": self.control_cursor})  # for control
+        resumed = self.resumed_from
+        log.info("ready", runner_id=s.runner_id, env=s.gym_env, n_envs=s.n_envs, seed=s.seed, resumed=resumed)
 
     def step(self) -> None:
-        """Obey the commands sent since the last one read; a run rides out outages inside it."""
+        """Obey the commands sent since the last one finished; a run rides out outages inside it."""
         reply = self.redis.xread({self.streams.control: self.control_cursor}, block=self.settings.block_ms)
         for _, items in reply or []:
-            for entry_id, fields in items:
-                self.control_cursor = entry_id.decode()
-                if not self.stopping:
-                    self.handle_entry(self.control_cursor, fields or {})
+            for raw_id, fields in items:
+                if self.stopping:
+                    return
+                entry_id = raw_id.decode()
+                if self._stale_before_ms is not None and split_id(entry_id)[0] < self._stale_before_ms:
+                    window = self.settings.resume_window
+                    log.warning("stale command skipped", id=entry_id, resume_window=window)
+                else:
+                    self.handle_entry(entry_id, fields or {})
+                self._finish(entry_id)
+
+    def _advance(self, entry_id: str | None) -> None:
+        """Count the control entry ``entry_id`` as finished here (never going back); the next
+        publish records it in the runner's key."""
+        if entry_id is not None and (
+            self.control_cursor is None or split_id(entry_id) > split_id(self.control_cursor)
+        ):
+            self.control_cursor = entry_id
+
+    def _finish(self, entry_id: str) -> None:
+        """Record ``entry_id`` as finished in the runner's key, where a restarted runner resumes."""
+        self._advance(entry_id)
+        key = self.streams.runner_key(self.settings.runner_id)
+        self.redis.hset(key, "finished", self.control_cursor or entry_id)
 
     def shutdown(self) -> None:
         log.info("stopped", runner_id=self.settings.runner_id)
@@ -148,25 +180,31 @@ class EnvRunner(Service):
         """Decode and obey one control entry; an invalid one goes to the dead stream."""
         try:
             message, encoding = decode_entry(fields, self.settings.max_entry_bytes)
-            return self.handle_control(message, encoding)
+            return self.handle_control(message, encoding, entry_id)
         except ProtocolError as exc:
             self._bury(self.streams.control, entry_id, fields, str(exc))
             return None
 
-    def handle_control(self, message: Mapping[str, Any], encoding: Encoding | None = None) -> dict | None:
+    def handle_control(
+        self, message: Mapping[str, Any], encoding: Encoding | None = None, command_id: str | None = None
+    ) -> dict | None:
         """Obey a decoded command: RUN returns the run report, STOP ``None``.
 
+        :param command_id: the control entry it came in; a RUN's report marks it finished
         :raises ProtocolError: for an invalid command
         """
-        if message.get("CMD") == "STOP":
+        command = parse_control(message)
+        if isinstance(command, Stop):
             log.info("STOP received")
             self.stop()
             return None
-        if message.get("CMD") != "RUN":
-            raise ProtocolError(f"CMD must be RUN or STOP, got {reprlib.repr(message.get('CMD'))}")
-        run_id, episodes, steps, deterministic = parse_run(message)
         return self.run(
-            run_id, episodes=episodes, steps=steps, deterministic=deterministic, encoding=encoding
+            command.run_id,
+            episodes=command.episodes,
+            steps=command.steps,
+            deterministic=command.deterministic,
+            encoding=encoding,
+            command_id=command_id,
         )
 
     # ----------------------------------------------------------------- one run
@@ -178,11 +216,14 @@ class EnvRunner(Service):
         steps: int | None = None,
         deterministic: bool = False,
         encoding: Encoding | None = None,
+        command_id: str | None = None,
     ) -> dict[str, Any]:
         """Run until ``episodes`` episodes ended or ``steps`` steps were taken; publish and return the report.
 
         :param deterministic: use the evaluation environments (whose messages ask for greedy actions)
         :param encoding: of the status entries (default: the runner's; observations use the runner's)
+        :param command_id: the control entry that asked for the run: the report's script records
+            it as finished, so a runner killed before the report runs it again, one killed after not
         """
         if episodes is None and steps is None:
             raise ValueError("give episodes or steps")
@@ -199,10 +240,11 @@ class EnvRunner(Service):
         quota = {}
         if deterministic and episodes:
             quota = {s.env_id: (episodes + k) // len(slots) for k, s in enumerate(slots)}
-        progress = Progress({"RUN_ID": run_id, "RUNNER_ID": self.settings.runner_id}, episodes, steps, quota)
-        cursor = last_id(self.redis, self.streams.action)  # before publishing: no answer is missed
+        runner_id = self.settings.runner_id
+        progress = Progress(run_id, runner_id, episodes, steps, quota)
+        cursor = self.ride_out(last_id, self.redis, self.streams.action)  # before publishing: none missed
         # A STOP sent from now on aborts the run; commands queued before it wait their turn in serve().
-        self._control_peek = last_id(self.redis, self.streams.control)
+        self._control_peek = self.ride_out(last_id, self.redis, self.streams.control)
         statuses: list[dict[str, Any]] = []
         log.info("run", run_id=run_id, episodes=episodes, steps=steps, deterministic=deterministic)
         try:
@@ -218,14 +260,17 @@ class EnvRunner(Service):
         except RunAborted as exc:
             self._break_outstanding(slots)
             log.warning("run aborted", run_id=run_id, error=str(exc))
-            report: dict[str, Any] = {"EVENT": "run", **progress.run, "ERROR": str(exc)}
+            report = run_failed(run_id, runner_id, str(exc))
+            self._advance(command_id)
             self.ride_out(self._publish, statuses + [report], [], encoding)
             return report
         for slot in self.eval:
             slot.pending = None  # evaluation envs never carry over
         kept = progress.returns[:episodes] if episodes else progress.returns
-        report = {"EVENT": "run", **progress.run, "EPISODES": len(progress.returns), "STEPS": progress.taken}
-        report.update(MEAN_RETURN=float(np.mean(kept)) if kept else None, RETURNS=kept)
+        report = run_report(
+            run_id, runner_id, episodes=len(progress.returns), steps=progress.taken, returns=kept
+        )
+        self._advance(command_id)
         self.ride_out(self._publish, statuses + [report], [], encoding)
         log.info("run done", **{k.lower(): v for k, v in report.items() if k not in ("EVENT", "RETURNS")})
         return report
@@ -235,8 +280,9 @@ class EnvRunner(Service):
         if not statuses and not ready:
             return
         maxlen, obs_encoding = self.settings.stream_maxlen, Encoding(self.settings.encoding)
-        self._round += 1
-        args: list[Any] = [f"{self._incarnation}:{self._round}", maxlen, len(statuses)]
+        finished = self.control_cursor or ""  # recorded with the round: see publish.lua
+        # Counted once published: retried after a lost reply (ride_out), a round keeps its name.
+        args: list[Any] = [f"{self._incarnation}:{self._round + 1}", maxlen, finished, len(statuses)]
         for message in statuses:
             args += lua.fields(encode_entry(message, encoding))
         args.append(len(ready))
@@ -249,6 +295,7 @@ class EnvRunner(Service):
             self.streams.runner_key(self.settings.runner_id),
         ]
         ids = self._publish_script(keys=keys, args=args, client=self.redis)[len(statuses) :]
+        self._round += 1
         for slot, obs_id in zip(ready, ids, strict=True):
             slot.obs_id = obs_id.decode()
 
@@ -290,11 +337,12 @@ class EnvRunner(Service):
     def _watch_control(self, fields: Mapping[bytes, bytes]) -> None:
         """A STOP stops the runner at once; other commands (and bad entries) are left for serve()."""
         try:
-            message, _ = decode_entry(fields, self.settings.max_entry_bytes)
+            command = parse_control(decode_entry(fields, self.settings.max_entry_bytes)[0])
         except ProtocolError:
             return
-        if message.get("CMD") == "STOP":
+        if isinstance(command, Stop):
             log.info("STOP received during a run")
+            self._advance(self._control_peek)  # obeyed: a restart must not stop again for it
             self.stop()
 
     def _match(
@@ -305,16 +353,11 @@ class EnvRunner(Service):
             message, _ = decode_entry(fields, self.settings.max_entry_bytes)
         except ProtocolError:
             return None  # undecodable: cannot be told apart from another runner's
-        obs_id = message.get("OBS_ID")
-        if not isinstance(obs_id, str) or obs_id not in waiting:
+        try:
+            return parse_action(message, self.n_actions, waiting)
+        except ProtocolError as exc:
+            self._bury(self.streams.action, entry_id, fields, str(exc))
             return None
-        action = message.get("ACTION")
-        action = action[0] if isinstance(action, list) and len(action) == 1 else action
-        if type(action) is not int or not 0 <= action < self.n_actions:
-            reason = f"ACTION must be in [0, {self.n_actions}), got {reprlib.repr(action)}"
-            self._bury(self.streams.action, entry_id, fields, reason)
-            return None
-        return obs_id, action
 
     def _bury(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes], reason: str) -> None:
         log.warning("rejected entry", stream=stream, id=entry_id, reason=reason)

@@ -107,6 +107,7 @@ class ModelWorker(Service):
         self._pending_first = True
         self._last_heartbeat = 0.0
         self._suspects: set[str] = set()  # pending entries that may have crashed a predecessor
+        self._read_upto: dict[str, str] = {}  # per input stream, the last entry ID read
         self.restored: dict[str, Any] = {}  # what the last load found: see _load
 
     # ----------------------------------------------------------------- life cycle
@@ -115,8 +116,9 @@ class ModelWorker(Service):
         """Become the last commit: make the groups, take the lease, load (or write back) the state,
         claim what a predecessor left pending. Called again after every outage or lost lease."""
         for stream in (self.streams.observation, self.streams.evolution):
-            if ensure_group(self.redis, stream, self.group) and self._started:
-                log.warning("consumer group was gone: made again at the stream's end", stream=stream)
+            after = self._read_upto.get(stream, "$")
+            if ensure_group(self.redis, stream, self.group, after) and self._started:
+                log.warning("consumer group was gone: made again after the last entry read", stream=stream)
         self._acquire_lease()
         self._load()
         claimed = self._claim_pending()
@@ -272,6 +274,8 @@ class ModelWorker(Service):
             name = text(stream)
             for entry_id, fields in items:
                 entries.append((name, text(entry_id), fields or {}))  # None if the entry was trimmed
+            if ids == ">" and items:
+                self._read_upto[name] = text(items[-1][0])
         # One order across both streams, so a command applies between the observations around it.
         entries.sort(key=lambda entry: _order(entry, self.streams.evolution))
         return entries

@@ -9,7 +9,8 @@ import msgpack
 import redis
 
 from worker.control.train import run_episodes
-from worker.evolution import REQUEST, EvolutionSettings, evolve
+from worker.evolution.generation import REQUEST, evolve
+from worker.evolution.settings import EvolutionSettings
 from worker.protocol import Encoding, Streams, encode_entry
 
 

@@ -14,19 +14,10 @@ import redis
 import torch
 
 from tests.helpers import read, xadd
-from worker.evolution import (
-    EvolutionError,
-    EvolutionSettings,
-    decide,
-    evolve,
-    ga_step,
-    generation_key,
-    mean_returns,
-    pbt_step,
-    request_weights,
-    run,
-    send_weights,
-)
+from worker.evolution.fitness import EvolutionError, mean_returns
+from worker.evolution.generation import decide, evolve, generation_key, request_weights, run, send_weights
+from worker.evolution.operators import ga_step, pbt_step
+from worker.evolution.settings import EvolutionSettings
 from worker.model.loop import ModelWorker
 from worker.model.policy import make_policy, weights_as_vector
 from worker.model.settings import ModelSettings
@@ -367,10 +358,10 @@ def test_a_generation_interrupted_after_its_set_only_waits_for_the_acks(real_red
         assert commands(real_redis) == ["GET", "SET", "GET", "SET"]
 
 
-def test_a_generation_older_than_the_resume_window_is_not_resumed(real_redis, redis_server_url) -> None:
+def test_a_generation_older_than_the_models_pause_is_not_resumed(real_redis, redis_server_url) -> None:
     """Its models trained on after their own timeout: a new generation begins instead."""
     with models(redis_server_url, "m1", "m2") as workers:
-        settings = evo_settings(redis_server_url, fitness="contribution", resume_window=0.2)
+        settings = evo_settings(redis_server_url, fitness="contribution", evolution_timeout=0.2)
         request_weights(real_redis, Streams("rl"), settings)  # ... and killed
         wait_for(lambda: not real_redis.exists(generation_key(Streams("rl"))))
         report = evolve(real_redis, settings)

@@ -87,8 +87,8 @@ COMMANDS: dict[str, Command] = {
         "combine the models' logits into actions, track each model's contribution",
     ),
     "evolution": Command(
-        "worker.evolution:EvolutionSettings",
-        "worker.evolution:run",
+        "worker.evolution.settings:EvolutionSettings",
+        "worker.evolution.generation:run",
         "one generation: GET the weights, select and vary, SET the next generation",
     ),
     "control train": Command(

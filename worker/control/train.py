@@ -17,13 +17,13 @@ import redis
 from pydantic import Field
 from tqdm import tqdm
 
-from worker import evolution
 from worker.aggregator import GROUP as AGGREGATOR_GROUP
 from worker.common import logs
 from worker.common.connections import last_id, text
 from worker.common.registry import live_models
 from worker.common.serve import Outages, ride_out
-from worker.evolution import EvolutionSettings
+from worker.evolution.generation import evolve as evolve_generation
+from worker.evolution.settings import EvolutionSettings
 from worker.protocol import (
     Encoding,
     ProtocolError,
@@ -149,7 +149,8 @@ def train(
 ) -> list[RoundResult]:
     """Rounds of training, evaluation and (if ``evolve`` is given) one evolution step each.
 
-    :param evolve: a callable doing one generation (``evolution.evolve`` bound to its settings)
+    :param evolve: a callable doing one generation (:func:`~worker.evolution.generation.evolve`,
+        bound to its settings)
     :param target: stop early once the evaluation's mean return reaches it
     """
     curve: list[RoundResult] = []
@@ -240,7 +241,7 @@ def train_rounds(client: redis.Redis, settings: TrainSettings) -> list[RoundResu
     models = live_models(client, streams)
     evolve = None
     if settings.evolve and len(models) > 1:
-        evolve = lambda: evolution.evolve(client, settings)  # noqa: E731
+        evolve = lambda: evolve_generation(client, settings)  # noqa: E731
     log.info("training", models=models, evolve=evolve is not None, rounds=settings.rounds)
     return train(
         client,

@@ -161,24 +161,7 @@ class ModelWorker(Service):
     def _load(self) -> None:
         """Make local state equal to the last commit, writing it back if Redis lost it (or write the
         first checkpoint); :attr:`restored` tells the version and digests of the state as loaded."""
-        stored, held = self.store.load(), self.committed
-        versions = {"stored_version": stored.counters.version, "held_version": held.counters.version}
-        if stored.policy is None and held.policy is not None:
-            log.warning(
-                "the checkpoint is gone (Redis came back empty?): writing back the last commit",
-                component_id=self.component_id,
-                envs=len(held.memory),
-                **versions,
-            )
-            self.store.write_back(held)
-            stored = held
-        elif held.policy is not None and stored.counters.version < held.counters.version:
-            log.error(
-                "the checkpoint is older than this worker's last commit (Redis restored from an older"
-                " snapshot?): continuing from it, as the streams went back with it",
-                component_id=self.component_id,
-                **versions,
-            )
+        stored = self.store.last_commit(self.committed)
         if self.learner.restore(stored):
             self.committed = replace(stored, counters=replace(stored.counters), memory=dict(stored.memory))
         else:
@@ -189,6 +172,7 @@ class ModelWorker(Service):
         self.restored = {"restored": stored.policy is not None, "checkpoint_version": self.counters.version}
         self.restored |= {"policy_sha": digest(held.policy), "optimizer_sha": digest(held.optimizer)}
         self._pending_first = True
+
     def _claim_pending(self, min_idle_ms: int = 0) -> int:
         """Take over entries a dead predecessor read but never committed (we hold the lease).
 

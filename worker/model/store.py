@@ -35,12 +35,14 @@ from typing import Any
 import msgpack
 import redis
 
-from worker.common import lua
+from worker.common import logs, lua
 from worker.common.serve import Interrupted
 from worker.common.trimming import StreamTrim
 from worker.model.learner import Counters, Snapshot
 from worker.model.memory import FormatError
 from worker.protocol import Streams
+
+log = logs.get(__name__)
 
 COMMIT = lua.source(__package__, "commit.lua", sections=True)
 MAX_MESSAGE_FIELDS = 1000  # field/value pairs per XADD (one unpack of twice as many values)
@@ -185,6 +187,32 @@ class ModelStore:
         :raises CommitRefused: Redis refused it before writing anything (see the class)
         """
         return self._apply(batch, fence=batch.counters.version, version=batch.counters.version + 1)
+
+    def last_commit(self, held: Snapshot) -> Snapshot:
+        """The last commit: what Redis holds, or ``held`` (this worker's own last commit) written back
+        if Redis lost its checkpoint (it came back empty). A stored checkpoint older than ``held``
+        (Redis restored from an older snapshot) stays the truth, as the streams went back with it."""
+        stored = self.load()
+        if held.policy is None:
+            return stored
+        versions = {"stored_version": stored.counters.version, "held_version": held.counters.version}
+        if stored.policy is None:
+            log.warning(
+                "the checkpoint is gone (Redis came back empty?): writing back the last commit",
+                component_id=self.component_id,
+                envs=len(held.memory),
+                **versions,
+            )
+            self.write_back(held)
+            return held
+        if stored.counters.version < held.counters.version:
+            log.error(
+                "the checkpoint is older than this worker's last commit (Redis restored from an older"
+                " snapshot?): continuing from it, as the streams went back with it",
+                component_id=self.component_id,
+                **versions,
+            )
+        return stored
 
     def write_back(self, state: Snapshot) -> int:
         """Write a whole committed state into a Redis that lost it (no checkpoint at all: the fence),

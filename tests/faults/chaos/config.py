@@ -29,7 +29,7 @@ class ChaosConfig:
     batch_size: int = 64
     lease_ttl: float = 1.0
     claim_idle_ms: int = 2000
-    evolution_timeout: float = 30.0  # the models' pause after a GET; evolution's --resume-window
+    evolution_timeout: float = 30.0  # the models' pause after a GET; evolution's too
     evolution_wait: float = 10.0  # evolution's --timeout (for the weights, and for the acks)
     run_timeout: float = 300.0  # a RUN whose report takes longer counts as a stall
     settle_timeout: float = 180.0  # seconds to wait for the backlog once the faults stop

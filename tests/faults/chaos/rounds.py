@@ -20,7 +20,7 @@ from tests.faults.chaos.processes import Incarnation, component_command, spawn
 from worker.common.connections import connect
 from worker.common.serve import is_outage
 from worker.control.train import run_episodes
-from worker.evolution import generation_key
+from worker.evolution.generation import generation_key
 from worker.protocol import Streams
 
 # What `python -m worker evolution` prints when a generation cannot take place (EvolutionError):
@@ -139,7 +139,7 @@ class Rounds(threading.Thread):
         c = self.config
         command = component_command(
             self.url, "evolution", "--seed", str(c.seed), "--timeout", str(c.evolution_wait),
-            "--resume-window", str(c.evolution_timeout), "--registry-max-age", "2",
+            "--evolution-timeout", str(c.evolution_timeout), "--registry-max-age", "2",
             "--fitness-episodes", "2", "--stream-maxlen", "100000", prefix=c.prefix,
         )  # fmt: skip
         number = len(self.evolutions)

@@ -1,67 +1,24 @@
-"""``python -m worker evolution``: one generation of evolution over the live model workers.
-
-One generation, through the wire protocol of ``docs/protocol.md``:
-
-1. **Collect.** ``XADD <prefix>:evolution {CMD: GET}`` (msgpack); every model replies on
-   ``<prefix>:weights`` with ``{WEIGHTS, COMPONENT_ID, REQUEST_ID}`` and pauses training. We read
-   replies carrying our ``REQUEST_ID`` until every live model (registry heartbeat) answered or
-   ``--timeout`` passed, then go on with the models that did answer.
-2. **Fitness.** ``returns``: each weight vector is loaded into a local copy of the policy and plays
-   ``--eval-episodes`` deterministic episodes of ``--gym-env`` (the same seeds for every model);
-   fitness = mean return. ``contribution``: the aggregator's share of each model in the ensemble's
-   actions, taken (renamed away) from ``<prefix>:contribution`` in the GET's own script
-   (:data:`REQUEST`, ``evolution.lua``), so each generation sees the decisions since the previous GET
-   (models without an entry get 0).
-3. **Vary.** ``pbt`` (exploit/explore): every model of the bottom ``--pbt-quantile`` whose fitness is
-   below a randomly picked top-quantile model gets that model's weights plus N(0, --pbt-sigma) noise;
-   the rest keep theirs. ``ga`` (the tutorial's DEAP loop): the best ``--elitism`` models are kept
-   unchanged; the others get offspring of ``tools.selTournament``, ``tools.cxTwoPoint`` (probability
-   ``--cxpb``) and ``tools.mutGaussian`` (probability ``--mutpb``, per-weight ``--indpb``).
-4. **Set.** ONE ``{CMD: SET, WEIGHTS: {id: float32 bytes}}`` naming every model that answered the GET,
-   unchanged ones with their own vector, so every paused model resumes at once (loading its own
-   vector changes nothing but the pause: a model keeps its optimizer state on every SET). We wait
-   for each ``{ACK: SET}`` with ``--timeout``. Models that never answered are not named: they resume
-   after their own ``--evolution-timeout``.
-
-Randomness comes from ``--seed`` mixed with the generation number (``INCR <prefix>:generation``), so
-a seeded run is reproducible and successive generations differ. Run one evolution per prefix.
-
-**Resuming.** From its GET until its SET is acknowledged, a generation lives in the hash
-``<prefix>:evolving`` (:func:`generation_key`): its number, the GET's ID, the live models it asked,
-the seed of its randomness (``--seed``, or one drawn for it), the shares it took and, once sent, the
-SET's ID and what it carried out. An evolution killed mid-generation leaves the models paused; the
-next ``python -m worker evolution`` finds the hash and finishes that generation instead of beginning
-another: before the SET, it reads the GET's replies back from ``<prefix>:weights`` and decides again
-(the same seed and replies give the same SET); after it, it only waits for the acknowledgements. It
-deletes the hash when done. A generation older than ``--resume-window`` seconds is not resumed (the
-hash expires): its models train on after their own ``--evolution-timeout``, and its SET would
-overwrite what they learned since.
-"""
+"""One generation through the wire, resumable: see :mod:`worker.evolution`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import random
 import secrets
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import redis
-from deap import base, tools
-from pydantic import Field
 
 from worker.common import logs, lua
 from worker.common.connections import last_id
 from worker.common.registry import live_models
-from worker.common.settings import CommonSettings
-from worker.model.settings import A2CSettings
+from worker.evolution.fitness import EvolutionError, mean_returns
+from worker.evolution.operators import Vectors, ga_step, pbt_step, ranked
+from worker.evolution.settings import EvolutionSettings
 from worker.protocol import (
     Answer,
     Encoding,
@@ -75,44 +32,10 @@ from worker.protocol import (
 
 log = logs.get(__name__)
 
-REQUEST = lua.source(__package__, "evolution.lua")  # a generation's number, GET and shares, at once and once
-SET = lua.source(__package__, "evolution_set.lua")  # a generation's SET, once
+REQUEST = lua.source(__package__, "request.lua")  # a generation's number, GET and shares, at once and once
+SET = lua.source(__package__, "set.lua")  # a generation's SET, once
 
 MAX_REPLY_BYTES = 1 << 28  # replies come from our own models; only absurd sizes are refused
-Vectors = dict[str, np.ndarray]  # component ID -> flat float32 weight vector
-
-
-class EvolutionSettings(CommonSettings, A2CSettings):
-    """``python -m worker evolution``: one generation over the live models (A2C flags: their policy)."""
-
-    algorithm: Literal["pbt", "ga"] = Field("pbt", description="pbt: copy best into worst; ga: DEAP GA")
-    fitness: Literal["returns", "contribution"] = Field(
-        "returns", description="mean deterministic return of each model, or its share in the ensemble"
-    )
-    timeout: float = Field(10.0, gt=0, description="seconds to wait for the weights, and for the SET acks")
-    registry_max_age: float = Field(5.0, gt=0, description="models with an older heartbeat are not live")
-    fitness_episodes: int = Field(5, gt=0, description="deterministic episodes per model (fitness=returns)")
-    fitness_max_steps: int = Field(10_000, gt=0, description="cut evaluation episodes at this many steps")
-    tournament_size: int = Field(3, gt=0, description="ga: individuals per tournament")
-    cxpb: float = Field(0.5, ge=0, le=1, description="ga: probability of a two-point crossover per pair")
-    mutpb: float = Field(0.2, ge=0, le=1, description="ga: probability of mutating an offspring")
-    mutation_sigma: float = Field(0.1, ge=0, description="ga: standard deviation of a Gaussian mutation")
-    indpb: float = Field(0.1, ge=0, le=1, description="ga: probability of mutating each weight")
-    elitism: int = Field(1, ge=0, description="ga: the best models kept unchanged")
-    pbt_quantile: float = Field(0.25, gt=0, le=0.5, description="pbt: share of models replaced/donating")
-    pbt_sigma: float = Field(0.01, ge=0, description="pbt: standard deviation of the copied weights' noise")
-    seed: int | None = Field(None, description="seed of operators and evaluation (mixed with the generation)")
-    stream_maxlen: int = Field(1000, gt=0, description="approximate MAXLEN of <prefix>:evolution")
-    resume_window: float = Field(
-        60.0,
-        gt=0,
-        description="a generation interrupted less than this many seconds after its GET is finished by"
-        " the next evolution; make it the models' --evolution-timeout, after which they train on",
-    )
-
-
-class EvolutionError(RuntimeError):
-    """A generation that could not take place (no live model, no answer)."""
 
 
 @dataclass
@@ -128,124 +51,6 @@ class EvolutionReport:
     unacknowledged: list[str]  # sent a SET, no ACK within the timeout
     seconds: float
     resumed: bool = False  # a generation an interrupted evolution had begun
-
-
-# --------------------------------------------------------------------------- operators (pure)
-
-
-def ranked(fitness: dict[str, float]) -> list[str]:
-    """Component IDs, best first (ties by ID, for reproducibility)."""
-    return sorted(fitness, key=lambda cid: (-fitness[cid], cid))
-
-
-def pbt_step(
-    vectors: Vectors, fitness: dict[str, float], settings: EvolutionSettings, rng: np.random.Generator
-) -> tuple[Vectors, dict[str, str]]:
-    """Exploit/explore: the bottom quantile copies (and perturbs) a better top-quantile model."""
-    order = ranked(fitness)
-    k = min(max(1, int(len(order) * settings.pbt_quantile)), len(order) // 2)
-    top, bottom = order[:k], order[len(order) - k :]
-    new, actions = dict(vectors), {cid: "kept" for cid in order}
-    for loser in bottom:
-        donor = top[int(rng.integers(len(top)))]
-        if fitness[loser] >= fitness[donor]:  # a tie: nothing to exploit
-            continue
-        noise = rng.normal(0.0, settings.pbt_sigma, vectors[donor].shape) if settings.pbt_sigma else 0.0
-        new[loser] = (vectors[donor] + noise).astype(np.float32)
-        actions[loser] = f"copied {donor}" + (f" + N(0, {settings.pbt_sigma})" if settings.pbt_sigma else "")
-    return new, actions
-
-
-class FitnessMax(base.Fitness):
-    weights = (1.0,)
-
-
-class Individual(list):
-    """A weight vector as DEAP's operators want it: a list (cxTwoPoint's slice swap breaks on numpy views)."""
-
-    def __init__(self, values: Any, fitness: float, parents: list[str]) -> None:
-        super().__init__(values)
-        self.fitness = FitnessMax((fitness,))
-        self.parents, self.mutated = parents, False
-
-    def story(self) -> str:
-        how = "crossover of " if len(self.parents) > 1 else "copy of "
-        return how + " x ".join(self.parents) + (", mutated" if self.mutated else "")
-
-
-@contextlib.contextmanager
-def seeded_random(seed: int) -> Iterator[None]:
-    """DEAP draws from the ``random`` module: seed it for the block, then restore its state."""
-    state = random.getstate()
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(state)
-
-
-def ga_step(
-    vectors: Vectors, fitness: dict[str, float], settings: EvolutionSettings, seed: int
-) -> tuple[Vectors, dict[str, str]]:
-    """The tutorial's generation: elites kept; the rest tournament-selected, crossed, mutated."""
-    order = ranked(fitness)
-    elites, rest = order[: settings.elitism], order[settings.elitism :]
-    new = {cid: vectors[cid] for cid in elites}
-    actions = {cid: "elite, kept" for cid in elites}
-    population = [Individual(vectors[cid].tolist(), fitness[cid], [cid]) for cid in order]
-    with seeded_random(seed):
-        chosen = tools.selTournament(population, len(rest), settings.tournament_size)
-        offspring = [Individual(ind, ind.fitness.values[0], ind.parents) for ind in chosen]  # clones
-        for a, b in zip(offspring[::2], offspring[1::2], strict=False):  # odd one out: no mate
-            if random.random() < settings.cxpb:
-                tools.cxTwoPoint(a, b)
-                a.parents, b.parents = a.parents + b.parents, b.parents + a.parents
-        for child in offspring:
-            if random.random() < settings.mutpb:
-                tools.mutGaussian(child, mu=0.0, sigma=settings.mutation_sigma, indpb=settings.indpb)
-                child.mutated = True
-    for cid, child in zip(rest, offspring, strict=True):
-        new[cid], actions[cid] = np.asarray(child, dtype=np.float32), child.story()
-    return new, actions
-
-
-# --------------------------------------------------------------------------- fitness "returns"
-
-
-def mean_returns(vectors: Vectors, settings: EvolutionSettings, seeds: list[int]) -> dict[str, float]:
-    """Mean return of ``len(seeds)`` deterministic episodes per vector, the envs stepped as one batch."""
-    from worker.model.policy import load_weight_vector, make_policy, n_params  # torch: imported when needed
-
-    if not settings.gym_env or settings.gym_env.lower() == "none":
-        raise EvolutionError("fitness=returns needs --gym-env to play episodes")
-    policy = make_policy(settings)
-    envs = [gym.make(settings.gym_env) for _ in seeds]
-    fitness = {}
-    try:
-        for cid, vector in vectors.items():
-            if len(vector) != n_params(policy):
-                raise EvolutionError(
-                    f"{cid} has {len(vector)} weights, the policy of these A2C flags {n_params(policy)}"
-                )
-            load_weight_vector(policy, vector)
-            obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)])
-            returns, running = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
-            for _ in range(settings.fitness_max_steps):
-                actions, _ = policy.predict(obs[running], deterministic=True)
-                for i, action in zip(np.flatnonzero(running), actions, strict=True):
-                    obs[i], reward, terminated, truncated, _ = envs[i].step(action.item())
-                    returns[i] += float(reward)
-                    running[i] = not (terminated or truncated)
-                if not running.any():
-                    break
-            fitness[cid] = float(returns.mean())
-    finally:
-        for env in envs:
-            env.close()
-    return fitness
-
-
-# --------------------------------------------------------------------------- the wire
 
 
 def generation_key(streams: Streams) -> str:
@@ -306,7 +111,7 @@ def request_weights(client: redis.Redis, streams: Streams, settings: EvolutionSe
     seed = settings.seed if settings.seed is not None else secrets.randbits(63)
     keys = [streams.evolution, streams.contribution, streams.key("generation"), key]
     args = [settings.stream_maxlen, get, take, json.dumps(live), seed, last_id(client, streams.weights)]
-    flat = client.register_script(REQUEST)(keys=keys, args=[*args, int(settings.resume_window * 1000)])
+    flat = client.register_script(REQUEST)(keys=keys, args=[*args, int(settings.evolution_timeout * 1000)])
     return Generation.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)), resumed=False)
 
 
@@ -346,7 +151,7 @@ def send_weights(
     outcome = {**outcome, "named": sorted(vectors)}
     keys = [streams.evolution, generation_key(streams)]
     args = [generation.get_id, settings.stream_maxlen, data, last_id(client, streams.weights)]
-    args += [json.dumps(outcome), int(settings.resume_window * 1000)]
+    args += [json.dumps(outcome), int(settings.evolution_timeout * 1000)]
     set_id, cursor = client.register_script(SET)(keys=keys, args=args)
     generation.set_id, generation.set_cursor, generation.outcome = set_id.decode(), cursor.decode(), outcome
 

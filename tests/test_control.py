@@ -8,6 +8,7 @@ import time
 import msgpack
 import redis
 
+from tests.helpers import read
 from worker.control.train import run_episodes
 from worker.evolution.generation import REQUEST, evolve
 from worker.evolution.settings import EvolutionSettings
@@ -79,3 +80,21 @@ def test_the_get_and_the_shares_are_taken_once_even_if_sent_twice(real_redis) ->
     assert not real_redis.exists("rl:contribution")  # reset for the next generation
     shares = dict(zip(first[::2], first[1::2], strict=True))
     assert float(shares[b"m1"]) == 3.0 and float(shares[b"m2"]) == 1.0
+
+
+def test_a_run_resent_after_a_lost_reply_is_run_and_counted_once(real_redis, redis_server_url) -> None:
+    """redis-py resends an XADD whose reply was lost: the runner skips the second RUN with the same
+    RUN_ID, and control counts one report per runner."""
+    from worker.env.runner import EnvRunner, EnvSettings
+
+    settings = EnvSettings(_cli_parse_args=False, redis_url=redis_server_url, n_envs=1, action_timeout=0.5)
+    runner = EnvRunner(settings, real_redis)
+    run = {"CMD": "RUN", "RUN_ID": "twice", "STEPS": 1}
+    assert runner.handle_control(run) is not None  # no aggregator: aborted by its action timeout
+    assert runner.handle_control(run) is None
+    assert [m["RUN_ID"] for _, m in read(real_redis, "rl:status")] == ["twice"]
+    real_redis.delete("rl:status")
+    reports = ({"RUNNER_ID": "a", "STEPS": 3}, {"RUNNER_ID": "a", "STEPS": 3}, {"RUNNER_ID": "b", "STEPS": 5})
+    thread = answer_runs(real_redis, *reports)
+    assert run_episodes(real_redis, Streams("rl"), steps=3, runners=2)["steps"] == 3 + 5
+    thread.join(5)

@@ -280,12 +280,12 @@ def test_status_reports_round_trip(encoding: Encoding) -> None:
 
     done = run_report("r1", "env", episodes=3, steps=40, returns=[10.0, 20.0])
     assert done["MEAN_RETURN"] == 15.0 and done["RUNNER_ID"] == "env"
-    assert parse_run_report(round_trip(done, encoding)) == RunReport("r1", 3, 40, [10.0, 20.0])
+    assert parse_run_report(round_trip(done, encoding)) == RunReport("r1", "env", 3, 40, [10.0, 20.0])
     assert run_report("r2", "env", episodes=0, steps=4, returns=[])["MEAN_RETURN"] is None
 
     failed = run_failed("r3", "env", "no action for observation 1-0 of env-1 in 30.0s")
     assert failed == {"EVENT": "run", "RUN_ID": "r3", "RUNNER_ID": "env", "ERROR": failed["ERROR"]}
-    assert parse_run_report(round_trip(failed, encoding)) == RunReport("r3", error=failed["ERROR"])
+    assert parse_run_report(round_trip(failed, encoding)) == RunReport("r3", "env", error=failed["ERROR"])
 
 
 def test_a_run_report_needs_only_its_run_id() -> None:

@@ -76,7 +76,7 @@ def run_episodes(
     command = run_command(Run(run_id, episodes, steps, deterministic))
     entry = encode_entry(command, Encoding.MSGPACK)
     ride_out(outages, client.xadd, streams.control, entry, maxlen=1000, approximate=True)
-    reports: list[RunReport] = []
+    reports: dict[str, RunReport] = {}  # by runner: a RUN resent after a lost reply is reported twice
     deadline = time.monotonic() + timeout
     while len(reports) < runners:
         remaining = deadline - time.monotonic()
@@ -96,11 +96,11 @@ def run_episodes(
                     continue  # an episode's report, or another run's
                 if report.error is not None:
                     raise RuntimeError(f"run {run_id} failed: {report.error}")
-                reports.append(report)
-    returns = [r for report in reports for r in report.returns]
+                reports.setdefault(report.runner_id or cursor, report)
+    returns = [r for report in reports.values() for r in report.returns]
     return {
-        "episodes": sum(r.episodes for r in reports),
-        "steps": sum(r.steps for r in reports),
+        "episodes": sum(r.episodes for r in reports.values()),
+        "steps": sum(r.steps for r in reports.values()),
         "returns": returns,
         "mean_return": sum(returns) / len(returns) if returns else float("nan"),
     }

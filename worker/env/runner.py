@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -109,6 +110,7 @@ class EnvRunner(Service):
         self._publish_script = client.register_script(PUBLISH)
         self._incarnation, self._round = uuid.uuid4().hex[:12], 0  # names each publish, see publish.lua
         self._control_peek = "0-0"  # the last control entry looked at during a run
+        self._runs_done: deque[str] = deque(maxlen=1000)  # RUN_IDs run: a RUN resent after a lost reply
         s = settings
 
         def make(name: str, k: int, deterministic: bool) -> Slot:
@@ -198,6 +200,10 @@ class EnvRunner(Service):
             log.info("STOP received")
             self.stop()
             return None
+        if command.run_id in self._runs_done:  # control's XADD resent after its reply was lost
+            log.warning("RUN already run, skipped", run_id=command.run_id, id=command_id)
+            return None
+        self._runs_done.append(command.run_id)
         return self.run(
             command.run_id,
             episodes=command.episodes,

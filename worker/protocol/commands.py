@@ -199,6 +199,7 @@ class RunReport:
     """What one run did on one runner (``episodes``, ``steps``, ``returns``), or why it failed (``error``)."""
 
     run_id: str
+    runner_id: str | None = None  # None: a program standing in for a runner may leave it out
     episodes: int = 0
     steps: int = 0
     returns: list[float] = field(default_factory=list)
@@ -213,10 +214,12 @@ def parse_run_report(message: Mapping[str, Any]) -> RunReport | None:
     if message.get("EVENT") != "run":
         return None
     run_id = fields.name(message, "RUN_ID")
+    runner_id = fields.name(message, "RUNNER_ID") if "RUNNER_ID" in message else None
     if "ERROR" in message:
-        return RunReport(run_id, error=str(message["ERROR"]))
+        return RunReport(run_id, runner_id, error=str(message["ERROR"]))
     return RunReport(
         run_id,
+        runner_id,
         episodes=fields.integer(message, "EPISODES") or 0,
         steps=fields.integer(message, "STEPS") or 0,
         returns=fields.numbers(message, "RETURNS") if "RETURNS" in message else [],

@@ -368,3 +368,14 @@ def test_a_generation_older_than_the_models_pause_is_not_resumed(real_redis, red
         assert not report.resumed and report.generation == 2
         assert commands(real_redis) == ["GET", "GET", "SET"]
         assert not any(w.learner.paused() for w in workers.values())
+
+
+def test_a_generation_that_outlived_the_models_pause_sends_no_set(real_redis, redis_server_url) -> None:
+    """Its models train on once their pause is over: a late SET would overwrite what they learned."""
+    with models(redis_server_url, "m1", "m2"):
+        settings = evo_settings(redis_server_url, fitness="contribution", evolution_timeout=0.2)
+        generation = request_weights(real_redis, Streams("rl"), settings)
+        wait_for(lambda: not real_redis.exists(generation_key(Streams("rl"))))
+        with pytest.raises(EvolutionError, match="outlived the models' pause"):
+            decide(real_redis, Streams("rl"), generation, settings)
+        assert commands(real_redis) == ["GET"]

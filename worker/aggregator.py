@@ -50,10 +50,12 @@ from worker.protocol import (
     LogitsReply,
     ProtocolError,
     action_message,
+    before,
     dead_letter,
     decode_entry,
     encode_entry,
     parse_logits_reply,
+    split_id,
 )
 
 log = logs.get(__name__)
@@ -133,9 +135,13 @@ class Aggregator(Service):
     def start(self) -> None:
         """Create the group and take back the replies read before a restart but never decided: after
         an outage too, the undecided observations are rebuilt from what is pending on us."""
+        undecided = [i for bucket in self.buckets.values() for i in bucket.entry_ids]
         self.buckets.clear()
         self._acks, self._dead = [], []
-        ensure_group(self.redis, self.streams.logits, GROUP, self._read_upto)
+        # A group that vanished is made again before the oldest reply not yet decided, or after the
+        # last one read: late replies to decided observations are dropped (decided), none is lost.
+        start = before(min(undecided, key=split_id)) if undecided else self._read_upto
+        ensure_group(self.redis, self.streams.logits, GROUP, start)
         # What was decided before a restart: late replies to those must not decide them again.
         recent = self.redis.zrange(self.streams.decided, -self.settings.remembered, -1)
         self.decided.update((obs_id.decode(), None) for obs_id in recent)

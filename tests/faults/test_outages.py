@@ -30,7 +30,7 @@ from tests.test_envrunner import ScriptedAggregator
 from worker.aggregator import Aggregator, AggregatorSettings
 from worker.common import logs
 from worker.common.connections import connect, embedded_redis
-from worker.common.serve import Outages, Service
+from worker.common.serve import Outages, Service, is_outage
 from worker.control.train import run_episodes, wait_for_loop, wait_for_models
 from worker.env.runner import EnvRunner, EnvSettings
 from worker.model.loop import ModelWorker
@@ -177,6 +177,27 @@ def test_a_component_rides_out_redis_out_of_memory(url: str, make) -> None:
             until(done, "the answers", check)
     outages = [e for e in lines if e["event"] == OUTAGE]
     assert len(outages) == 1 and "maxmemory" in outages[0]["error"], outages
+
+
+@pytest.mark.parametrize(
+    ("error", "outage"),
+    [
+        (redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'"), True),
+        (redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"), True),
+        (redis.ResponseError("BUSY Redis is busy running a script"), True),
+        (redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's failing"), True),
+        (redis.ResponseError("NOREPLICAS Not enough good replicas to write."), True),
+        (redis.exceptions.MasterDownError("Link with MASTER is down"), True),
+        (redis.exceptions.TryAgainError("Multiple keys request during rehashing of slot"), True),
+        (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), True),
+        (redis.ConnectionError("Connection refused"), True),
+        (redis.AuthenticationError("invalid username-password pair"), False),  # waiting cannot mend it
+        (redis.exceptions.AuthorizationError("user is disabled"), False),
+        (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+    ],
+)
+def test_what_is_an_outage(error: Exception, outage: bool) -> None:
+    assert is_outage(error) is outage
 
 
 def test_a_redis_that_refuses_by_turns_is_one_outage(url: str) -> None:

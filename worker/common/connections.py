@@ -110,12 +110,6 @@ def last_id(client: redis.Redis, stream: str) -> str:
     return text(value)
 
 
-def split_id(entry_id: str) -> tuple[int, int]:
-    """``(milliseconds, sequence)`` of a stream entry ID: its time and its place within that millisecond."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -46,9 +46,12 @@ OUTAGE = (
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
 )
-# Errors redis-py raises as a plain ResponseError: told by their prefix.
+# Errors redis-py raises as a plain ResponseError: told by their prefix. MISCONF: a failing RDB
+# save stops writes; NOREPLICAS: fewer replicas than min-replicas-to-write.
 OUTAGE_PREFIXES = (
     "BUSY ",
+    "MISCONF",
+    "NOREPLICAS",
     "UNBLOCKED",
     "MASTERDOWN",
     "LOADING",
@@ -60,7 +63,13 @@ OUTAGE_PREFIXES = (
 
 
 def is_outage(error: BaseException) -> bool:
-    """Whether Redis refused or failed ``error``'s command for a while, without writing anything."""
+    """Whether Redis refused or failed ``error``'s command for a while, without writing anything.
+
+    Credentials refused (a rotated password, a disabled ACL user) are not an outage, though redis-py
+    raises them as connection errors: waiting does not mend them.
+    """
+    if isinstance(error, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+        return False
     return isinstance(error, OUTAGE) or (
         isinstance(error, redis.ResponseError) and str(error).startswith(OUTAGE_PREFIXES)
     )
@@ -151,9 +160,11 @@ class Outages:
         # A refusal within this many seconds of Redis serving again is a relapse of the same outage:
         # at its memory limit Redis takes one write and refuses the next.
         self.settle = 2.0
+        self.remind = 60.0  # seconds between two warnings of one long outage
         self._since = 0.0  # monotonic time the outage began
         self._served = -math.inf  # monotonic time Redis served again after the last outage
         self._announced = False  # its end was logged (as a reconnection, or available again)
+        self._warned = -math.inf  # monotonic time of the outage's last warning
 
     def attach(self) -> None:
         """Hook the client's connection once; what it did before is not a reconnection."""
@@ -168,12 +179,16 @@ class Outages:
             # DNS name or virtual IP that moved to the new primary), not to the old server. Only
             # idle connections: another thread's command in flight is left alone.
             self.watch.client.connection_pool.disconnect(inuse_connections=False)
-        if not self.failures and time.monotonic() - self._served >= self.settle:  # not a relapse
-            self._since, self._announced, self.attempts = time.monotonic(), False, 0
+        now = time.monotonic()
+        if not self.failures and now - self._served >= self.settle:  # not a relapse
+            self._since, self.attempts, self._warned = now, 0, -math.inf
         self.failures += 1
         self.attempts += 1
         sleep = self.backoff.compute(self.failures - 1)
-        (self.log.warning if self.attempts == 1 else self.log.debug)(
+        warn = now - self._warned >= self.remind  # the first failure, or a reminder
+        if warn:
+            self._warned, self._announced = now, False  # each warning gets its end told
+        (self.log.warning if warn else self.log.debug)(
             "redis unavailable, retrying",
             error=str(error),
             attempt=self.attempts,

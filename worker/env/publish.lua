@@ -4,7 +4,8 @@
 -- second copy of a round would give every environment a step twice. Each publish has a name; the
 -- runner's key remembers the last one and its entry IDs, and a resent copy gets those back
 -- instead of publishing again. The key also remembers the last control entry the runner finished
--- (a run's report finishes its RUN in the same script), where a restarted runner reads on.
+-- (a run's report finishes its RUN in the same script), where a restarted runner reads on: so the
+-- key has no lifetime, or a runner down for longer would start afresh and miss what was sent.
 -- KEYS: status, observation, the runner's key. ARGV: the publish's name, maxlen, the control entry
 -- finished ('' for none), then statuses (count, then one section of fields each) and observations
 -- (the same).
@@ -23,5 +24,4 @@ for _, stream in ipairs({KEYS[1], KEYS[2]}) do
 end
 redis.call('HSET', KEYS[3], 'name', ARGV[1], 'ids', cjson.encode(ids))
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], 'finished', ARGV[3]) end
-redis.call('EXPIRE', KEYS[3], 86400)
 return ids

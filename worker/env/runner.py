@@ -203,8 +203,7 @@ class EnvRunner(Service):
         if command.run_id in self._runs_done:  # control's XADD resent after its reply was lost
             log.warning("RUN already run, skipped", run_id=command.run_id, id=command_id)
             return None
-        self._runs_done.append(command.run_id)
-        return self.run(
+        report = self.run(
             command.run_id,
             episodes=command.episodes,
             steps=command.steps,
@@ -212,6 +211,8 @@ class EnvRunner(Service):
             encoding=encoding,
             command_id=command_id,
         )
+        self._runs_done.append(command.run_id)  # once reported: a run cut short is run again
+        return report
 
     # ----------------------------------------------------------------- one run
 
@@ -270,6 +271,9 @@ class EnvRunner(Service):
             self._advance(command_id)
             self.ride_out(self._publish, statuses + [report], [], encoding)
             return report
+        except BaseException:  # the serve loop starts the runner again: no chain can continue
+            self._break_outstanding(slots)
+            raise
         for slot in self.eval:
             slot.pending = None  # evaluation envs never carry over
         kept = progress.returns[:episodes] if episodes else progress.returns
@@ -369,7 +373,7 @@ class EnvRunner(Service):
         log.warning("rejected entry", stream=stream, id=entry_id, reason=reason)
         s = self.settings
         letter = dead_letter(fields, stream, entry_id, reason, s.runner_id, s.max_entry_bytes)
-        self.redis.xadd(self.streams.dead, letter, maxlen=s.stream_maxlen, approximate=True)
+        self.ride_out(self.redis.xadd, self.streams.dead, letter, maxlen=s.stream_maxlen, approximate=True)
 
     def _break_outstanding(self, slots: list[Slot]) -> None:
         """Envs whose observation went unanswered restart fresh: their chain cannot continue."""

@@ -2,7 +2,7 @@
 
 - ``generation.py``: a generation through the wire (GET, fitness, vary, SET), resumable, with its
   scripts ``request.lua`` and ``set.lua``;
-- ``operators.py``: PBT's exploit/explore and the seed's DEAP GA (pure);
+- ``operators.py``: PBT's exploit/explore and the tutorial's DEAP GA (pure);
 - ``fitness.py``: each weight vector's mean deterministic return (pure);
 - ``settings.py``: the options.
 

@@ -26,8 +26,10 @@ from worker.protocol import (
     Streams,
     decode_entry,
     encode_entry,
+    get_command,
     parse_answer,
     parse_reply_weights,
+    set_command,
 )
 
 log = logs.get(__name__)
@@ -106,7 +108,7 @@ def request_weights(client: redis.Redis, streams: Streams, settings: EvolutionSe
         raise EvolutionError(
             f"no live models (heartbeat in {streams.registry} within {settings.registry_max_age}s)"
         )
-    get = encode_entry({"CMD": "GET"}, Encoding.MSGPACK)["data"]
+    get = encode_entry(get_command(), Encoding.MSGPACK)["data"]
     take = "1" if settings.fitness == "contribution" else "0"
     seed = settings.seed if settings.seed is not None else secrets.randbits(63)
     keys = [streams.evolution, streams.contribution, streams.key("generation"), key]
@@ -145,14 +147,24 @@ def send_weights(
     settings: EvolutionSettings,
 ) -> None:
     """The generation's one SET naming every model of ``vectors`` (:data:`SET`: never a second),
-    recorded with ``outcome`` so that a restarted evolution only waits for its acknowledgements."""
+    recorded with ``outcome`` so that a restarted evolution only waits for its acknowledgements.
+
+    :raises EvolutionError: the generation outlived the models' pause, so no SET is sent
+    """
     weights = {cid: np.asarray(v, dtype="<f4").tobytes() for cid, v in vectors.items()}
-    data = encode_entry({"CMD": "SET", "WEIGHTS": weights}, Encoding.MSGPACK)["data"]
+    data = encode_entry(set_command(weights), Encoding.MSGPACK)["data"]
     outcome = {**outcome, "named": sorted(vectors)}
     keys = [streams.evolution, generation_key(streams)]
     args = [generation.get_id, settings.stream_maxlen, data, last_id(client, streams.weights)]
     args += [json.dumps(outcome), int(settings.evolution_timeout * 1000)]
-    set_id, cursor = client.register_script(SET)(keys=keys, args=args)
+    sent = client.register_script(SET)(keys=keys, args=args)
+    if sent is None:
+        raise EvolutionError(
+            f"generation {generation.number} outlived the models' pause (--evolution-timeout"
+            f" {settings.evolution_timeout}s): they train on, and its SET would overwrite what they"
+            " learned since; not sent"
+        )
+    set_id, cursor = sent
     generation.set_id, generation.set_cursor, generation.outcome = set_id.decode(), cursor.decode(), outcome
 
 

@@ -1,4 +1,4 @@
-"""Variation of a population of weight vectors: PBT's exploit/explore, and the seed's DEAP GA.
+"""Variation of a population of weight vectors: PBT's exploit/explore, and the tutorial's DEAP GA.
 
 Pure: vectors and fitness in, new vectors and what was done to each out.
 """

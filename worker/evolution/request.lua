@@ -1,4 +1,4 @@
--- A generation's beginning (see evolution.py), atomic and idempotent: its number, its GET and, for
+-- A generation's beginning (see generation.py), atomic and idempotent: its number, its GET and, for
 -- fitness=contribution, the taking of the shares, at once. Its key remembers all of it until the
 -- generation is over, so an evolution killed mid-generation is finished by the next one (which
 -- finds the key and gets it back instead of beginning another), and redis-py resending this script

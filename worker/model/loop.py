@@ -32,7 +32,7 @@ from worker.common.connections import ensure_group, text
 from worker.common.serve import Service
 from worker.model import reclaim
 from worker.model.learner import Counters, Learner, Snapshot
-from worker.model.memory import EnvMemory
+from worker.model.memory import EnvMemory, FormatError
 from worker.model.settings import ModelSettings
 from worker.model.store import Batch, LostLease, ModelStore, digest
 from worker.protocol import (
@@ -107,7 +107,7 @@ class ModelWorker(Service):
         self._pending_first = True
         self._last_heartbeat = 0.0
         self._suspects: set[str] = set()  # pending entries that may have crashed a predecessor
-        self._read_upto: dict[str, str] = {}  # per input stream, the last entry ID read
+        self._acked_upto: dict[str, str] = {}  # per input stream, the newest entry ID committed
         self.restored: dict[str, Any] = {}  # what the last load found: see _load
 
     # ----------------------------------------------------------------- life cycle
@@ -116,9 +116,9 @@ class ModelWorker(Service):
         """Become the last commit: make the groups, take the lease, load (or write back) the state,
         claim what a predecessor left pending. Called again after every outage or lost lease."""
         for stream in (self.streams.observation, self.streams.evolution):
-            after = self._read_upto.get(stream, "$")
+            after = self._acked_upto.get(stream, "$")
             if ensure_group(self.redis, stream, self.group, after) and self._started:
-                log.warning("consumer group was gone: made again after the last entry read", stream=stream)
+                log.warning("consumer group was gone: made again after the last entry done", stream=stream)
         self._acquire_lease()
         self._load()
         claimed = self._claim_pending()
@@ -162,7 +162,12 @@ class ModelWorker(Service):
         """Make local state equal to the last commit, writing it back if Redis lost it (or write the
         first checkpoint); :attr:`restored` tells the version and digests of the state as loaded."""
         stored = self.store.last_commit(self.committed)
-        if self.learner.restore(stored):
+        try:
+            restored = self.learner.restore(stored)
+        except FormatError as exc:
+            hint = "run the version that wrote it, or `control forget` this model"
+            raise FormatError(f"{self.store.memory_key}: {exc}: {hint}") from None
+        if restored:
             self.committed = replace(stored, counters=replace(stored.counters), memory=dict(stored.memory))
         else:
             self.committed = Snapshot(None, None, Counters(), 0.0, {})
@@ -258,8 +263,6 @@ class ModelWorker(Service):
             name = text(stream)
             for entry_id, fields in items:
                 entries.append((name, text(entry_id), fields or {}))  # None if the entry was trimmed
-            if ids == ">" and items:
-                self._read_upto[name] = text(items[-1][0])
         # One order across both streams, so a command applies between the observations around it.
         entries.sort(key=lambda entry: _order(entry, self.streams.evolution))
         return entries
@@ -359,6 +362,9 @@ class ModelWorker(Service):
         )
         version = self.store.commit(batch)
         learner.counters.version = version
+        for stream, ids in batch.acks.items():  # in stream order; a vanished group is made again after them
+            if ids and split_id(ids[-1]) > split_id(self._acked_upto.get(stream, "0-0")):
+                self._acked_upto[stream] = ids[-1]
         held = self.committed  # now the last commit
         held.counters, held.paused_until = replace(learner.counters), batch.paused_until
         if batch.checkpoint is not None:

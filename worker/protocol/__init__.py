@@ -18,6 +18,7 @@ from worker.protocol.commands import (
     RunReport,
     Stop,
     episode_report,
+    get_command,
     parse_answer,
     parse_command,
     parse_control,
@@ -28,6 +29,7 @@ from worker.protocol.commands import (
     run_failed,
     run_report,
     set_ack,
+    set_command,
     stop_command,
     weights_reply,
 )
@@ -51,7 +53,7 @@ from worker.protocol.observations import (
     parse_logits_reply,
     parse_observation,
 )
-from worker.protocol.streams import Streams, split_id
+from worker.protocol.streams import Streams, before, split_id
 
 __all__ = [
     "DATA_FIELD",
@@ -69,10 +71,12 @@ __all__ = [
     "Stop",
     "Streams",
     "action_message",
+    "before",
     "dead_letter",
     "decode_entry",
     "encode_entry",
     "episode_report",
+    "get_command",
     "logits_reply",
     "parse_action",
     "parse_answer",
@@ -88,6 +92,7 @@ __all__ = [
     "run_report",
     "stop_command",
     "set_ack",
+    "set_command",
     "split_id",
     "weights_reply",
 ]

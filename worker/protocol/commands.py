@@ -26,6 +26,16 @@ class Command:
 COMMANDS = ("GET", "SET")
 
 
+def get_command() -> dict[str, Any]:
+    """The message of a GET: every model publishes its weights and pauses training."""
+    return {"CMD": "GET"}
+
+
+def set_command(weights: Mapping[str, bytes | list[float]]) -> dict[str, Any]:
+    """The message of a SET: component ID -> its new weight vector (float32 bytes, or numbers)."""
+    return {"CMD": "SET", "WEIGHTS": dict(weights)}
+
+
 def parse_command(message: Mapping[str, Any], entry_id: str, encoding: Encoding) -> Command:
     cmd = fields.choice(message, "CMD", COMMANDS)
     weights = None

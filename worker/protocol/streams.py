@@ -85,3 +85,9 @@ def split_id(entry_id: str) -> tuple[int, int]:
     """``(milliseconds, sequence)`` of a stream entry ID: its time and its place within that millisecond."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def before(entry_id: str) -> str:
+    """The ID just before ``entry_id``: a consumer group made at it delivers ``entry_id`` next."""
+    ms, seq = split_id(entry_id)
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2**64 - 1}"

@@ -99,6 +99,24 @@ def test_models_that_join_are_awaited_from_their_first_reply(real_redis, agg_set
     assert action["MODELS"] == 2
 
 
+def test_a_model_that_registered_before_the_observation_is_awaited(real_redis, agg_settings) -> None:
+    """The aggregator's last look saw m1 alone; m2 registered after it, then the observation came.
+    The first reply is m1's, a model it knows: it looks again, as the observation is newer than its
+    view, and waits for m2 instead of deciding with m1 alone."""
+    register(real_redis, "m1")
+    aggregator = started(agg_settings, real_redis, deadline_ms=10_000)
+    assert aggregator.step(block_ms=0) == [] and aggregator.live == {"m1"}
+    time.sleep(0.01)
+    register(real_redis, "m2")
+    seconds, micros = real_redis.time()
+    obs_id = f"{seconds * 1000 + micros // 1000 + 1}-0"  # published after m2 registered
+    reply(real_redis, obs_id, "m1", M1)
+    assert aggregator.step() == [] and aggregator.live == {"m1", "m2"}
+    reply(real_redis, obs_id, "m2", M2)
+    [action] = aggregator.step()
+    assert action["MODELS"] == 2
+
+
 def test_contributions_sum_to_one_per_decision(real_redis, agg_settings) -> None:
     register(real_redis, "m1", "m2", "m3")
     aggregator = started(agg_settings, real_redis)

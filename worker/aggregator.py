@@ -4,8 +4,10 @@ It reads ``<prefix>:logits`` through the consumer group ``aggregator`` and colle
 each observation (``OBS_ID``). The observation is decided once every live model (heartbeat in
 ``<prefix>:models`` at most ``registry_max_age`` seconds old) has answered, or ``deadline_ms`` after
 its first reply with whatever arrived, so a dead model never stalls an environment. Replies arriving
-after the decision are ignored. The registry is read every second, and at once when a reply comes
-from a model not in the last view: models that join are awaited from their first reply on. The decision::
+after the decision are ignored. The registry is read every second, at once when a reply comes from a
+model not in the last view (models that join are awaited from their first reply on), and whenever an
+observation is newer than the view (by Redis's clock: every model live when it was published is
+awaited, also one that registered a moment before). The decision::
 
     p_i = softmax(logits_i)                            for every model i that answered
     p   = mean_i p_i   (combine=prob)   or   softmax(mean_i logits_i)   (combine=logits)
@@ -42,7 +44,6 @@ from pydantic import Field
 
 from worker.common import logs, lua
 from worker.common.connections import ensure_group
-from worker.common.registry import live_models
 from worker.common.serve import Service
 from worker.common.settings import CommonSettings
 from worker.protocol import (
@@ -110,6 +111,14 @@ class Bucket:
     entry_ids: list[str] = field(default_factory=list)
 
 
+def _time_of(obs_id: str) -> int:
+    """The time (ms) in an observation's entry ID; 0 for an OBS_ID that is not one."""
+    try:
+        return split_id(obs_id)[0]
+    except ValueError:
+        return 0
+
+
 class Aggregator(Service):
     """Turns the models' logits into actions and credits each model its contribution.
 
@@ -124,6 +133,8 @@ class Aggregator(Service):
         self.decided: OrderedDict[str, None] = OrderedDict()
         self.live: set[str] = set()
         self._live_at = -math.inf
+        self._view_ms = -1  # Redis's time of the last view of the registry
+        self._newest_ms = 0  # the newest observation replied to (its entry ID's time)
         self._asked: set[str] = set()  # models not live that made us look again in the last second
         self._acks: list[str] = []  # entries done with (late, duplicate, dead) to ack with the next batch
         self._dead: list[dict] = []
@@ -193,13 +204,17 @@ class Aggregator(Service):
         items = reply[0][1] if reply else []
         if items:
             self._read_upto = items[-1][0].decode()
-        if self._collect(items):
-            self._refresh_live()  # a model that joined since the last look: it may not be the only one
+        if self._collect(items) or self._newest_ms > self._view_ms:
+            self._refresh_live()  # a model may have joined since the last look
         return self._decide()
 
     def _refresh_live(self) -> None:
-        self.live = set(live_models(self.redis, self.streams, self.settings.registry_max_age))
-        self._live_at = time.monotonic()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zrangebyscore(self.streams.registry, time.time() - self.settings.registry_max_age, "+inf")
+            (seconds, micros), members = pipe.execute()
+        self.live = {m.decode() if isinstance(m, bytes) else m for m in members}
+        self._live_at, self._view_ms = time.monotonic(), seconds * 1000 + micros // 1000
 
     def _collect(self, items: list[tuple[bytes, dict[bytes, bytes] | None]]) -> bool:
         """File each reply under its observation; reject bad ones, drop late and duplicate ones.
@@ -234,6 +249,7 @@ class Aggregator(Service):
                 continue
             if bucket is None:
                 bucket = self.buckets[reply.obs_id] = Bucket(reply, time.monotonic())
+                self._newest_ms = max(self._newest_ms, _time_of(reply.obs_id))
             bucket.logits[reply.component_id] = reply.logits
             if reply.component_id not in self.live and reply.component_id not in self._asked:
                 self._asked.add(reply.component_id)  # once a second at most: it may never register

@@ -6,6 +6,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -379,3 +380,27 @@ def test_a_generation_that_outlived_the_models_pause_sends_no_set(real_redis, re
         with pytest.raises(EvolutionError, match="outlived the models' pause"):
             decide(real_redis, Streams("rl"), generation, settings)
         assert commands(real_redis) == ["GET"]
+
+
+def test_control_rides_a_generation_through_an_outage(real_redis, redis_server_url) -> None:
+    """Redis refuses the SET's script (out of memory): control's next attempt resumes the generation
+    instead of failing the training, and it still sends one GET and one SET."""
+    from worker.control.train import evolve_through_outages
+
+    with models(redis_server_url, "m1", "m2") as workers:
+        settings = evo_settings(redis_server_url, fitness="contribution")
+        client = redis.Redis.from_url(redis_server_url)
+        execute, refused = client.execute_command, []
+
+        def refuse_the_set(*args: Any, **options: Any) -> Any:
+            is_set = args[0] == "EVALSHA" and b"SET" in b"".join(a for a in args if isinstance(a, bytes))
+            if is_set and not refused:
+                refused.append(args[1])
+                raise redis.exceptions.OutOfMemoryError("command not allowed when used memory")
+            return execute(*args, **options)
+
+        client.execute_command = refuse_the_set  # type: ignore[method-assign]
+        evolve_through_outages(client, settings)
+        assert refused and commands(real_redis) == ["GET", "SET"]
+        assert not any(w.learner.paused() for w in workers.values())
+        assert not real_redis.exists(generation_key(Streams("rl")))

@@ -235,13 +235,21 @@ class TrainSettings(EvolutionSettings):
     progress: bool = Field(True, description="draw a progress bar")
 
 
+def evolve_through_outages(client: redis.Redis, settings: EvolutionSettings) -> None:
+    """One generation, ridden through outages: a generation cut short by one is resumed by the next
+    attempt (``<prefix>:evolving``), so it still sends one GET and one SET."""
+    outages = Outages(client, log)
+    outages.attach()
+    ride_out(outages, evolve_generation, client, settings)
+
+
 def train_rounds(client: redis.Redis, settings: TrainSettings) -> list[RoundResult]:
     """:func:`train` with everything taken from ``settings``; evolution only with 2+ live models."""
     streams = Streams(settings.prefix)
     models = live_models(client, streams)
     evolve = None
     if settings.evolve and len(models) > 1:
-        evolve = lambda: evolve_generation(client, settings)  # noqa: E731
+        evolve = lambda: evolve_through_outages(client, settings)  # noqa: E731
     log.info("training", models=models, evolve=evolve is not None, rounds=settings.rounds)
     return train(
         client,

@@ -7,7 +7,8 @@ forward (:meth:`Learner.step <worker.model.learner.Learner.step>`) ->
 the completed segments -> :meth:`~worker.model.store.ModelStore.commit` publishes the logits and
 acknowledges the entry, together with the new memory and checkpoint.
 
-The worker keeps a copy of what it last committed (:attr:`ModelWorker.committed`). Every start
+Its store keeps a copy of what it last committed (:attr:`ModelStore.committed
+<worker.model.store.ModelStore.committed>`). Every start
 (the first, and again after each outage, lost lease or refused commit) makes the local state equal
 to the last commit in Redis; if Redis lost it (it came back empty), the copy is written back.
 """
@@ -31,8 +32,8 @@ from worker.common import logs
 from worker.common.connections import ensure_group, text
 from worker.common.serve import Service
 from worker.model import reclaim
-from worker.model.learner import Counters, Learner, Snapshot
-from worker.model.memory import EnvMemory, FormatError
+from worker.model.learner import Counters, Learner
+from worker.model.memory import FORMAT_HINT, EnvMemory, FormatError
 from worker.model.settings import ModelSettings
 from worker.model.store import Batch, LostLease, ModelStore, digest
 from worker.protocol import (
@@ -102,7 +103,6 @@ class ModelWorker(Service):
         torch.set_num_threads(settings.torch_threads)
         self.learner = Learner(settings)
         self._spaces = (self.learner.obs_shape, self.learner.n_actions)  # what observations must fit
-        self.committed = Snapshot(None, None, Counters(), 0.0, {})  # the last commit, as written
         self._started = False
         self._pending_first = True
         self._last_heartbeat = 0.0
@@ -161,18 +161,14 @@ class ModelWorker(Service):
     def _load(self) -> None:
         """Make local state equal to the last commit, writing it back if Redis lost it (or write the
         first checkpoint); :attr:`restored` tells the version and digests of the state as loaded."""
-        stored = self.store.last_commit(self.committed)
+        stored = self.store.last_commit()
         try:
             restored = self.learner.restore(stored)
         except FormatError as exc:
-            hint = "run the version that wrote it, or `control forget` this model"
-            raise FormatError(f"{self.store.memory_key}: {exc}: {hint}") from None
-        if restored:
-            self.committed = replace(stored, counters=replace(stored.counters), memory=dict(stored.memory))
-        else:
-            self.committed = Snapshot(None, None, Counters(), 0.0, {})
+            raise FormatError(f"{self.store.memory_key}: {exc}: {FORMAT_HINT}") from None
+        if not restored:
             self._commit(Outbox(weights_changed=True), empty=True)  # the first checkpoint
-        held = self.committed
+        held = self.store.committed
         assert held.policy is not None and held.optimizer is not None
         self.restored = {"restored": stored.policy is not None, "checkpoint_version": self.counters.version}
         self.restored |= {"policy_sha": digest(held.policy), "optimizer_sha": digest(held.optimizer)}
@@ -360,18 +356,10 @@ class ModelWorker(Service):
             acks=outbox.acks,
             forget=outbox.forgotten_envs,
         )
-        version = self.store.commit(batch)
-        learner.counters.version = version
+        learner.counters.version = self.store.commit(batch)
         for stream, ids in batch.acks.items():  # in stream order; a vanished group is made again after them
             if ids and split_id(ids[-1]) > split_id(self._acked_upto.get(stream, "0-0")):
                 self._acked_upto[stream] = ids[-1]
-        held = self.committed  # now the last commit
-        held.counters, held.paused_until = replace(learner.counters), batch.paused_until
-        if batch.checkpoint is not None:
-            held.policy, held.optimizer = batch.checkpoint["policy"], batch.checkpoint["optimizer"]
-        held.memory.update(batch.memory)
-        for env in batch.forget:
-            held.memory.pop(env, None)
 
     # ----------------------------------------------------------------- views of the learner's state
 

@@ -24,6 +24,9 @@ class FormatError(ValueError):
     never misread."""
 
 
+FORMAT_HINT = "run the version that wrote it, or `control forget` this model"
+
+
 @dataclass(slots=True)
 class Transition:
     obs: np.ndarray

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -39,7 +39,7 @@ from worker.common import logs, lua
 from worker.common.serve import Interrupted
 from worker.common.trimming import StreamTrim
 from worker.model.learner import Counters, Snapshot
-from worker.model.memory import FormatError
+from worker.model.memory import FORMAT_HINT, FormatError
 from worker.protocol import Streams
 
 log = logs.get(__name__)
@@ -116,6 +116,8 @@ class ModelStore:
         self.lease_key = streams.model_key(component_id, "lease")
         self.info_key = streams.model_key(component_id, "info")
         self._commit_script = client.register_script(COMMIT)
+        # What this store last committed, as written: written back if Redis loses it.
+        self.committed = Snapshot(None, None, Counters(), 0.0, {})
 
     # ----------------------------------------------------------------- lease
 
@@ -165,7 +167,7 @@ class ModelStore:
         if found != str(CHECKPOINT_FORMAT):
             raise FormatError(
                 f"{self.checkpoint_key} has checkpoint format {found}, this code reads format"
-                f" {CHECKPOINT_FORMAT}: run the version that wrote it, or `control forget` this model"
+                f" {CHECKPOINT_FORMAT}: {FORMAT_HINT}"
             )
         meta = msgpack.unpackb(checkpoint[b"meta"])
         paused_until = float(meta.pop("paused_until", 0.0))
@@ -186,14 +188,25 @@ class ModelStore:
 
         :raises CommitRefused: Redis refused it before writing anything (see the class)
         """
-        return self._apply(batch, fence=batch.counters.version, version=batch.counters.version + 1)
+        version = self._apply(batch, fence=batch.counters.version, version=batch.counters.version + 1)
+        held = self.committed
+        held.counters, held.paused_until = replace(batch.counters, version=version), batch.paused_until
+        checkpoint = batch.checkpoint or {}  # as HSET: the fields given replace, the others stay
+        held.policy = checkpoint.get("policy", held.policy)
+        held.optimizer = checkpoint.get("optimizer", held.optimizer)
+        held.memory.update(batch.memory)
+        for env in batch.forget:
+            held.memory.pop(env, None)
+        return version
 
-    def last_commit(self, held: Snapshot) -> Snapshot:
-        """The last commit: what Redis holds, or ``held`` (this worker's own last commit) written back
-        if Redis lost its checkpoint (it came back empty). A stored checkpoint older than ``held``
-        (Redis restored from an older snapshot) stays the truth, as the streams went back with it."""
-        stored = self.load()
+    def last_commit(self) -> Snapshot:
+        """The last commit, which :attr:`committed` becomes: what Redis holds, or this store's own
+        last commit written back if Redis lost its checkpoint (it came back empty). A stored
+        checkpoint older than ours (Redis restored from an older snapshot) stays the truth, as the
+        streams went back with it."""
+        stored, held = self.load(), self.committed
         if held.policy is None:
+            self.committed = stored
             return stored
         versions = {"stored_version": stored.counters.version, "held_version": held.counters.version}
         if stored.policy is None:
@@ -212,6 +225,7 @@ class ModelStore:
                 component_id=self.component_id,
                 **versions,
             )
+        self.committed = stored
         return stored
 
     def write_back(self, state: Snapshot) -> int:

@@ -170,7 +170,7 @@ class ModelWorker(Service):
             self._commit(Outbox(weights_changed=True), empty=True)  # the first checkpoint
         held = self.store.committed
         assert held.policy is not None and held.optimizer is not None
-        self.restored = {"restored": stored.policy is not None, "checkpoint_version": self.counters.version}
+        self.restored = {"restored": restored, "checkpoint_version": self.counters.version}
         self.restored |= {"policy_sha": digest(held.policy), "optimizer_sha": digest(held.optimizer)}
         self._pending_first = True
 

@@ -17,7 +17,7 @@ import redis
 
 from tests.helpers import read, xadd
 from worker.env.runner import PUBLISH, EnvRunner, EnvSettings
-from worker.protocol import Encoding, decode_entry, encode_entry, split_id
+from worker.protocol import Encoding, Streams, decode_entry, encode_entry, split_id
 
 Message = dict[str, Any]
 
@@ -25,8 +25,8 @@ Message = dict[str, Any]
 class ScriptedAggregator(threading.Thread):
     """Answers every observation with ``policy(message, step_of_its_env)``; ``None`` answers nothing.
 
-    Before each answer it also publishes an action for an observation of another runner, which the
-    runner under test must ignore.
+    It answers where the observation asks (REPLY_TO), as the aggregator does; before each answer it
+    also publishes there an action for another observation, which the runner under test must ignore.
     """
 
     def __init__(self, url: str, policy: Callable[[Message, int], Any]) -> None:
@@ -50,11 +50,12 @@ class ScriptedAggregator(threading.Thread):
                     if action is None:
                         continue
                     self.answers[cursor] = action
+                    replies = Streams().replies(message.get("REPLY_TO"))
                     other = {"ACTION": 1, "ENV_ID": "other-0", "OBS_ID": "1-1", "MODELS": 1}
-                    self.client.xadd("rl:action", encode_entry(other, Encoding.MSGPACK))
+                    self.client.xadd(replies, encode_entry(other, Encoding.MSGPACK))
                     reply = {"ACTION": action, "ENV_ID": message["ENV_ID"], "OBS_ID": cursor, "MODELS": 1}
-                    reply["DETERMINISTIC"] = message["DETERMINISTIC"]
-                    self.client.xadd("rl:action", encode_entry(reply, encoding))
+                    reply["DETERMINISTIC"] = message.get("DETERMINISTIC", False)
+                    self.client.xadd(replies, encode_entry(reply, encoding))
 
     def by_env(self) -> dict[str, list[tuple[str, Message]]]:
         out: dict[str, list[tuple[str, Message]]] = defaultdict(list)
@@ -133,7 +134,8 @@ def test_truncated_episodes_message_chain(real_redis, env_settings, scripted, en
     for chain in chains.values():
         assert len(chain) == 5  # the 6th message (episode end) is kept for the next run
         first = chain[0][1]
-        assert set(first) == {"OBSERVATION", "ENV_ID", "DETERMINISTIC"} and first["DETERMINISTIC"] is False
+        assert set(first) == {"OBSERVATION", "ENV_ID", "STEP", "REPLY_TO"} and first["REPLY_TO"] == "env"
+        assert [m["STEP"] for _, m in chain] == [1, 2, 3, 4, 5]
         for (prev_id, _), (_, message) in zip(chain, chain[1:], strict=False):
             assert message["ACTION"] == fake.answers[prev_id] and message["REWARD"] == 1.0
             assert "DONE" not in message and "TRUNCATED" not in message
@@ -220,7 +222,7 @@ def test_action_timeout_aborts_the_run_and_restarts_the_chain(real_redis, env_se
     assert report["RUN_ID"] == "r1" and "EPISODES" not in report and "env-1" in report["ERROR"]
     assert statuses(real_redis)[-1] == report
     [(_, dead)] = real_redis.xrange("rl:dead")  # raw: it keeps the msgpack field of the action
-    assert b"ACTION" in dead[b"dead:reason"] and dead[b"dead:stream"] == b"rl:action" and b"data" in dead
+    assert b"ACTION" in dead[b"dead:reason"] and dead[b"dead:stream"] == b"rl:action:env" and b"data" in dead
 
     n = len(fake.seen)
     fake.policy = alternate
@@ -305,7 +307,8 @@ def test_models_aggregator_and_runner_play_cartpole_together(real_redis, setting
     for thread in threads:
         thread.start()
     try:
-        runner = EnvRunner(env_settings, redis.Redis.from_url(url))
+        kept = env_settings.model_copy(update={"trim_replies": False})  # the actions stay, to count
+        runner = EnvRunner(kept, redis.Redis.from_url(url))
         report = runner.run("play", episodes=3)
         evaluation = runner.run("evaluate", episodes=2, deterministic=True)
     finally:
@@ -316,8 +319,8 @@ def test_models_aggregator_and_runner_play_cartpole_together(real_redis, setting
     assert report["EPISODES"] >= 3 and len(report["RETURNS"]) == 3 and "ERROR" not in report
     assert evaluation["EPISODES"] == 2 and "ERROR" not in evaluation
     observations = [obs_id for obs_id, _ in read(real_redis, "rl:observation")]
-    actions = {m["OBS_ID"]: m for _, m in read(real_redis, "rl:action")}
-    assert set(observations) == set(actions)
+    actions = {m["OBS_ID"]: m for _, m in read(real_redis, "rl:action:env")}
+    assert set(observations) == set(actions) and real_redis.xlen("rl:action") == 0
     assert all(a["MODELS"] == 2 for a in actions.values())
     assert sum(float(v) for v in real_redis.hgetall("rl:contribution").values()) == pytest.approx(
         len(actions)
@@ -383,15 +386,15 @@ def test_a_run_rides_out_redis_refusing_it(real_redis, env_settings, scripted) -
     assert runner.outages.failures == 0 and [m["RUN_ID"] for m in statuses(real_redis)] == ["r1"]
 
 
-def test_a_round_sent_twice_is_published_once(real_redis) -> None:
-    """redis-py resends a command whose reply was lost: the copy gets the first one's entry IDs."""
+def test_reports_sent_twice_are_published_once(real_redis) -> None:
+    """redis-py resends a command whose reply was lost: the copy of a publish is not applied again."""
     script = real_redis.register_script(PUBLISH)
-    keys = ["rl:status", "rl:observation", "rl:runner:env"]
-    args = ["abc:1", 1000, "", 0, 2, 2, "OBSERVATION", "[0,0,0,0]", 2, "OBSERVATION", "[1,1,1,1]"]
-    first, again = script(keys=keys, args=args), script(keys=keys, args=args)
-    assert first == again and len(first) == 2 and real_redis.xlen("rl:observation") == 2
-    third = script(keys=keys, args=["abc:2", *args[1:]])  # the next round is published
-    assert real_redis.xlen("rl:observation") == 4 and third != first
+    keys = ["rl:status", "rl:runner:env"]
+    args = ["abc:1", 1000, "5-0", 2, "EVENT", '"episode"', 2, "EVENT", '"run"']
+    assert script(keys=keys, args=args) == 1 and script(keys=keys, args=args) == 0
+    assert real_redis.xlen("rl:status") == 2 and real_redis.hget("rl:runner:env", "finished") == b"5-0"
+    script(keys=keys, args=["abc:2", *args[1:]])  # the next publish is applied
+    assert real_redis.xlen("rl:status") == 4
 
 
 class Killed(BaseException):
@@ -409,10 +412,10 @@ def test_a_runner_restarted_after_a_crash_runs_the_interrupted_run_again(
     fake = scripted(lambda *_: None)  # nothing answers: the run waits for its first actions
     run_1 = xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "r1", "STEPS": 6})
 
-    def killed(*_: Any) -> Any:
+    def killed(*_: Any, **__: Any) -> Any:
         raise Killed
 
-    runner._read_actions = killed  # type: ignore[method-assign]
+    runner.client.collect = killed  # type: ignore[method-assign]
     with pytest.raises(Killed):
         runner.step()  # the first round is out, then the process dies
     assert real_redis.xlen("rl:observation") == 2 and statuses(real_redis) == []
@@ -447,8 +450,7 @@ def test_a_report_finishes_its_run_in_the_same_script(real_redis, env_settings, 
     runner.step()
     [(report_id, _)] = [(i, m) for i, m in read(real_redis, "rl:status") if m["EVENT"] == "run"]
     key = real_redis.hgetall("rl:runner:env")
-    assert key[b"finished"].decode() == run_id
-    assert report_id in key[b"ids"].decode()  # written by the round that published the report
+    assert key[b"finished"].decode() == run_id and key[b"name"]  # by the publish of the report
 
 
 def test_a_restarted_runner_skips_commands_older_than_its_resume_window(

@@ -14,8 +14,12 @@ awaited, also one that registered a moment before). The decision::
     a   = argmax p     if DETERMINISTIC, else a sample from p
 
 With a single model this is exactly that model's policy. ``{ACTION, ENV_ID, OBS_ID, MODELS,
-DETERMINISTIC}`` goes to ``<prefix>:action`` in the encoding of the logits replies, ``MODELS`` being
-how many models were combined.
+DETERMINISTIC}``, and ``STEP`` if the observation had one, goes in the encoding of the logits replies
+to the client that asked: ``<prefix>:action:<REPLY_TO>``, or the shared ``<prefix>:action`` for an
+observation without ``REPLY_TO``. ``MODELS`` is how many models were combined. A private stream
+expires ``reply_ttl`` seconds after its last action, so the streams of clients that went away vanish;
+the shared one never does. Observations are told apart by ``OBS_ID`` (their entry ID) alone: clients
+that happen to use the same ``ENV_ID`` each get their own answers.
 
 **Contribution.** Each decision hands every model that answered the share of the probability mass
 on the chosen action that came from it: ``share_i = p_i(a) / sum_j p_j(a)``. Shares of one decision
@@ -79,6 +83,9 @@ class AggregatorSettings(CommonSettings):
     max_entry_bytes: int = Field(1 << 20, gt=0, description="larger entries are dead-lettered unread")
     stream_maxlen: int = Field(100_000, gt=0, description="approximate MAXLEN of the streams written")
     remembered: int = Field(100_000, gt=0, description="decided OBS_IDs remembered to drop late replies")
+    reply_ttl: float = Field(
+        3600.0, gt=0, description="seconds a client's reply stream lives after its last action"
+    )
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -99,6 +106,15 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     cdf = probs.cumsum(axis=-1)
     u = rng.random(len(probs))[:, None] * cdf[:, -1:]
     return np.minimum((cdf <= u).sum(axis=-1), probs.shape[-1] - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """A decided action, the encoding of the replies it answers, and the stream it goes to."""
+
+    message: dict[str, Any]
+    encoding: Encoding
+    stream: str
 
 
 @dataclass
@@ -272,7 +288,7 @@ class Aggregator(Service):
         ]
         for obs_id, bucket in due:
             groups[tuple(bucket.logits), len(bucket.first.logits)].append((obs_id, bucket))
-        actions: list[tuple[dict[str, Any], Encoding]] = []
+        actions: list[Action] = []
         shares: dict[str, float] = defaultdict(float)
         for (ids, _), members in groups.items():
             logits = np.array([[bucket.logits[i] for i in ids] for _, bucket in members])
@@ -287,7 +303,9 @@ class Aggregator(Service):
             for component_id, value in zip(ids, share.sum(axis=0), strict=True):
                 shares[component_id] += float(value)
             for (_, bucket), action in zip(members, chosen.tolist(), strict=True):
-                actions.append((action_message(bucket.first, action, len(ids)), bucket.first.encoding))
+                message = action_message(bucket.first, action, len(ids))
+                stream = self.streams.replies(bucket.first.reply_to)
+                actions.append(Action(message, bucket.first.encoding, stream))
         acks = self._acks + [i for _, bucket in due for i in bucket.entry_ids]
         # If the flush fails, nothing changed here: the same observations are decided next step
         # (and if it had landed after all, that flush finds its entries acknowledged and does nothing).
@@ -298,24 +316,32 @@ class Aggregator(Service):
         while len(self.decided) > self.settings.remembered:
             self.decided.popitem(last=False)
         self._acks, self._dead = [], []
-        return [message for message, _ in actions]
+        return [a.message for a in actions]
 
-    def _flush(
-        self, actions: list[tuple[dict[str, Any], Encoding]], shares: Mapping[str, float], acks: list[str]
-    ) -> None:
+    def _flush(self, actions: list[Action], shares: Mapping[str, float], acks: list[str]) -> None:
         """Actions, contributions, dead letters and acks at once (:data:`FLUSH`)."""
         if not acks:
             return  # every action and dead letter acknowledges at least one entry
+        streams = self.streams
+        keys = [streams.logits, streams.contribution, streams.dead, streams.decided]
+        index: dict[str, int] = {}  # action stream -> its KEYS index (1-based, as Lua counts)
+        for a in actions:
+            if a.stream not in index:
+                keys.append(a.stream)
+                index[a.stream] = len(keys)
         now_ms, remembered = int(time.time() * 1000), self.settings.remembered
-        args: list[Any] = [GROUP, self.settings.stream_maxlen, now_ms, remembered, len(actions)]
-        for message, encoding in actions:
-            args += lua.fields(encode_entry(message, encoding))
-        args += lua.section([message["OBS_ID"] for message, _ in actions])
+        ttl_ms = max(1, round(self.settings.reply_ttl * 1000))  # PEXPIRE 0 would delete at once
+        args: list[Any] = [GROUP, self.settings.stream_maxlen, now_ms, remembered, ttl_ms, len(actions)]
+        for a in actions:
+            args.append(index[a.stream])
+            args += lua.fields(encode_entry(a.message, a.encoding))
+        args += lua.section([a.message["OBS_ID"] for a in actions])
         args += lua.fields(shares)
         args.append(len(self._dead))
         for letter in self._dead:
             args += lua.fields(letter)
         args += lua.section(acks)
-        streams = self.streams
-        keys = [streams.logits, streams.action, streams.contribution, streams.dead, streams.decided]
-        self._flush_script(keys=keys, args=args, client=self.redis)
+        args += lua.section([k for stream, k in index.items() if stream != streams.action])
+        skipped = self._flush_script(keys=keys, args=args, client=self.redis)
+        if skipped:  # 0: applied already; else the streams holding another type, not written
+            log.warning("reply streams of another type: actions dropped", keys=[keys[k - 1] for k in skipped])

@@ -1,8 +1,9 @@
 """Environments and their episodes, without Redis: what the environment runner steps and counts.
 
-:class:`Slot` is one gymnasium environment and where its message chain stands (the next message to
-publish, with the REWARD/ACTION/DONE/TRUNCATED of the step that led to it); :class:`Progress` is a
-run's target and what it achieved. :mod:`worker.env.runner` publishes and reads for them.
+:class:`Slot` is one gymnasium environment and where its chain stands (the next observation to
+publish, the reward of the step that led to it, an episode's end); :class:`Progress` is a run's
+target and what it achieved. :mod:`worker.env.runner` asks its :class:`~worker.client.PolicyClient`
+for their actions.
 """
 
 from __future__ import annotations
@@ -23,42 +24,37 @@ def _vector(array: Any) -> list[float]:
 
 @dataclass
 class Slot:
-    """One gymnasium environment and where its message chain stands."""
+    """One gymnasium environment and where its chain of steps stands."""
 
     env_id: str
     env: gym.Env
     deterministic: bool
     seed: int | None
-    pending: dict[str, Any] | None = None  # the next message to publish (carried over between runs)
-    obs_id: str | None = None  # the published observation still waiting for its action
+    pending: list[float] | None = None  # the next observation to publish (carried over between runs)
+    reward: float | None = None  # the reward of the step that led to it (None: the chain starts there)
+    finish: tuple[list[float], float, bool, bool] | None = None  # an episode's end, for the client's end()
+    waiting: bool = False  # published, its action not yet applied
     ret: float = 0.0
     length: int = 0
 
     def reset(self, seed: int | None = None) -> None:
-        """Start a fresh episode; its message has no REWARD, so a model starts a new chain."""
+        """Start a fresh episode: its first observation has no reward."""
         obs, _ = self.env.reset(seed=seed)
-        self.ret, self.length, self.obs_id = 0.0, 0, None
-        self.pending = self.message(obs)
-
-    def message(self, obs: Any) -> dict[str, Any]:
-        return {"OBSERVATION": _vector(obs), "ENV_ID": self.env_id, "DETERMINISTIC": self.deterministic}
+        self.ret, self.length, self.waiting = 0.0, 0, False
+        self.pending, self.reward = _vector(obs), None
 
     def step(self, action: int) -> tuple[float, int] | None:
-        """Apply ``action`` and build the next message; ``(return, length)`` if the episode ended."""
+        """Apply ``action``; ``(return, length)`` if the episode ended (then :attr:`finish` holds its
+        last observation, reward and flags, and the next episode's first observation is pending)."""
         obs, reward, terminated, truncated, _ = self.env.step(action)
-        self.ret, self.length, self.obs_id = self.ret + float(reward), self.length + 1, None
-        ended = None
+        self.ret, self.length, self.waiting = self.ret + float(reward), self.length + 1, False
         if terminated or truncated:
             ended = (self.ret, self.length)
+            self.finish = (_vector(obs), float(reward), bool(terminated), bool(truncated))
             self.reset()
-            assert self.pending is not None
-            self.pending["DONE"] = True
-            if truncated and not terminated:  # a time limit: the model bootstraps from the final obs
-                self.pending.update(TRUNCATED=True, TERMINAL_OBSERVATION=_vector(obs))
-        else:
-            self.pending = self.message(obs)
-        self.pending.update(REWARD=float(reward), ACTION=int(action))
-        return ended
+            return ended
+        self.pending, self.reward = _vector(obs), float(reward)
+        return None
 
 
 @dataclass

@@ -13,11 +13,10 @@ runner restarted with the same ID after a crash reads on from there: the RUN it 
 again (its report is the new attempt's), and commands sent while it was down are obeyed, unless
 older than ``--resume-window``. On the first start of an ID only commands sent after it count.
 
-A run publishes ``{OBSERVATION, ENV_ID, DETERMINISTIC}`` per environment on ``<prefix>:observation``
-and steps each environment with the action whose ``OBS_ID`` is that observation's entry ID. Later
-messages also carry ``REWARD`` and ``ACTION`` of the step that led to them; ``DONE: true`` when that
-step ended the episode (the observation is then the reset one) and, for a time-limit truncation,
-``TRUNCATED: true`` and ``TERMINAL_OBSERVATION`` (stable-baselines3's semantics).
+A run asks its :class:`~worker.client.PolicyClient` (``--mode``: the ensemble, one model directly,
+or a local copy of one model's policy) for the actions of all its environments at once, a round at
+a time, passing each step's reward and each episode's end (stable-baselines3's semantics: a time
+limit is a truncation); the client speaks the protocol.
 
 Training environments (``<runner_id>-<k>``) carry over between runs: once a run's target is reached
 no new observation is published, but the actions already asked for are applied, and each resulting
@@ -46,6 +45,7 @@ import gymnasium as gym
 import redis
 from pydantic import Field
 
+from worker.client import ActionTimeout, PolicyClient, Ticket
 from worker.common import logs, lua
 from worker.common.connections import last_id
 from worker.common.serve import Service
@@ -54,11 +54,11 @@ from worker.env.episodes import Progress, Slot
 from worker.protocol import (
     Encoding,
     ProtocolError,
+    Spaces,
     Stop,
     dead_letter,
     decode_entry,
     encode_entry,
-    parse_action,
     parse_control,
     run_failed,
     run_report,
@@ -67,7 +67,8 @@ from worker.protocol import (
 
 log = logs.get(__name__)
 
-PUBLISH = lua.source(__package__, "publish.lua")  # a round's entries, at once and once
+PUBLISH = lua.source(__package__, "publish.lua")  # status reports, at once and once
+CONTROL_PEEK = 0.5  # seconds between two looks for a STOP while waiting for actions
 
 
 class EnvSettings(CommonSettings):
@@ -79,6 +80,14 @@ class EnvSettings(CommonSettings):
     seed: int | None = Field(None, description="seed of the environments' first reset")
     max_episode_steps: int | None = Field(None, gt=0, description="time limit (default: the env's own)")
     action_timeout: float = Field(30.0, gt=0, description="seconds to wait for an action before aborting")
+    mode: Literal["ensemble", "direct", "local"] = Field(
+        "ensemble",
+        description="who acts: the aggregator over every live model, one --model directly, or a local"
+        " copy of --model's policy (it learns from the steps streamed to it)",
+    )
+    model: str | None = Field(None, description="the model's COMPONENT_ID, for --mode direct or local")
+    max_lag: int = Field(64, ge=0, description="--mode local: most steps the model may not have learned yet")
+    trim_replies: bool = Field(True, description="trim the runner's reply stream as actions are read")
     encoding: Literal["msgpack", "json"] = Field("msgpack", description="encoding of the observations")
     block_ms: int = Field(1000, gt=0, le=30_000, description="longest blocking XREAD")
     max_entry_bytes: int = Field(1 << 20, gt=0, description="larger control entries are dead-lettered")
@@ -110,6 +119,7 @@ class EnvRunner(Service):
         self._publish_script = client.register_script(PUBLISH)
         self._incarnation, self._round = uuid.uuid4().hex[:12], 0  # names each publish, see publish.lua
         self._control_peek = "0-0"  # the last control entry looked at during a run
+        self._peeked_at = 0.0
         self._runs_done: deque[str] = deque(maxlen=1000)  # RUN_IDs run: a RUN resent after a lost reply
         s = settings
 
@@ -119,10 +129,24 @@ class EnvRunner(Service):
 
         self.train = [make(f"{s.runner_id}-{k}", k, False) for k in range(s.n_envs)]
         self.eval = [make(f"{s.runner_id}-eval-{k}", s.n_envs + k, True) for k in range(s.n_envs)]
-        space = self.train[0].env.action_space
-        if not isinstance(space, gym.spaces.Discrete):
-            raise SpacesError(f"{s.gym_env} has {space}; only discrete actions are supported")
+        space, obs_space = self.train[0].env.action_space, self.train[0].env.observation_space
+        if not isinstance(space, gym.spaces.Discrete) or not isinstance(obs_space, gym.spaces.Box):
+            raise SpacesError(f"{s.gym_env} has {obs_space} and {space}; only Box and Discrete are supported")
         self.n_actions = int(space.n)
+        self.client = PolicyClient(
+            client,
+            s.prefix,
+            timeout=s.action_timeout,
+            mode=s.mode,
+            model=s.model,
+            client_id=s.runner_id,
+            encoding=s.encoding,
+            max_lag=s.max_lag,
+            flush_every=1,  # a round is one flush: the model's batch holds one step of each env
+            trim_replies=s.trim_replies,
+            stream_maxlen=s.stream_maxlen,
+            spaces=None if s.mode == "local" else Spaces(tuple(obs_space.shape), self.n_actions),
+        )
 
     # ----------------------------------------------------------------- control loop
 
@@ -176,6 +200,7 @@ class EnvRunner(Service):
         self.redis.hset(key, "finished", self.control_cursor or entry_id)
 
     def shutdown(self) -> None:
+        self.client.close()
         log.info("stopped", runner_id=self.settings.runner_id)
 
     def handle_entry(self, entry_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any] | None:
@@ -249,7 +274,6 @@ class EnvRunner(Service):
             quota = {s.env_id: (episodes + k) // len(slots) for k, s in enumerate(slots)}
         runner_id = self.settings.runner_id
         progress = Progress(run_id, runner_id, episodes, steps, quota)
-        cursor = self.ride_out(last_id, self.redis, self.streams.action)  # before publishing: none missed
         # A STOP sent from now on aborts the run; commands queued before it wait their turn in serve().
         self._control_peek = self.ride_out(last_id, self.redis, self.streams.control)
         statuses: list[dict[str, Any]] = []
@@ -260,16 +284,19 @@ class EnvRunner(Service):
             while ready := progress.ready(slots):
                 if self.stopping:
                     raise RunAborted("runner stopping")
-                self.ride_out(self._publish, statuses, ready, encoding)  # idempotent: by its name
-                statuses = []
-                cursor, actions = self._read_actions(cursor, ready)
-                statuses = [e for slot, action in actions if (e := progress.record(slot, action)) is not None]
+                if statuses:
+                    self.ride_out(self._publish, statuses, encoding)  # idempotent: by its name
+                    statuses = []
+                actions = self._act(ready, deterministic)
+                statuses = [
+                    e for slot in ready if (e := progress.record(slot, actions[slot.env_id])) is not None
+                ]
         except RunAborted as exc:
             self._break_outstanding(slots)
             log.warning("run aborted", run_id=run_id, error=str(exc))
             report = run_failed(run_id, runner_id, str(exc))
             self._advance(command_id)
-            self.ride_out(self._publish, statuses + [report], [], encoding)
+            self.ride_out(self._publish, statuses + [report], encoding)
             return report
         except BaseException:  # the serve loop starts the runner again: no chain can continue
             self._break_outstanding(slots)
@@ -281,68 +308,53 @@ class EnvRunner(Service):
             run_id, runner_id, episodes=len(progress.returns), steps=progress.taken, returns=kept
         )
         self._advance(command_id)
-        self.ride_out(self._publish, statuses + [report], [], encoding)
+        self.ride_out(self._publish, statuses + [report], encoding)
         log.info("run done", **{k.lower(): v for k, v in report.items() if k not in ("EVENT", "RETURNS")})
         return report
 
-    def _publish(self, statuses: list[dict[str, Any]], ready: list[Slot], encoding: Encoding) -> None:
-        """Statuses and the next observation of every ready env, at once (:data:`PUBLISH`)."""
-        if not statuses and not ready:
-            return
-        maxlen, obs_encoding = self.settings.stream_maxlen, Encoding(self.settings.encoding)
-        finished = self.control_cursor or ""  # recorded with the round: see publish.lua
-        # Counted once published: retried after a lost reply (ride_out), a round keeps its name.
-        args: list[Any] = [f"{self._incarnation}:{self._round + 1}", maxlen, finished, len(statuses)]
+    def _publish(self, statuses: list[dict[str, Any]], encoding: Encoding) -> None:
+        """Status reports, and the control entry finished, at once (:data:`PUBLISH`)."""
+        finished = self.control_cursor or ""  # recorded with them: see publish.lua
+        # Counted once published: retried after a lost reply (ride_out), a publish keeps its name.
+        args: list[Any] = [f"{self._incarnation}:{self._round + 1}", self.settings.stream_maxlen, finished]
         for message in statuses:
             args += lua.fields(encode_entry(message, encoding))
-        args.append(len(ready))
-        for slot in ready:
-            assert slot.pending is not None
-            args += lua.fields(encode_entry(slot.pending, obs_encoding))
-        keys = [
-            self.streams.status,
-            self.streams.observation,
-            self.streams.runner_key(self.settings.runner_id),
-        ]
-        ids = self._publish_script(keys=keys, args=args, client=self.redis)[len(statuses) :]
+        keys = [self.streams.status, self.streams.runner_key(self.settings.runner_id)]
+        self._publish_script(keys=keys, args=args, client=self.redis)
         self._round += 1
-        for slot, obs_id in zip(ready, ids, strict=True):
-            slot.obs_id = obs_id.decode()
 
-    def _read_actions(self, cursor: str, ready: list[Slot]) -> tuple[str, list[tuple[Slot, int]]]:
-        """Block until the observations of ``ready`` are all answered; others' actions are skipped.
-        A STOP on the control stream wakes it and aborts the run. Redis being unavailable does not
-        count against the action timeout: the read is retried (it is safe to repeat) until it is back.
+    def _act(self, ready: list[Slot], deterministic: bool) -> dict[str, int]:
+        """The actions for the pending observations of ``ready``, asked for at once. A STOP on the
+        control stream, looked for while waiting, aborts the run; so does no action in time."""
+        client = self.client
+        try:
+            for slot in ready:
+                if slot.finish is not None:
+                    client.end(slot.env_id, slot.finish[0], slot.finish[1], *slot.finish[2:])
+                    slot.finish = None
+            observations = {slot.env_id: slot.pending for slot in ready}
+            rewards = {slot.env_id: slot.reward for slot in ready if slot.reward is not None}
+            ticket: Ticket = client.send(observations, rewards, deterministic)
+            for slot in ready:
+                slot.waiting = True
+            while not client.collect(ticket, block_ms=int(CONTROL_PEEK * 1000)):
+                self._peek_control()
+                if self.stopping:
+                    raise RunAborted("runner stopping")
+        except ActionTimeout as exc:
+            raise RunAborted(str(exc)) from None
+        return ticket.result()
 
-        :param cursor: the action stream's last ID read (or seen before these were published)
-        """
-        deadline = time.monotonic() + self.settings.action_timeout
-        waiting = {s.obs_id: s for s in ready if s.obs_id is not None}
-        found: list[tuple[Slot, int]] = []
-        while True:
-            if self.stopping:
-                raise RunAborted("runner stopping")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                late = next(iter(waiting.values()))
-                timeout = self.settings.action_timeout
-                raise RunAborted(f"no action for observation {late.obs_id} of {late.env_id} in {timeout}s")
-            block = max(1, min(self.settings.block_ms, int(left * 1000)))
-            watched = {self.streams.action: cursor, self.streams.control: self._control_peek}
-            read_at = time.monotonic()
-            reply = self.ride_out(self.redis.xread, watched, count=1000, block=block)
-            deadline += max(0.0, time.monotonic() - read_at - block / 1000)  # the outage's time, if any
-            for stream, items in reply or []:
-                for entry_id, fields in items:
-                    if stream.decode() == self.streams.control:
-                        self._control_peek = entry_id.decode()
-                        self._watch_control(fields or {})
-                        continue
-                    cursor = entry_id.decode()
-                    if (match := self._match(cursor, fields or {}, waiting)) is not None:
-                        found.append((waiting.pop(match[0]), match[1]))
-            if not waiting:
-                return cursor, found
+    def _peek_control(self) -> None:
+        """A STOP sent during the run stops the runner at once; other commands wait for serve()."""
+        if time.monotonic() - self._peeked_at < CONTROL_PEEK:
+            return
+        self._peeked_at = time.monotonic()
+        reply = self.ride_out(self.redis.xread, {self.streams.control: self._control_peek}, count=100)
+        for _, items in reply or []:
+            for entry_id, fields in items:
+                self._control_peek = entry_id.decode()
+                self._watch_control(fields or {})
 
     def _watch_control(self, fields: Mapping[bytes, bytes]) -> None:
         """A STOP stops the runner at once; other commands (and bad entries) are left for serve()."""
@@ -355,20 +367,6 @@ class EnvRunner(Service):
             self._advance(self._control_peek)  # obeyed: a restart must not stop again for it
             self.stop()
 
-    def _match(
-        self, entry_id: str, fields: Mapping[bytes, bytes], waiting: Mapping
-    ) -> tuple[str, int] | None:
-        """``(OBS_ID, ACTION)`` of an entry answering one of ours; a bad answer is dead-lettered."""
-        try:
-            message, _ = decode_entry(fields, self.settings.max_entry_bytes)
-        except ProtocolError:
-            return None  # undecodable: cannot be told apart from another runner's
-        try:
-            return parse_action(message, self.n_actions, waiting)
-        except ProtocolError as exc:
-            self._bury(self.streams.action, entry_id, fields, str(exc))
-            return None
-
     def _bury(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes], reason: str) -> None:
         log.warning("rejected entry", stream=stream, id=entry_id, reason=reason)
         s = self.settings
@@ -378,5 +376,6 @@ class EnvRunner(Service):
     def _break_outstanding(self, slots: list[Slot]) -> None:
         """Envs whose observation went unanswered restart fresh: their chain cannot continue."""
         for slot in slots:
-            if slot.obs_id is not None:
-                slot.pending, slot.obs_id = None, None
+            if slot.waiting:
+                slot.pending, slot.waiting, slot.finish = None, False, None
+                self.client.forget(slot.env_id)

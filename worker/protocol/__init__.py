@@ -8,6 +8,7 @@ and nothing here touches Redis.
 - :mod:`~worker.protocol.encoding`: msgpack or JSON entries, and dead letters;
 - :mod:`~worker.protocol.fields`: the checks every message shares (flags, numbers, arrays, names);
 - :mod:`~worker.protocol.observations`: observations, logits replies, actions;
+- :mod:`~worker.protocol.spaces`: the observation and action spaces models publish for clients;
 - :mod:`~worker.protocol.commands`: evolution's GET/SET and their answers, RUN/STOP and status reports.
 """
 
@@ -45,6 +46,7 @@ from worker.protocol.encoding import (
 )
 from worker.protocol.observations import (
     MAX_ENV_ID_LENGTH,
+    MAX_REPLY_TO_LENGTH,
     LogitsReply,
     Observation,
     action_message,
@@ -53,12 +55,14 @@ from worker.protocol.observations import (
     parse_logits_reply,
     parse_observation,
 )
+from worker.protocol.spaces import Spaces
 from worker.protocol.streams import Streams, before, split_id
 
 __all__ = [
     "DATA_FIELD",
     "MAX_DEAD_FIELDS",
     "MAX_ENV_ID_LENGTH",
+    "MAX_REPLY_TO_LENGTH",
     "Answer",
     "Command",
     "Encoding",
@@ -68,6 +72,7 @@ __all__ = [
     "ProtocolError",
     "Run",
     "RunReport",
+    "Spaces",
     "Stop",
     "Streams",
     "action_message",

@@ -29,8 +29,8 @@ def describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def flag(message: Mapping[str, Any], key: str) -> bool:
-    value = message.get(key, False)
+def flag(message: Mapping[str, Any], key: str, default: bool = False) -> bool:
+    value = message.get(key, default)
     if isinstance(value, bool):
         return value
     if type(value) is int and value in (0, 1):

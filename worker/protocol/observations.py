@@ -14,6 +14,7 @@ from worker.protocol import fields
 from worker.protocol.encoding import Encoding, ProtocolError
 
 MAX_ENV_ID_LENGTH = 256
+MAX_REPLY_TO_LENGTH = 128
 
 
 @dataclass(slots=True)
@@ -21,7 +22,10 @@ class Observation:
     """One step of one environment, as published on ``<prefix>:observation``.
 
     ``reward`` and ``action`` belong to this environment's previous observation; ``done`` says that
-    previous step ended the episode, so this observation starts a new one.
+    previous step ended the episode, so this observation starts a new one. ``step`` numbers the
+    environment's steps (a repeat is not learned twice), ``reply_to`` names where the answer goes
+    (:meth:`Streams.replies <worker.protocol.streams.Streams.replies>`), and ``answer`` false asks
+    for none (a local client reports a step it acted on itself).
     """
 
     entry_id: str
@@ -34,6 +38,9 @@ class Observation:
     terminal_observation: np.ndarray | None
     deterministic: bool
     encoding: Encoding
+    step: int | None = None
+    reply_to: str | None = None
+    answer: bool = True
 
 
 def parse_observation(
@@ -70,7 +77,16 @@ def parse_observation(
         terminal_observation=terminal,
         deterministic=fields.flag(message, "DETERMINISTIC"),
         encoding=encoding,
+        step=fields.integer(message, "STEP"),
+        reply_to=_reply_to(message),
+        answer=fields.flag(message, "ANSWER", default=True),
     )
+
+
+def _reply_to(message: Mapping[str, Any]) -> str | None:
+    if "REPLY_TO" not in message:
+        return None
+    return fields.name(message, "REPLY_TO", max_length=MAX_REPLY_TO_LENGTH)
 
 
 def _action(message: Mapping[str, Any], n_actions: int) -> int:
@@ -83,6 +99,16 @@ def _action(message: Mapping[str, Any], n_actions: int) -> int:
     return action
 
 
+def _echo(obs: Observation | LogitsReply) -> dict[str, Any]:
+    """What an answer copies from its observation, beside OBS_ID: the optional keys it was given."""
+    echo: dict[str, Any] = {}
+    if obs.step is not None:
+        echo["STEP"] = obs.step
+    if obs.reply_to is not None:
+        echo["REPLY_TO"] = obs.reply_to
+    return echo
+
+
 def logits_reply(obs: Observation, logits: list[float], component_id: str) -> dict[str, Any]:
     return {
         "LOGITS": logits,
@@ -90,6 +116,7 @@ def logits_reply(obs: Observation, logits: list[float], component_id: str) -> di
         "DETERMINISTIC": obs.deterministic,
         "ENV_ID": obs.env_id,
         "OBS_ID": obs.entry_id,
+        **_echo(obs),
     }
 
 
@@ -103,6 +130,8 @@ class LogitsReply:
     logits: np.ndarray  # float64: softmax and sampling in double precision
     deterministic: bool
     encoding: Encoding
+    step: int | None = None
+    reply_to: str | None = None
 
 
 def parse_logits_reply(message: Mapping[str, Any], encoding: Encoding) -> LogitsReply:
@@ -123,17 +152,23 @@ def parse_logits_reply(message: Mapping[str, Any], encoding: Encoding) -> Logits
         logits=array,
         deterministic=fields.flag(message, "DETERMINISTIC"),
         encoding=encoding,
+        step=fields.integer(message, "STEP"),
+        reply_to=_reply_to(message),
     )
 
 
-def action_message(reply: LogitsReply, action: int, models: int) -> dict[str, Any]:
-    """The aggregator's action for the observation ``reply`` answers; ``models``: how many were combined."""
+def action_message(reply: LogitsReply | Observation, action: int, models: int) -> dict[str, Any]:
+    """The action for an observation: the aggregator's (``reply`` one of its logits replies,
+    ``models`` how many were combined) or a model's own for an observation of its inbox (``models``
+    1). It goes to ``Streams.replies(reply_to)``."""
+    obs_id = reply.obs_id if isinstance(reply, LogitsReply) else reply.entry_id
     return {
         "ACTION": action,
         "ENV_ID": reply.env_id,
-        "OBS_ID": reply.obs_id,
+        "OBS_ID": obs_id,
         "MODELS": models,
         "DETERMINISTIC": reply.deterministic,
+        **({"STEP": reply.step} if reply.step is not None else {}),
     }
 
 

@@ -43,6 +43,19 @@ class Streams:
         """Aggregated actions, aggregator -> environment runners."""
         return self.key("action")
 
+    def replies(self, reply_to: str | None) -> str:
+        """Where the answers to an observation go: ``<prefix>:action:<REPLY_TO>``, so each client
+        reads only its own; ``<prefix>:action`` (shared by all) for an observation without one."""
+        return self.action if reply_to is None else self.key("action", reply_to)
+
+    def inbox(self, component_id: str) -> str:
+        """Observations addressed to one model (direct and local clients): it answers them itself."""
+        return self.model_key(component_id, "observation")
+
+    def client_key(self, client_id: str) -> str:
+        """Hash of a client: per ENV_ID, the step it last published and that entry's ID."""
+        return self.key("client", client_id)
+
     @property
     def control(self) -> str:
         """Run commands, control -> environment runners."""

@@ -1,0 +1,303 @@
+"""``AsyncPolicyClient``: :class:`~worker.client.PolicyClient` for asyncio applications, on
+redis.asyncio, with the same API, each call awaited.
+
+One client serves many environments at once, one task each: every task publishes its own steps,
+and a single reader task reads the client's reply stream while any task waits, handing each action
+to the task that asked for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import EqualJitterBackoff, ExponentialBackoff
+from redis.retry import Retry
+
+from worker.client.core import LIVE_MAX_AGE, PUBLISH, ActionTimeout, ClientCore, Ticket
+from worker.common.serve import is_outage
+from worker.protocol import Spaces
+
+T = TypeVar("T")
+
+
+class AsyncPolicyClient:
+    """Actions for your environments from the models, for asyncio code.
+
+    ::
+
+        async with AsyncPolicyClient("redis://localhost:6379/0", prefix="rl") as client:
+            a = await client.act("robot-1", obs)
+            a = await client.act("robot-1", obs, reward=r)
+            await client.end("robot-1", obs, reward=r, terminated=True)
+
+    The parameters are :class:`~worker.client.PolicyClient`'s (``url`` may be a redis.asyncio client).
+    """
+
+    def __init__(
+        self,
+        url: str | aioredis.Redis = "redis://localhost:6379/0",
+        prefix: str = "rl",
+        timeout: float = 10.0,
+        mode: str = "ensemble",
+        model: str | None = None,
+        *,
+        client_id: str | None = None,
+        encoding: str = "msgpack",
+        max_lag: int = 64,
+        flush_every: int = 16,
+        shared_replies: bool = False,
+        trim_replies: bool = True,
+        stream_maxlen: int = 100_000,
+        reply_ttl: float = 3600.0,
+        spaces: Spaces | None = None,
+        block_ms: int = 1000,
+    ) -> None:
+        self.core = ClientCore(
+            prefix, timeout, mode, model, client_id, encoding, max_lag, shared_replies, trim_replies,
+            stream_maxlen, reply_ttl, spaces,
+        )  # fmt: skip
+        self.flush_every, self.block_ms = max(1, flush_every), block_ms
+        self._owned = isinstance(url, str)
+        self.redis = (
+            aioredis.Redis.from_url(
+                url,
+                retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
+                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                socket_timeout=60,
+            )
+            if isinstance(url, str)
+            else url
+        )
+        self._publish = self.redis.register_script(PUBLISH)
+        self._backoff = EqualJitterBackoff(cap=1.0, base=0.02)
+        self._reader: asyncio.Task | None = None
+        self._arrived = asyncio.Condition()
+        self._local = asyncio.Lock()  # local mode: one flush at a time
+
+    # ----------------------------------------------------------------- the API
+
+    @property
+    def client_id(self) -> str:
+        return self.core.client_id
+
+    async def spaces(self) -> Spaces:
+        """The models' spaces (read from Redis on first use)."""
+        await self._discover(time.monotonic() + self.core.timeout)
+        assert self.core.spaces is not None
+        return self.core.spaces
+
+    async def act(
+        self, env_id: str, observation: Any, reward: float | None = None, deterministic: bool = False
+    ) -> int:
+        """See :meth:`PolicyClient.act <worker.client.PolicyClient.act>`."""
+        rewards = None if reward is None else {env_id: reward}
+        return (await self.act_many({env_id: observation}, rewards, deterministic))[env_id]
+
+    async def act_many(
+        self,
+        observations: Mapping[str, Any],
+        rewards: Mapping[str, float] | None = None,
+        deterministic: bool = False,
+    ) -> dict[str, int]:
+        """See :meth:`PolicyClient.act_many <worker.client.PolicyClient.act_many>`."""
+        ticket = await self.send(observations, rewards, deterministic)
+        await self.collect(ticket)
+        return ticket.result()
+
+    async def end(
+        self, env_id: str, observation: Any, reward: float, terminated: bool = False, truncated: bool = False
+    ) -> None:
+        """See :meth:`PolicyClient.end <worker.client.PolicyClient.end>`."""
+        await self._discover(time.monotonic() + self.core.timeout)
+        self.core.end(env_id, observation, reward, terminated, truncated)
+
+    def forget(self, env_id: str) -> None:
+        self.core.forget(env_id)
+
+    async def close(self) -> None:
+        """Send what local mode still holds, delete this client's reply stream and key, disconnect."""
+        if self._reader is not None:
+            self._reader.cancel()
+        try:
+            if self.core.outbox:
+                await self._flush(time.monotonic() + self.core.timeout)
+            if self.core.trim_replies:
+                await self.redis.delete(self.core.replies, self.core.client_key)
+        except (redis.RedisError, ActionTimeout):
+            pass  # the stream and the key expire by themselves
+        finally:
+            if self._owned:
+                await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncPolicyClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------------- two halves of act_many
+
+    async def send(
+        self,
+        observations: Mapping[str, Any],
+        rewards: Mapping[str, float] | None = None,
+        deterministic: bool = False,
+    ) -> Ticket:
+        core, deadline = self.core, time.monotonic() + self.core.timeout
+        await self._discover(deadline)
+        rewards = rewards or {}
+        if extra := set(rewards) - set(observations):
+            raise ValueError(f"rewards for environments without an observation: {sorted(extra)}")
+        built = [
+            (env, *core.message(env, obs, rewards.get(env), deterministic))
+            for env, obs in observations.items()
+        ]
+        envs = [env for env, _, _ in built]
+        if core.mode == "local":
+            return await self._act_locally(built, deterministic, deadline)
+        if core.cursor is None:
+            last = await self._retry(lambda: self.redis.xrevrange(core.replies, count=1), deadline, None)
+            core.cursor = core.cursor or (last[0][0].decode() if last else "0-0")
+        for env, call, message in built:
+            core.sent(env, call, message)
+        keys, args = core.publish_call([(env, m["STEP"], m) for env, _, m in built])
+        ids = await self._retry(
+            lambda: self._publish(keys=keys, args=args, client=self.redis), deadline, envs[0]
+        )
+        return core.ticket(envs, ids)
+
+    async def collect(self, ticket: Ticket) -> None:
+        """Wait until every action of ``ticket`` arrived.
+
+        :raises ActionTimeout: past the ticket's deadline
+        """
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read())
+        async with self._arrived:
+            try:
+                left = ticket.deadline - time.monotonic()
+                await asyncio.wait_for(self._arrived.wait_for(lambda: ticket.done), max(left, 0))
+            except TimeoutError:
+                raise self.core.timed_out(ticket, self._outage) from None
+
+    async def _read(self) -> None:
+        """Read the reply stream while any ticket waits; wake the waiting tasks after each read."""
+        core, failures = self.core, 0
+        self._outage: BaseException | None = None
+        while core.tickets:
+            try:
+                reply = await self.redis.xread({core.replies: core.cursor}, count=1000, block=self.block_ms)
+                failures, self._outage = 0, None
+            except redis.RedisError as exc:
+                if not is_outage(exc):
+                    raise
+                failures, self._outage = failures + 1, exc
+                await asyncio.sleep(self._backoff.compute(failures))
+                continue
+            for _, items in reply or []:
+                for letter in core.take_replies(items):
+                    await self.redis.xadd(
+                        core.streams.dead, letter, maxlen=core.stream_maxlen, approximate=True
+                    )
+            async with self._arrived:
+                self._arrived.notify_all()
+
+    # ----------------------------------------------------------------- local mode
+
+    async def _act_locally(self, built: list, deterministic: bool, deadline: float) -> Ticket:
+        core = self.core
+        async with self._local:
+            await self._keep_up(deadline)
+            envs = [env for env, _, _ in built]
+            actions = core.act_locally(envs, [m for _, _, m in built], deterministic)
+            for (env, call, message), action in zip(built, actions, strict=True):
+                core.sent(env, call, message)
+                core.answered(env, action)
+                core.outbox.append((env, message["STEP"], message))
+            if len(core.outbox) >= self.flush_every:
+                await self._flush(deadline)
+        return Ticket({}, deadline, dict(zip(envs, actions, strict=True)), envs)
+
+    async def _flush(self, deadline: float) -> None:
+        core = self.core
+        keys, args = core.publish_call(core.outbox)
+        reply = await self._retry(
+            lambda: self._publish(keys=keys, args=args, client=self.redis), deadline, None
+        )
+        core.unseen.extend(i.decode() for i in reply[:-2])
+        core.outbox.clear()
+        if core.take_policy_state(*reply[-2:]):
+            await self._refresh(deadline)
+
+    async def _refresh(self, deadline: float) -> None:
+        core = self.core
+        weights = await self._retry(
+            lambda: self.redis.hmget(core.policy_key, "weights", "updates"), deadline, None
+        )
+        core.load_weights({b"weights": weights[0], b"updates": weights[1]})
+
+    async def _keep_up(self, deadline: float) -> None:
+        core, pause = self.core, 0.001
+        while core.lag() > core.max_lag:
+            if core.outbox:
+                await self._flush(deadline)
+                continue
+            if time.monotonic() > deadline:
+                raise ActionTimeout(
+                    f"model {core.model!r} has not learned from {core.lag()} steps of this client within"
+                    f" {core.timeout}s (is it running?)"
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            state = await self._retry(
+                lambda: self.redis.hmget(core.policy_key, "updates", "seen"), deadline, None
+            )
+            if core.take_policy_state(*state):
+                await self._refresh(deadline)
+
+    # ----------------------------------------------------------------- plumbing
+
+    async def _discover(self, deadline: float) -> None:
+        core = self.core
+        while core.spaces is None or (core.mode == "local" and core.local is None):
+            if await self._retry(self._look, deadline, None):
+                return
+            if time.monotonic() > deadline:
+                raise core.unavailable()
+            await asyncio.sleep(0.05)
+
+    async def _look(self) -> bool:
+        core, streams = self.core, self.core.streams
+        if core.mode == "local":
+            return core.take_policy(await self.redis.hgetall(core.policy_key))
+        if core.mode == "direct":
+            models = [core.model or ""]
+        else:
+            members = await self.redis.zrangebyscore(streams.registry, time.time() - LIVE_MAX_AGE, "+inf")
+            models = [m.decode() for m in members]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for cid in models:
+                pipe.hget(streams.model_key(cid, "info"), "spaces")
+            found = await pipe.execute()
+        return core.take_spaces(dict(zip(models, found, strict=True))) is not None
+
+    async def _retry(self, call: Callable[[], Awaitable[T]], deadline: float, env: str | None) -> T:
+        failures = 0
+        while True:
+            try:
+                return await call()
+            except redis.RedisError as exc:
+                if not is_outage(exc):
+                    raise
+                failures += 1
+                if time.monotonic() + self._backoff.compute(failures) > deadline:
+                    where = f" for {env!r}" if env else ""
+                    raise ActionTimeout(
+                        f"Redis unavailable{where} for {self.core.timeout}s: {exc}", env
+                    ) from exc
+                await asyncio.sleep(self._backoff.compute(failures))

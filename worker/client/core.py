@@ -1,0 +1,386 @@
+"""What a client knows and decides, without I/O: shared by :class:`~worker.client.PolicyClient`
+(redis-py) and :class:`~worker.client.AsyncPolicyClient` (redis.asyncio), which only move bytes.
+
+Per environment the client keeps a chain: the step number it sent last, the action it returned (a
+reward passed with the next observation is that action's), the end of an episode reported by
+``end()`` (sent with the next observation, as the protocol carries it) and a step sent but not
+answered (sent again unchanged, under the same STEP, if the caller repeats it). Steps are published
+by one script (``publish.lua``) that turns a step sent twice into one entry, and the models do not
+learn a STEP twice, so a resend never double-counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from worker.common import lua
+from worker.protocol import (
+    Encoding,
+    ProtocolError,
+    Spaces,
+    Streams,
+    dead_letter,
+    decode_entry,
+    encode_entry,
+    parse_action,
+    parse_observation,
+    split_id,
+)
+
+PUBLISH = lua.source(__package__, "publish.lua")
+
+Mode = Literal["ensemble", "direct", "local"]
+MODES = ("ensemble", "direct", "local")
+MAX_ENTRY_BYTES = 1 << 20  # larger action entries are dead-lettered unread
+LIVE_MAX_AGE = 5.0  # a model whose heartbeat is older is not live (as the aggregator's default)
+
+
+class ActionTimeout(TimeoutError):
+    """No action came in time: names the environment and the observation (its entry ID).
+
+    :param env_id: the environment waiting
+    :param obs_id: the observation's entry ID (``None`` if it could not even be published)
+    """
+
+    def __init__(self, message: str, env_id: str | None = None, obs_id: str | None = None) -> None:
+        super().__init__(message)
+        self.env_id, self.obs_id = env_id, obs_id
+
+
+class ModelsUnavailable(TimeoutError):
+    """No model to ask: none live (ensemble), or the named one never published its spaces or weights."""
+
+
+@dataclass
+class Chain:
+    """One environment's place in its chain of steps."""
+
+    step: int = 0  # the STEP last sent
+    action: int | None = None  # the action returned last: a reward passed next is its reward
+    ended: dict[str, Any] | None = None  # end(): sent with the next observation
+    unanswered: tuple[tuple, dict[str, Any]] | None = None  # (call, message) sent but not answered
+
+
+@dataclass
+class Ticket:
+    """Observations published together and the actions that arrived for them."""
+
+    waiting: dict[str, str]  # OBS_ID -> ENV_ID, still unanswered
+    deadline: float  # monotonic
+    actions: dict[str, int] = field(default_factory=dict)  # ENV_ID -> action
+    order: list[str] = field(default_factory=list)  # ENV_IDs as asked
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting
+
+    def result(self) -> dict[str, int]:
+        return {env: self.actions[env] for env in self.order}
+
+
+def default_client_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def as_list(env_id: str, observation: Any) -> list:
+    try:
+        return np.asarray(observation, dtype=np.float64).tolist()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{env_id!r}: OBSERVATION is not an array of numbers: {exc}") from None
+
+
+class ClientCore:
+    """The client's state and decisions; see :class:`~worker.client.PolicyClient` for the parameters."""
+
+    def __init__(
+        self,
+        prefix: str,
+        timeout: float,
+        mode: str,
+        model: str | None,
+        client_id: str | None,
+        encoding: str,
+        max_lag: int,
+        shared_replies: bool,
+        trim_replies: bool,
+        stream_maxlen: int,
+        reply_ttl: float,
+        spaces: Spaces | None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode != "ensemble" and not model:
+            raise ValueError(f"mode {mode!r} needs model=<the COMPONENT_ID of the model to ask>")
+        if mode == "ensemble" and model:
+            raise ValueError("mode 'ensemble' asks every live model: give no model, or use mode 'direct'")
+        if timeout <= 0 or max_lag < 0:
+            raise ValueError("timeout must be positive and max_lag not negative")
+        self.streams = Streams(prefix)
+        self.timeout, self.mode, self.model = timeout, mode, model
+        self.client_id = client_id or default_client_id()
+        self.encoding = Encoding(encoding)
+        self.max_lag, self.stream_maxlen, self.reply_ttl_ms = max_lag, stream_maxlen, int(reply_ttl * 1000)
+        self.session = uuid.uuid4().hex[:12]  # names this client's steps: see publish.lua
+        self.target = self.streams.observation if model is None else self.streams.inbox(model)
+        self.reply_to = None if shared_replies or mode == "local" else self.client_id
+        self.replies = self.streams.replies(self.reply_to)
+        self.trim_replies = trim_replies and self.reply_to is not None
+        self.client_key = self.streams.client_key(self.client_id)
+        self.policy_key = self.streams.model_key(model, "policy") if model else ""
+        self.spaces = spaces
+        self.cursor: str | None = None if shared_replies else "0-0"  # the reply stream, read up to here
+        self.chains: dict[str, Chain] = {}
+        self.tickets: dict[str, Ticket] = {}  # OBS_ID -> the ticket waiting for its action
+        self.outbox: list[tuple[str, int, dict[str, Any]]] = []  # local mode: steps not yet published
+        self.unseen: deque[str] = deque()  # local mode: our entry IDs the model has not committed
+        self.local: Any = None  # local mode: a LocalPolicy
+        self.seen = ""  # local mode: the newest inbox entry the model committed
+        self.published_updates = -1  # local mode: the updates of the weights the model published
+
+    # ----------------------------------------------------------------- discovery
+
+    def live_after(self, now: float) -> float:
+        return now - LIVE_MAX_AGE
+
+    def take_spaces(self, found: Mapping[str, bytes | None]) -> Spaces | None:
+        """The spaces every model in ``found`` (component ID -> its ``spaces``) agrees on; ``None``
+        while none has published them.
+
+        :raises RuntimeError: the models disagree
+        """
+        known = {cid: Spaces.from_json(text) for cid, text in found.items() if text}
+        if not known:
+            return None
+        if len(set(known.values())) > 1:
+            detail = ", ".join(f"{cid}: {s.obs_shape}/{s.n_actions}" for cid, s in sorted(known.items()))
+            raise RuntimeError(f"the live models disagree on their spaces ({detail})")
+        self.spaces = next(iter(known.values()))
+        return self.spaces
+
+    def unavailable(self) -> ModelsUnavailable:
+        if self.mode == "ensemble":
+            what = f"no live model in {self.streams.registry} that published its spaces"
+        elif self.mode == "direct":
+            info = self.streams.model_key(self.model or "", "info")
+            what = f"model {self.model!r} has not published its spaces ({info})"
+        else:
+            what = (
+                f"model {self.model!r} publishes no weights in {self.policy_key}"
+                " (start it with --publish-weights-every N)"
+            )
+        return ModelsUnavailable(f"{what} within {self.timeout}s")
+
+    def take_policy(self, fields: Mapping[bytes, bytes]) -> bool:
+        """Build the local copy from the model's policy hash; False while there is none."""
+        if b"weights" not in fields or b"spec" not in fields:
+            return False
+        from worker.client.local import LocalPolicy  # torch only for local clients
+
+        spec = json.loads(fields[b"spec"])
+        self.spaces = Spaces.from_json(json.dumps(spec["spaces"]))
+        self.local = LocalPolicy(spec, self.spaces)
+        self.load_weights(fields)
+        return True
+
+    def load_weights(self, fields: Mapping[bytes, bytes | None]) -> None:
+        assert self.local is not None
+        if fields.get(b"weights"):
+            self.local.load(fields[b"weights"])
+            self.published_updates = int(fields.get(b"updates") or 0)
+
+    # ----------------------------------------------------------------- messages
+
+    def message(self, env_id: str, observation: Any, reward: Any, deterministic: bool) -> tuple[tuple, dict]:
+        """``(call, message)``: the next step of ``env_id``, checked as a model will check it; the
+        chain is not changed until :meth:`sent` (with ``call``, which tells a repeat).
+
+        :raises ValueError: naming the environment and the problem
+        """
+        assert self.spaces is not None
+        if not isinstance(env_id, str) or not env_id:
+            raise ValueError(f"an environment's ID must be a non-empty string, got {env_id!r}")
+        chain = self.chains.get(env_id) or Chain()
+        call = (as_list(env_id, observation), reward, bool(deterministic))
+        if chain.unanswered is not None and chain.unanswered[0] == call:
+            return call, chain.unanswered[1]  # the same step once more: same STEP, one entry, one action
+        message: dict[str, Any] = {"OBSERVATION": call[0], "ENV_ID": env_id, "STEP": chain.step + 1}
+        if deterministic:
+            message["DETERMINISTIC"] = True
+        if chain.ended is not None:
+            if reward is not None:
+                raise ValueError(
+                    f"{env_id!r}: end() gave the last reward of the episode; the first observation of"
+                    " the next one takes none"
+                )
+            message.update(chain.ended)
+        elif reward is not None and chain.unanswered is None:
+            if chain.action is None:
+                raise ValueError(
+                    f"{env_id!r}: a reward is for the previous action, but this environment has none"
+                    " (the first observation of an episode takes no reward)"
+                )
+            message.update(REWARD=_number(env_id, "REWARD", reward), ACTION=chain.action)
+        # else: a step went unanswered and this is not it: its action was never taken, the chain restarts
+        if self.reply_to is not None:
+            message["REPLY_TO"] = self.reply_to
+        if self.mode == "local":
+            message["ANSWER"] = False  # acted on here: the model only learns from it
+        self.check(env_id, message)
+        return call, message
+
+    def end(self, env_id: str, observation: Any, reward: Any, terminated: bool, truncated: bool) -> None:
+        """Record the end of ``env_id``'s episode: sent with its next observation."""
+        if not (terminated or truncated):
+            raise ValueError(f"{env_id!r}: end() needs terminated=True or truncated=True")
+        chain = self.chains.get(env_id)
+        if chain is None or chain.action is None:
+            raise ValueError(f"{env_id!r}: end() reports the reward of the last action, but none was taken")
+        ended: dict[str, Any] = {
+            "REWARD": _number(env_id, "REWARD", reward),
+            "ACTION": chain.action,
+            "DONE": True,
+        }
+        if truncated and not terminated:  # a time limit: the model bootstraps from the last observation
+            ended.update(TRUNCATED=True, TERMINAL_OBSERVATION=as_list(env_id, observation))
+        self.check(env_id, {"OBSERVATION": as_list(env_id, observation), **ended})
+        chain.ended, chain.action = ended, None
+
+    def check(self, env_id: str, message: dict[str, Any]) -> None:
+        """Validate ``message`` with the parser the models use (:func:`parse_observation`)."""
+        assert self.spaces is not None
+        try:
+            parse_observation(message, "0-0", self.encoding, self.spaces.obs_shape, self.spaces.n_actions)
+        except ProtocolError as exc:
+            raise ValueError(f"{env_id!r}: {exc}") from None
+
+    def sent(self, env_id: str, call: tuple, message: dict[str, Any]) -> None:
+        """``message`` is published (or about to be, in local mode): the chain moves on."""
+        chain = self.chains.setdefault(env_id, Chain())
+        chain.step, chain.ended, chain.action = message["STEP"], None, None
+        chain.unanswered = (call, message)
+
+    def answered(self, env_id: str, action: int) -> None:
+        chain = self.chains[env_id]
+        chain.action, chain.unanswered = action, None
+
+    def forget(self, env_id: str) -> None:
+        """Start ``env_id``'s next observation as a new chain (its last step is abandoned)."""
+        if (chain := self.chains.get(env_id)) is not None:
+            chain.action, chain.ended, chain.unanswered = None, None, None
+
+    # ----------------------------------------------------------------- publishing and replies
+
+    def publish_call(self, batch: list[tuple[str, int, dict[str, Any]]]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of :data:`PUBLISH` for ``batch`` ((ENV_ID, STEP, message) each)."""
+        trim = self.cursor if self.trim_replies and self.cursor not in (None, "0-0") else ""
+        args: list[Any] = [self.session, self.stream_maxlen, self.reply_ttl_ms, trim]
+        for env_id, step, message in batch:
+            args += [env_id, step, *lua.fields(encode_entry(message, self.encoding))]
+        keys = [self.target, self.client_key, self.replies]
+        if self.mode == "local":
+            keys.append(self.policy_key)
+        return keys, args
+
+    def ticket(self, envs: list[str], ids: list[Any]) -> Ticket:
+        """A ticket for the observations of ``envs``, published as ``ids``; filed until answered."""
+        ticket = Ticket({}, time.monotonic() + self.timeout, order=envs)
+        for env_id, obs_id in zip(envs, ids, strict=False):
+            ticket.waiting[_text(obs_id)] = env_id
+            self.tickets[_text(obs_id)] = ticket
+        return ticket
+
+    def take_replies(self, items: list[tuple[Any, Any]]) -> list[dict[bytes, bytes]]:
+        """File the actions of ``items`` (entries of the reply stream) under the tickets waiting for
+        them; others' (or late ones') are skipped.
+
+        :return: dead letters for actions of ours that are not valid actions
+        """
+        assert self.spaces is not None
+        dead = []
+        for raw_id, fields in items:
+            entry_id = self.cursor = _text(raw_id)
+            try:
+                message, _ = decode_entry(fields or {}, MAX_ENTRY_BYTES)
+                found = parse_action(message, self.spaces.n_actions, self.tickets)
+            except ProtocolError as exc:
+                if _answers(fields or {}, self.tickets):
+                    letter = dead_letter(
+                        fields or {}, self.replies, entry_id, str(exc), self.client_id, MAX_ENTRY_BYTES
+                    )
+                    dead.append(letter)
+                continue
+            if found is not None:
+                ticket = self.tickets.pop(found[0])
+                env_id = ticket.waiting.pop(found[0])
+                ticket.actions[env_id] = found[1]
+                self.answered(env_id, found[1])
+        return dead
+
+    def drop(self, ticket: Ticket) -> None:
+        """Stop waiting for ``ticket``'s actions (it timed out): late ones are skipped."""
+        for obs_id in ticket.waiting:
+            self.tickets.pop(obs_id, None)
+
+    def timed_out(self, ticket: Ticket, outage: BaseException | None = None) -> ActionTimeout:
+        self.drop(ticket)
+        obs_id, env_id = next(iter(ticket.waiting.items()))
+        hint = {
+            "ensemble": "is an aggregator running, and a model?",
+            "direct": f"is model {self.model!r} running?",
+            "local": "",
+        }[self.mode]
+        why = f" (Redis unavailable: {outage})" if outage is not None else f" ({hint})"
+        more = f" and {len(ticket.waiting) - 1} more" if len(ticket.waiting) > 1 else ""
+        return ActionTimeout(
+            f"no action for observation {obs_id} of {env_id!r}{more} within {self.timeout}s{why}",
+            env_id,
+            obs_id,
+        )
+
+    # ----------------------------------------------------------------- local mode
+
+    def act_locally(self, envs: list[str], messages: list[dict[str, Any]], deterministic: bool) -> list[int]:
+        assert self.local is not None
+        return self.local.act(np.array([m["OBSERVATION"] for m in messages], dtype=np.float32), deterministic)
+
+    def lag(self) -> int:
+        """How many of our steps the model has not committed yet (local mode)."""
+        while self.unseen and self.seen and split_id(self.unseen[0]) <= split_id(self.seen):
+            self.unseen.popleft()
+        return len(self.unseen) + len(self.outbox)
+
+    def take_policy_state(self, updates: Any, seen: Any) -> bool:
+        """Note how far the model is; True when it published newer weights than the copy's."""
+        if seen:
+            self.seen = _text(seen)
+        return bool(updates) and int(updates) > self.published_updates
+
+
+def _number(env_id: str, key: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{env_id!r}: {key} must be a number, got {value!r}") from None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _answers(fields: Mapping[bytes, bytes], waiting: Mapping[str, str]) -> bool:
+    """Whether an undecodable or invalid entry names one of our observations."""
+    try:
+        message, _ = decode_entry(fields, MAX_ENTRY_BYTES)
+    except ProtocolError:
+        return False
+    return isinstance(message.get("OBS_ID"), str) and message["OBS_ID"] in waiting

@@ -1,0 +1,303 @@
+"""``PolicyClient``: an environment of your own asks the models for actions, with redis-py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import EqualJitterBackoff
+
+from worker.client.core import LIVE_MAX_AGE, PUBLISH, ActionTimeout, ClientCore, Ticket
+from worker.common.connections import connect, last_id
+from worker.common.serve import is_outage
+from worker.protocol import Spaces
+
+T = TypeVar("T")
+
+
+class PolicyClient:
+    """Actions for your environments from the models, over Redis; one client per process or thread.
+
+    ::
+
+        client = PolicyClient("redis://localhost:6379/0", prefix="rl", timeout=10.0)
+        a = client.act("robot-1", obs)                     # first observation of an episode
+        a = client.act("robot-1", obs, reward=r)           # later steps: reward for the previous action
+        client.end("robot-1", obs, reward=r, terminated=True)   # or truncated=True
+        actions = client.act_many({"e1": o1, "e2": o2}, rewards={"e1": 1.0, "e2": 0.0})
+        a = client.act("robot-1", obs, deterministic=True)  # evaluation: models do not learn from it
+
+    :param url: Redis URL (``redis://``, ``rediss://``, ``unix://``), or a redis-py client to use
+    :param prefix: the deployment's prefix (the models' ``--prefix``)
+    :param timeout: seconds to wait for an action (an outage is ridden out within it) before
+        :class:`~worker.client.ActionTimeout`, naming the environment and the observation
+    :param mode: ``"ensemble"``: the aggregator combines every live model; ``"direct"``: ``model``
+        answers itself (one hop less); ``"local"``: act with a copy of ``model``'s policy, refreshed
+        from the weights it publishes, and stream the steps to it to learn from
+    :param model: the model's ``COMPONENT_ID`` (direct and local modes)
+    :param client_id: names this client's reply stream and its key (default host-pid-random);
+        one client per ID at a time
+    :param encoding: ``"msgpack"`` or ``"json"`` entries
+    :param max_lag: local mode: the most of this client's steps the model may not have learned from
+        yet; acting waits beyond that, so the copy never runs far ahead of the learning
+    :param flush_every: local mode: steps sent to the model together
+    :param shared_replies: read the actions from the shared ``<prefix>:action`` stream, as every
+        environment did before replies were routed (every client reads every action): for comparison
+    :param trim_replies: trim this client's reply stream as it reads it, and delete it on close
+    :param stream_maxlen: approximate MAXLEN of the observation stream written
+    :param reply_ttl: seconds this client's key lives after its last step
+    :param spaces: the spaces, when known (the models' are read from Redis otherwise)
+    :param block_ms: longest single blocking read
+    """
+
+    def __init__(
+        self,
+        url: str | redis.Redis = "redis://localhost:6379/0",
+        prefix: str = "rl",
+        timeout: float = 10.0,
+        mode: str = "ensemble",
+        model: str | None = None,
+        *,
+        client_id: str | None = None,
+        encoding: str = "msgpack",
+        max_lag: int = 64,
+        flush_every: int = 16,
+        shared_replies: bool = False,
+        trim_replies: bool = True,
+        stream_maxlen: int = 100_000,
+        reply_ttl: float = 3600.0,
+        spaces: Spaces | None = None,
+        block_ms: int = 1000,
+    ) -> None:
+        self.core = ClientCore(
+            prefix, timeout, mode, model, client_id, encoding, max_lag, shared_replies, trim_replies,
+            stream_maxlen, reply_ttl, spaces,
+        )  # fmt: skip
+        self.flush_every, self.block_ms = max(1, flush_every), block_ms
+        self._owned = isinstance(url, str)
+        self.redis = connect(url) if isinstance(url, str) else url
+        self._publish = self.redis.register_script(PUBLISH)
+        self._backoff = EqualJitterBackoff(cap=1.0, base=0.02)
+
+    # ----------------------------------------------------------------- the API
+
+    @property
+    def client_id(self) -> str:
+        return self.core.client_id
+
+    @property
+    def spaces(self) -> Spaces:
+        """The models' spaces (read from Redis on first use)."""
+        self._discover(time.monotonic() + self.core.timeout)
+        assert self.core.spaces is not None
+        return self.core.spaces
+
+    def act(
+        self, env_id: str, observation: Any, reward: float | None = None, deterministic: bool = False
+    ) -> int:
+        """The action for ``observation`` of ``env_id``; ``reward`` is for its previous action.
+
+        :raises ValueError: a bad observation or reward (naming the environment and the problem)
+        :raises ActionTimeout: no action within the timeout
+        """
+        rewards = None if reward is None else {env_id: reward}
+        return self.act_many({env_id: observation}, rewards, deterministic)[env_id]
+
+    def act_many(
+        self,
+        observations: Mapping[str, Any],
+        rewards: Mapping[str, float] | None = None,
+        deterministic: bool = False,
+    ) -> dict[str, int]:
+        """One action per environment, in one round trip; ``rewards`` for their previous actions."""
+        ticket = self.send(observations, rewards, deterministic)
+        while not self.collect(ticket):
+            pass
+        return ticket.result()
+
+    def end(
+        self,
+        env_id: str,
+        observation: Any,
+        reward: float,
+        terminated: bool = False,
+        truncated: bool = False,
+    ) -> None:
+        """The episode of ``env_id`` ended with ``reward`` at ``observation`` (its last): sent with
+        the environment's next observation, which starts the next episode. No round trip."""
+        self._discover(time.monotonic() + self.core.timeout)
+        self.core.end(env_id, observation, reward, terminated, truncated)
+
+    def forget(self, env_id: str) -> None:
+        """Begin ``env_id`` afresh: its next observation starts a new chain of steps."""
+        self.core.forget(env_id)
+
+    def close(self) -> None:
+        """Send what local mode still holds, delete this client's reply stream and key, disconnect."""
+        try:
+            if self.core.outbox:
+                self._flush(time.monotonic() + self.core.timeout)
+            if self.core.trim_replies:
+                self.redis.delete(self.core.replies, self.core.client_key)
+        except (redis.RedisError, ActionTimeout):
+            pass  # the stream and the key expire by themselves
+        finally:
+            if self._owned:
+                self.redis.close()
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- two halves of act_many
+
+    def send(
+        self,
+        observations: Mapping[str, Any],
+        rewards: Mapping[str, float] | None = None,
+        deterministic: bool = False,
+    ) -> Ticket:
+        """Publish the observations (local mode: act on them); :meth:`collect` gathers the actions."""
+        core, deadline = self.core, time.monotonic() + self.core.timeout
+        self._discover(deadline)
+        rewards = rewards or {}
+        if extra := set(rewards) - set(observations):
+            raise ValueError(f"rewards for environments without an observation: {sorted(extra)}")
+        built = [
+            (env, *core.message(env, obs, rewards.get(env), deterministic))
+            for env, obs in observations.items()
+        ]
+        envs = [env for env, _, _ in built]
+        if core.mode == "local":
+            return self._act_locally(built, deterministic, deadline)
+        if core.cursor is None:  # the shared stream: only what comes after now
+            core.cursor = self._retry(lambda: last_id(self.redis, core.replies), deadline, None)
+        for env, call, message in built:
+            core.sent(env, call, message)
+        keys, args = core.publish_call([(env, m["STEP"], m) for env, _, m in built])
+        ids = self._retry(lambda: self._publish(keys=keys, args=args, client=self.redis), deadline, envs[0])
+        return core.ticket(envs, ids)
+
+    def collect(self, ticket: Ticket, block_ms: int | None = None) -> bool:
+        """Read the replies once (blocking at most ``block_ms``); True once every action is in.
+
+        :raises ActionTimeout: past the ticket's deadline
+        """
+        core = self.core
+        if ticket.done:
+            return True
+        left = ticket.deadline - time.monotonic()
+        if left <= 0:
+            raise core.timed_out(ticket)
+        block = max(1, int(min(block_ms or self.block_ms, left * 1000)))
+        reply = self._retry(
+            lambda: self.redis.xread({core.replies: core.cursor}, count=1000, block=block),
+            ticket.deadline,
+            ticket,
+        )
+        for _, items in reply or []:
+            for letter in core.take_replies(items):
+                self.redis.xadd(core.streams.dead, letter, maxlen=core.stream_maxlen, approximate=True)
+        return ticket.done
+
+    # ----------------------------------------------------------------- local mode
+
+    def _act_locally(self, built: list, deterministic: bool, deadline: float) -> Ticket:
+        core = self.core
+        self._keep_up(deadline)
+        envs = [env for env, _, _ in built]
+        actions = core.act_locally(envs, [m for _, _, m in built], deterministic)
+        for (env, call, message), action in zip(built, actions, strict=True):
+            core.sent(env, call, message)
+            core.answered(env, action)
+            core.outbox.append((env, message["STEP"], message))
+        if len(core.outbox) >= self.flush_every:
+            self._flush(deadline)
+        return Ticket({}, deadline, dict(zip(envs, actions, strict=True)), envs)
+
+    def _flush(self, deadline: float) -> None:
+        """Publish the steps acted on here; refresh the copy if the model published newer weights."""
+        core = self.core
+        keys, args = core.publish_call(core.outbox)
+        reply = self._retry(lambda: self._publish(keys=keys, args=args, client=self.redis), deadline, None)
+        core.unseen.extend(i.decode() for i in reply[:-2])
+        core.outbox.clear()
+        if core.take_policy_state(*reply[-2:]):
+            self._refresh(deadline)
+
+    def _refresh(self, deadline: float) -> None:
+        core = self.core
+        weights = self._retry(lambda: self.redis.hmget(core.policy_key, "weights", "updates"), deadline, None)
+        core.load_weights({b"weights": weights[0], b"updates": weights[1]})
+
+    def _keep_up(self, deadline: float) -> None:
+        """Wait while the model is more than ``max_lag`` of our steps behind."""
+        core, pause = self.core, 0.001
+        while core.lag() > core.max_lag:
+            if core.outbox:
+                self._flush(deadline)
+                continue
+            if time.monotonic() > deadline:
+                raise ActionTimeout(
+                    f"model {core.model!r} has not learned from {core.lag()} steps of this client within"
+                    f" {core.timeout}s (is it running?)"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            state = self._retry(lambda: self.redis.hmget(core.policy_key, "updates", "seen"), deadline, None)
+            if core.take_policy_state(*state):
+                self._refresh(deadline)
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _discover(self, deadline: float) -> None:
+        """Learn the spaces (local mode: the policy) from what the models publish, waiting for them."""
+        core = self.core
+        while core.spaces is None or (core.mode == "local" and core.local is None):
+            found = self._retry(self._look, deadline, None)
+            if found:
+                return
+            if time.monotonic() > deadline:
+                raise core.unavailable()
+            time.sleep(0.05)
+
+    def _look(self) -> bool:
+        core, streams = self.core, self.core.streams
+        if core.mode == "local":
+            return core.take_policy(self.redis.hgetall(core.policy_key))
+        if core.mode == "direct":
+            models = [core.model or ""]
+        else:
+            members = self.redis.zrangebyscore(streams.registry, time.time() - LIVE_MAX_AGE, "+inf")
+            models = [m.decode() for m in members]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for cid in models:
+                pipe.hget(streams.model_key(cid, "info"), "spaces")
+            return core.take_spaces(dict(zip(models, pipe.execute(), strict=True))) is not None
+
+    def _retry(self, call: Callable[[], T], deadline: float, waiting: Ticket | str | None) -> T:
+        """``call`` until it succeeds, riding out outages until ``deadline``."""
+        failures = 0
+        while True:
+            try:
+                return call()
+            except redis.RedisError as exc:
+                if not is_outage(exc):
+                    raise
+                failures += 1
+                if time.monotonic() + self._backoff.compute(failures) > deadline:
+                    raise self._gave_up(waiting, exc) from exc
+                time.sleep(self._backoff.compute(failures))
+
+    def _gave_up(self, waiting: Ticket | str | None, exc: BaseException) -> ActionTimeout:
+        if isinstance(waiting, Ticket) and waiting.waiting:
+            return self.core.timed_out(waiting, exc)
+        env = f" for {waiting!r}" if isinstance(waiting, str) else ""
+        return ActionTimeout(
+            f"Redis unavailable{env} for {self.core.timeout}s: {exc}",
+            waiting if isinstance(waiting, str) else None,
+        )

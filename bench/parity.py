@@ -5,16 +5,21 @@ pi/vf [16, 16], gamma 0.99, gae_lambda 1, ent_coef 0, vf_coef 0.5, max_grad_norm
 number of environments, train in rounds of the same number of environment steps and are evaluated
 after each round on 20 deterministic episodes; "solved" is a mean evaluation return of at least 475.
 The streams side is one model worker, the aggregator and one environment runner, as separate
-processes on a private redis-server (``worker.control.demo.train_swarm``).
+processes on a private redis-server (``worker.control.demo.train_swarm``), once per client mode
+(``--modes``): the runner acts through the aggregator (``ensemble``), asks the model itself
+(``direct``), or acts with a local copy of its policy and streams the steps to it (``local``).
+Each mode passes when its median environment steps to solve are at most 1.5x SB3's.
 
-    python -m bench.parity [--seeds 0 1 2] [--n-envs 8] [--steps-per-round 10000]
+    python -m bench.parity [--seeds 0 1 2] [--steps-per-round 10000] [--modes ensemble direct local]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
+from collections.abc import Callable
 
 import gymnasium as gym
 import torch
@@ -70,9 +75,15 @@ def sb3_curve(seed: int, n_envs: int, steps_per_round: int, max_rounds: int) -> 
     return curve
 
 
-def streams_curve(seed: int, n_envs: int, steps_per_round: int, max_rounds: int) -> list[RoundResult]:
+BOUND = 1.5  # the most median environment steps a mode may need, as a multiple of SB3's
+
+
+def streams_curve(
+    seed: int, n_envs: int, steps_per_round: int, max_rounds: int, mode: str = "ensemble"
+) -> list[RoundResult]:
     settings = DemoSettings(
         models=1,
+        mode=mode,
         evolve=False,
         seed=seed,
         n_envs=n_envs,
@@ -98,7 +109,8 @@ def plot(curves: list[tuple[str, int, list[RoundResult]]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    colors = {"SB3 A2C in-process": "tab:gray", "swarm via Redis Streams": "tab:orange"}
+    palette = iter(["tab:orange", "tab:blue", "tab:green", "tab:red"])
+    colors = {name: "tab:gray" if name.startswith("SB3") else next(palette) for name, _, _ in curves}
     for name, seed, curve in curves:
         label = name if seed == curves[0][1] else None
         steps, returns = [p.train_steps for p in curve], [p.eval_return for p in curve]
@@ -120,13 +132,16 @@ def main() -> None:
     parser.add_argument("--n-envs", type=int, default=8)
     parser.add_argument("--steps-per-round", type=int, default=10_000)
     parser.add_argument("--max-rounds", type=int, default=30)
-    parser.add_argument("--plot", default="parity.png", help="evaluation curves of both systems, every seed")
+    parser.add_argument("--modes", nargs="+", default=["ensemble", "direct", "local"])
+    parser.add_argument("--plot", default="parity.png", help="evaluation curves of every system, every seed")
     args = parser.parse_args()
     logs.configure("warning")
 
+    systems: list[tuple[str, Callable[..., list[RoundResult]]]] = [("SB3 A2C in-process", sb3_curve)]
+    systems += [(f"streams, {mode}", functools.partial(streams_curve, mode=mode)) for mode in args.modes]
     rows, curves = [], []
     for seed in args.seeds:
-        for name, fn in (("SB3 A2C in-process", sb3_curve), ("swarm via Redis Streams", streams_curve)):
+        for name, fn in systems:
             curve = fn(seed, args.n_envs, args.steps_per_round, args.max_rounds)
             curves.append((name, seed, curve))
             solved, steps, train_s, total_s = summary(curve)
@@ -145,7 +160,7 @@ def main() -> None:
     print("|---|---:|:---:|---:|---:|---:|")
     for name, seed, solved, steps, train_s, total_s in rows:
         print(f"| {name} | {seed} | {'yes' if solved else 'no'} | {steps} | {train_s:.1f} | {total_s:.1f} |")
-    for name in ("SB3 A2C in-process", "swarm via Redis Streams"):
+    for name, _ in systems:
         mine = [r for r in rows if r[0] == name]
         print(
             f"| **{name}, median** | | {sum(r[2] for r in mine)}/{len(mine)} "
@@ -155,12 +170,16 @@ def main() -> None:
     plot(curves, args.plot)
     print(f"\ncurves: {args.plot}")
     sb3 = [r for r in rows if r[0].startswith("SB3")]
-    ours = [r for r in rows if r[0].startswith("swarm")]
-    step_ratio = statistics.median(r[3] for r in ours) / statistics.median(r[3] for r in sb3)
-    time_ratio = statistics.median(r[4] for r in ours) / statistics.median(r[4] for r in sb3)
-    print(
-        f"\nmedian env steps, swarm / SB3: {step_ratio:.2f}x; median training wall-clock: {time_ratio:.2f}x"
-    )
+    print()
+    for name, _ in systems[1:]:
+        ours = [r for r in rows if r[0] == name]
+        step_ratio = statistics.median(r[3] for r in ours) / statistics.median(r[3] for r in sb3)
+        time_ratio = statistics.median(r[4] for r in ours) / statistics.median(r[4] for r in sb3)
+        verdict = "within" if step_ratio <= BOUND else "OVER"
+        print(
+            f"{name}: median env steps / SB3's {step_ratio:.2f}x ({verdict} the {BOUND}x bound);"
+            f" median training wall-clock {time_ratio:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -289,12 +289,32 @@ def test_forgetting_depends_on_the_input_only(real_redis, settings: ModelSetting
 def test_a_memory_round_trips_with_its_format() -> None:
     obs, log_probs = np.array(OBS, "<f4"), np.log(np.full(2, 0.5, "<f4"))
     rollout = [Transition(obs, 1, 1.0, True, 0.4, -0.7)]
-    memory = EnvMemory(obs, 0.5, log_probs, False, False, 1234, rollout)
+    memory = EnvMemory(obs, 0.5, log_probs, False, False, 1234, rollout, step=17)
     blob = memory.pack()
-    assert msgpack.unpackb(blob)[0] == MEMORY_FORMAT
+    assert msgpack.unpackb(blob)[0] == MEMORY_FORMAT == 2
     back = EnvMemory.unpack(blob)
     assert back.seen_ms == 1234 and back.value == 0.5 and back.rollout[0].log_prob == -0.7
+    assert back.step == 17
     np.testing.assert_array_equal(back.rollout[0].obs, obs)
+
+
+def test_a_memory_of_format_1_still_loads(real_redis, settings: ModelSettings) -> None:
+    """Written before STEP existed: its last step is unknown, so the next one is never a repeat."""
+    obs = np.array(OBS, "<f4")
+    row = [1, 1.0, True, 0.4, -0.7]
+    old = [1, obs.tobytes(), [4], 0.5, np.log(np.full(2, 0.5, "<f4")).tobytes(), False, False, 1234]
+    ModelWorker(settings, real_redis).start()
+    real_redis.hset("rl:model:m1:memory", "e", msgpack.packb([*old, obs.tobytes(), [row]]))
+    worker = ModelWorker(settings, real_redis)
+    worker.start()
+    memory = worker.memories["e"]
+    assert memory.step is None and memory.seen_ms == 1234 and memory.rollout[0].action == 1
+    step = {"OBSERVATION": OBS, "ENV_ID": "e", "REWARD": 1.0, "ACTION": 0, "STEP": 0}
+    xadd(real_redis, "rl:observation", step, entry_id="2000-0")  # 0.8 s after its last step
+    drain(worker)
+    assert worker.counters.transitions == 1 and len(worker.memories["e"].rollout) == 2
+    assert worker.memories["e"].step == 0
+    assert msgpack.unpackb(real_redis.hget("rl:model:m1:memory", "e"))[0] == 2  # written anew as format 2
 
 
 def test_a_reward_that_overflows_the_returns_leaves_the_weights_alone(real_redis, settings) -> None:

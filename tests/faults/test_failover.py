@@ -58,7 +58,7 @@ def the_loop(url: str, tmp_path: Path) -> Iterator[list[Incarnation]]:
     commands = {
         "model": worker_command(url, "m1", "--lease-ttl", "1"),
         "aggregator": command("aggregator"),
-        "env": command("env", "--n-envs", "2", "--runner-id", "r", "--seed", "0"),
+        "env": command("env", "--n-envs", "2", "--runner-id", "r", "--seed", "0", "--no-trim-replies"),
     }
     processes: list[Incarnation] = []
     try:
@@ -105,7 +105,7 @@ def test_the_loop_started_on_a_replica_runs_once_it_is_promoted(tmp_path: Path) 
             wait_for_loop(client, STREAMS, ["r"], since=0)
             report = run(client, "after-failover", processes)
             assert report["STEPS"] == 10 and "ERROR" not in report, report
-            answered = {m["OBS_ID"] for _, m in read(client, STREAMS.action)}
+            answered = {m["OBS_ID"] for _, m in read(client, STREAMS.replies("r"))}
             assert {i for i, _ in read(client, STREAMS.observation)} == answered
 
 

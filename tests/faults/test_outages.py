@@ -75,8 +75,9 @@ def unanswered(client: redis.Redis, models: list[str], once: bool = False, decid
     if once:
         assert set(got) == {(m, i) for m in models for i in observed} and max(got.values()) == 1
         assert all(client.xpending(STREAMS.observation, Streams.group(m))["pending"] == 0 for m in models)
-    if decided:
-        actions = Counter(m["OBS_ID"] for _, m in read(client, STREAMS.action))
+    if decided:  # a runner r answered on its own stream (it must keep it), anyone else on the shared one
+        replies = [*read(client, STREAMS.action), *read(client, STREAMS.replies("r"))]
+        actions = Counter(m["OBS_ID"] for _, m in replies)
         assert set(actions) == set(observed) and max(actions.values()) == 1
         assert client.xpending(STREAMS.logits, "aggregator")["pending"] == 0
     return sum(not got[(m, i)] for m in models for i in observed)
@@ -360,7 +361,9 @@ def test_the_loop_rides_out_redis_running_out_of_memory(tmp_path: Path) -> None:
         client = redis.Redis.from_url(url)
         commands = {m: worker_command(url, m, "--seed", str(k)) for k, m in enumerate(models)}
         commands["aggregator"] = command(url, "aggregator", "--seed", "0")
-        commands["env"] = command(url, "env", "--n-envs", "4", "--runner-id", "r", "--seed", "0")
+        commands["env"] = command(
+            url, "env", "--n-envs", "4", "--runner-id", "r", "--seed", "0", "--no-trim-replies"
+        )
         with running(commands, tmp_path) as (processes, check):
             wait_for_models(client, STREAMS, 2)
             wait_for_loop(client, STREAMS, ["r"], since=0)
@@ -370,7 +373,7 @@ def test_the_loop_rides_out_redis_running_out_of_memory(tmp_path: Path) -> None:
             low = client.info("memory")["used_memory"] - 256 * 1024
             for delay, limit in ((0.2, low), (3.2, 0)):
                 threading.Timer(delay, client.config_set, ("maxmemory", limit)).start()
-            reports += [run_episodes(connect(url), STREAMS, steps=40, timeout=120) for _ in range(4)]
+            reports += [run_episodes(connect(url), STREAMS, steps=400, timeout=120) for _ in range(4)]
             until(lambda: not unanswered(client, models), "every reply", check)
         assert not unanswered(client, models, once=True, decided=True)
         runs = [m for _, m in read(client, STREAMS.status) if m.get("EVENT") == "run"]

@@ -194,6 +194,9 @@ def test_least_privilege_user(private_redis) -> None:
             ids.append(xadd(admin, "rl:observation", message))
         xadd(admin, "rl:observation", {"OBSERVATION": [1, 2]})  # dead-lettered
         wait_for(lambda: admin.xlen("rl:logits") >= 3 + len(ids) and admin.xlen("rl:dead"), proc, "answers")
+        for reply_to in ({"REPLY_TO": "c"}, {}):  # a client's own reply stream, and the shared one
+            xadd(admin, "rl:model:m1:observation", {"OBSERVATION": OBS, "ENV_ID": "direct", **reply_to})
+        wait_for(lambda: admin.exists("rl:action:c", "rl:action") == 2, proc, "the inbox's actions")
         get = xadd(admin, "rl:evolution", {"CMD": "GET"})  # (after: GET pauses training)
         wait_for(lambda: admin.xlen("rl:weights") >= 1, proc, "the GET reply")
         [(_, reply)] = read(admin, "rl:weights")
@@ -208,7 +211,8 @@ def test_least_privilege_user(private_redis) -> None:
     answered = [r["OBS_ID"] for _, r in read(admin, "rl:logits")]
     assert sorted(answered) == sorted(orphans + ids)
     assert admin.xlen("rl:dead") == 1
-    assert admin.hkeys("rl:model:m1:memory") == [b"e"]
+    assert sorted(admin.hkeys("rl:model:m1:memory")) == [b"direct", b"e"]
+    assert admin.pttl("rl:action:c") > 0 and admin.hget("rl:model:m1:policy", "format") == b"1"
     assert read(admin, "rl:weights")[1][1]["ACK"] == "SET"
     assert admin.zscore("rl:models", "m1") is None and not admin.exists("rl:model:m1:lease")
     assert admin.xpending("rl:observation", "model:m1")["pending"] == 0
@@ -233,7 +237,7 @@ def test_least_privilege_user(private_redis) -> None:
         ("PUBLISH", "rl:news", "x"),
         ("GET", "other:key"),
         ("SET", "other:key", "x"),
-        ("XADD", "rl:action", "*", "ACTION", "1"),  # another component's stream
+        ("XADD", "rl:status", "*", "EVENT", "run"),  # another component's stream
         ("DEL", "rl:control"),
         ("HSET", "rl:contribution", "m1", "1"),
         ("XTRIM", "rl:observation", "MAXLEN", "0"),  # a command it has no use for, on its own key
@@ -291,6 +295,31 @@ def test_a_user_short_of_a_command_is_refused_before_any_write(private_redis, mi
     assert not admin.exists("rl:model:m1:checkpoint") and not admin.exists("rl:logits")
     assert admin.hgetall("rl:model:m1:memory") == {b"old": b"m"}
     assert admin.xpending("rl:observation", "model:m1")["pending"] == 1
+
+
+def test_a_user_that_may_not_expire_reply_streams_is_refused_before_any_write(private_redis) -> None:
+    """A client's reply stream is written and then expired: a user allowed the one but not the other
+    (here: PEXPIRE on its own keys only, by a selector) is refused before the commit writes anything."""
+    url, admin = private_redis
+    rules = [word for word in acl_setuser() if word != "+pexpire"] + ["(~rl:model:* +pexpire)"]
+    admin.execute_command(*rules)
+    user = redis.Redis.from_url(f"redis://rl-model:{PASSWORD}@127.0.0.1:{port_of(url)}/0")
+    inbox = "rl:model:m1:observation"
+    admin.xgroup_create(inbox, "model:m1", id="0", mkstream=True)
+    entry = admin.xadd(inbox, {"OBSERVATION": "[0,0,0,0]", "REPLY_TO": "c"}).decode()
+    user.xreadgroup("model:m1", "me", {inbox: ">"})
+    store = ModelStore(user, Streams("rl"), "m1", consumer="me")
+    assert store.acquire("me", 5.0) is None
+    batch = Batch(
+        Counters(),
+        checkpoint={"policy": b"p"},
+        messages=[("rl:action:c", {"OBS_ID": entry})],
+        acks={inbox: [entry]},
+    )
+    with pytest.raises(CommitRefused, match="may not run PEXPIRE on rl:action:c"):
+        store.commit(batch)
+    assert admin.exists("rl:model:m1:checkpoint", "rl:action:c") == 0
+    assert admin.xpending(inbox, "model:m1")["pending"] == 1
 
 
 # --------------------------------------------------------------------------- TLS

@@ -176,13 +176,15 @@ class AsyncPolicyClient:
 
         :raises ActionTimeout: past the ticket's deadline
         """
+        if ticket.done:  # local mode: acted in-process; no reader task, no yield to the loop
+            return
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read())
         async with self._arrived:
             try:
                 left = ticket.deadline - time.monotonic()
                 await asyncio.wait_for(self._arrived.wait_for(lambda: ticket.done), max(left, 0))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 raise self.core.timed_out(ticket, self._outage) from None
 
     async def _read(self) -> None:

@@ -33,7 +33,7 @@ class LocalPolicy:
         self.policy = make_policy(settings)
 
     def load(self, weights: bytes) -> None:
-        load_weight_vector(self.policy, np.frombuffer(weights, dtype="<f4"))
+        load_weight_vector(self.policy, np.frombuffer(weights, dtype="<f4").copy())
 
     def act(self, observations: np.ndarray, deterministic: bool) -> list[int]:
         """One action per row: a sample from the policy, or its most likely action."""

@@ -10,11 +10,13 @@ import redis
 from redis.backoff import EqualJitterBackoff
 
 from worker.client.core import LIVE_MAX_AGE, PUBLISH, ActionTimeout, ClientCore, Ticket
+from worker.common import logs
 from worker.common.connections import connect, last_id
-from worker.common.serve import is_outage
+from worker.common.serve import Outages, is_outage
 from worker.protocol import Spaces
 
 T = TypeVar("T")
+log = logs.get(__name__)
 
 
 class PolicyClient:
@@ -50,6 +52,7 @@ class PolicyClient:
     :param reply_ttl: seconds this client's key lives after its last step
     :param spaces: the spaces, when known (the models' are read from Redis otherwise)
     :param block_ms: longest single blocking read
+    :param outages: where outages are counted and logged (default: the client's own)
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class PolicyClient:
         reply_ttl: float = 3600.0,
         spaces: Spaces | None = None,
         block_ms: int = 1000,
+        outages: Outages | None = None,
     ) -> None:
         self.core = ClientCore(
             prefix, timeout, mode, model, client_id, encoding, max_lag, shared_replies, trim_replies,
@@ -79,7 +83,10 @@ class PolicyClient:
         self._owned = isinstance(url, str)
         self.redis = connect(url) if isinstance(url, str) else url
         self._publish = self.redis.register_script(PUBLISH)
-        self._backoff = EqualJitterBackoff(cap=1.0, base=0.02)
+        if outages is None:
+            outages = Outages(self.redis, log, client_id=self.core.client_id)
+            outages.backoff = EqualJitterBackoff(cap=1.0, base=0.02)  # within an action's timeout
+        self.outages = outages
 
     # ----------------------------------------------------------------- the API
 
@@ -280,18 +287,20 @@ class PolicyClient:
             return core.take_spaces(dict(zip(models, pipe.execute(), strict=True))) is not None
 
     def _retry(self, call: Callable[[], T], deadline: float, waiting: Ticket | str | None) -> T:
-        """``call`` until it succeeds, riding out outages until ``deadline``."""
-        failures = 0
+        """``call`` until it succeeds, riding out outages (logged once each) until ``deadline``."""
         while True:
             try:
-                return call()
+                result = call()
             except redis.RedisError as exc:
                 if not is_outage(exc):
                     raise
-                failures += 1
-                if time.monotonic() + self._backoff.compute(failures) > deadline:
+                if time.monotonic() > deadline:
                     raise self._gave_up(waiting, exc) from exc
-                time.sleep(self._backoff.compute(failures))
+                self.outages.failed(exc)
+                continue
+            if self.outages.failures:
+                self.outages.ok()
+            return result
 
     def _gave_up(self, waiting: Ticket | str | None, exc: BaseException) -> ActionTimeout:
         if isinstance(waiting, Ticket) and waiting.waiting:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 
@@ -49,6 +50,11 @@ class DemoSettings(TrainSettings):
     rounds: int = Field(40, gt=0, description="budget: training rounds")
     target: float | None = Field(475.0, description="mean evaluation return that counts as solved")
     plot: str | None = Field("demo-curve.png", description="where to write the learning-curve PNG")
+    mode: Literal["ensemble", "direct", "local"] = Field(
+        "ensemble",
+        description="how the runner acts: through the aggregator, asking the first model directly,"
+        " or with a local copy of its policy",
+    )
 
 
 @contextlib.contextmanager
@@ -126,7 +132,9 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
                 )
             swarm.start("aggregator", "aggregator")
             env_seed = [] if settings.seed is None else ["--seed", str(settings.seed)]
-            swarm.start("env", "env", "--n-envs", str(settings.n_envs), "--runner-id", "demo", *env_seed)
+            mode = ["--mode", settings.mode] + (["--model", "demo-0"] if settings.mode != "ensemble" else [])
+            runner = ["--n-envs", str(settings.n_envs), "--runner-id", "demo", *mode, *env_seed]
+            swarm.start("env", "env", *runner)
             print(f"logs of the swarm: {logdir}", flush=True)
             wait_for_models(client, streams, settings.models)
             wait_for_loop(client, streams, ["demo"], since=started)

@@ -21,15 +21,17 @@ class ForgetSettings(CommonSettings):
 
 
 def forget(client: redis.Redis, streams: Streams, component_id: str) -> list[str]:
-    """Delete a model's consumer groups, state (checkpoint, memory, lease, info), registry entry and
-    contribution; what was there to delete. Its replies on the output streams stay."""
+    """Delete a model's consumer groups, state (checkpoint, memory, lease, info), inbox, published
+    policy, registry entry and contribution; what was there to delete. Its replies on the output
+    streams stay."""
     removed = []
     group = Streams.group(component_id)
     for stream in (streams.observation, streams.evolution):
         with contextlib.suppress(redis.ResponseError):  # no such stream
             if client.xgroup_destroy(stream, group):
                 removed.append(f"group {group} of {stream}")
-    keys = [streams.model_key(component_id, part) for part in ("checkpoint", "memory", "lease", "info")]
+    parts = ("checkpoint", "memory", "lease", "info", "observation", "policy")
+    keys = [streams.model_key(component_id, part) for part in parts]
     removed += [key for key in keys if client.delete(key)]
     if client.zrem(streams.registry, component_id):
         removed.append(f"{component_id} in {streams.registry}")

@@ -146,6 +146,7 @@ class EnvRunner(Service):
             trim_replies=s.trim_replies,
             stream_maxlen=s.stream_maxlen,
             spaces=None if s.mode == "local" else Spaces(tuple(obs_space.shape), self.n_actions),
+            outages=self.outages,  # counted and logged as the runner's own
         )
 
     # ----------------------------------------------------------------- control loop

@@ -6,5 +6,7 @@
   vector and state codec);
 - its state in Redis: ``store.py`` with ``commit.lua`` (the one transaction per batch), and
   ``reclaim.py`` (entries a dead consumer left pending);
+- ``clients.py``: the actions answering the model's inbox, and the weights it publishes for local
+  clients;
 - ``settings.py``: the A2C hyper-parameters and the worker's options.
 """

@@ -36,7 +36,7 @@ class Counters:
     """Monotonic counters, committed with the state they describe (so they are exact after a crash)."""
 
     version: int = 0  # commits
-    observations: int = 0  # observations answered with logits
+    observations: int = 0  # valid observations handled (answered unless ANSWER false)
     transitions: int = 0  # transitions recorded into rollouts
     dropped: int = 0  # transitions of interrupted rollouts thrown away
     segments: int = 0  # n_steps segments trained on
@@ -46,6 +46,7 @@ class Counters:
     commands: int = 0  # evolution commands applied
     dead: int = 0  # entries dead-lettered
     forgotten: int = 0  # environments forgotten after memory_ttl seconds without an observation
+    repeats: int = 0  # observations of a step already learned from (answered, not learned again)
 
 
 @dataclass
@@ -97,6 +98,11 @@ class Learner:
     def step(self, run: list[Observation]) -> tuple[list[list[float]], bool]:
         """Answer ``run`` with logits, record its transitions and train on the segments it completed.
 
+        A repeat (:func:`~worker.model.memory.is_repeat`) of its environment's last step is answered
+        with that step's own distribution (the log-probabilities its answer had); a repeat of an
+        older step with its logits under the current weights.
+
+        :param run: validated observations, in stream order
         :return: the logits of each observation, and whether the weights changed
         """
         if not run:
@@ -104,6 +110,8 @@ class Learner:
         terminal = [o.terminal_observation for o in run if o.truncated]
         logits, log_probs, values = self.evaluate(np.stack([o.observation for o in run] + terminal))
         s, segments, next_terminal = self.settings, [], len(run)
+        latest: dict[str, int] = {}  # env -> index in run of its last observation that was not a repeat
+        echoes: dict[int, int | np.ndarray] = {}  # repeat index -> its original's index, or log-probs
         for i, obs in enumerate(run):
             terminal_value = None
             if obs.truncated:
@@ -121,6 +129,13 @@ class Learner:
             )
             self.memories[obs.env_id] = memory
             self.counters.observations += 1
+            if result.repeat:
+                self.counters.repeats += 1
+                if obs.step == memory.step:
+                    # An original in this run is answered below, maybe after an update: echo that.
+                    echoes[i] = latest[obs.env_id] if obs.env_id in latest else memory.log_probs.copy()
+                continue
+            latest[obs.env_id] = i
             self.counters.transitions += result.transition
             self.counters.dropped += result.dropped
             self.counters.forgotten += result.forgotten
@@ -131,10 +146,13 @@ class Learner:
             # SB3 acts on the newest observations with the updated policy; so do we. The values of
             # the segments' last observations above stay those of the old policy, as in SB3.
             logits, log_probs, values = self.evaluate(np.stack([o.observation for o in run]))
-            for i in {o.env_id: i for i, o in enumerate(run)}.values():
-                memory = self.memories[run[i].env_id]
+            for env, i in latest.items():
+                memory = self.memories[env]
                 memory.value, memory.log_probs = float(values[i]), log_probs[i]
-        return logits[: len(run)].tolist(), trained
+        answers = logits[: len(run)]
+        for i, echo in echoes.items():
+            answers[i] = answers[echo] if isinstance(echo, int) else echo
+        return answers.tolist(), trained
 
     def train(self, segments: list[Segment]) -> bool:
         """One A2C update over ``segments`` unless training is paused; True if the weights changed."""

@@ -4,8 +4,9 @@ One observation's path: ``XREADGROUP`` (:meth:`ModelWorker.poll`) ->
 :func:`~worker.protocol.decode_entry` and :func:`~worker.protocol.parse_observation` -> one batched
 forward (:meth:`Learner.step <worker.model.learner.Learner.step>`) ->
 :func:`~worker.model.memory.observe` turns it into a transition -> :mod:`worker.model.a2c` trains on
-the completed segments -> :meth:`~worker.model.store.ModelStore.commit` publishes the logits and
-acknowledges the entry, together with the new memory and checkpoint.
+the completed segments -> :meth:`~worker.model.store.ModelStore.commit` publishes the logits (an
+action, for an observation of the model's inbox: :mod:`worker.model.clients`) and acknowledges the
+entry, together with the new memory and checkpoint (and the weights local clients act with).
 
 Its store keeps a copy of what it last committed (:attr:`ModelStore.committed
 <worker.model.store.ModelStore.committed>`). Every start
@@ -23,6 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import redis
 import torch
 from stable_baselines3.common.buffers import RolloutBuffer
@@ -31,20 +33,20 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from worker.common import logs
 from worker.common.connections import ensure_group, text
 from worker.common.serve import Service
-from worker.model import reclaim
+from worker.model import clients, reclaim
 from worker.model.learner import Counters, Learner
-from worker.model.memory import FORMAT_HINT, EnvMemory, FormatError
+from worker.model.memory import FORMAT_HINT, MAX_STEP, EnvMemory, FormatError
 from worker.model.settings import ModelSettings
 from worker.model.store import Batch, LostLease, ModelStore, digest
 from worker.protocol import (
     Command,
     Observation,
     ProtocolError,
+    Spaces,
     Streams,
     dead_letter,
     decode_entry,
     encode_entry,
-    logits_reply,
     parse_command,
     parse_observation,
     parse_weight_vector,
@@ -77,6 +79,7 @@ class Outbox:
     touched_envs: set[str] = field(default_factory=set)
     forgotten_envs: list[str] = field(default_factory=list)
     weights_changed: bool = False
+    weights_loaded: bool = False  # by a SET
 
 
 class ModelWorker(Service):
@@ -97,12 +100,16 @@ class ModelWorker(Service):
             )
         self.consumer = settings.consumer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.group = Streams.group(self.component_id)
-        self.store = ModelStore(
-            client, self.streams, self.component_id, self.consumer, settings.lease_ttl, settings.trimming
-        )
+        store_settings = (settings.lease_ttl, settings.trimming, settings.reply_ttl)
+        self.store = ModelStore(client, self.streams, self.component_id, self.consumer, *store_settings)
         torch.set_num_threads(settings.torch_threads)
         self.learner = Learner(settings)
         self._spaces = (self.learner.obs_shape, self.learner.n_actions)  # what observations must fit
+        self.inbox = self.streams.inbox(self.component_id)
+        # Input streams: observations (shared, then this model's own) and commands.
+        self._inputs = (self.streams.observation, self.inbox, self.streams.evolution)
+        self.publisher = clients.Publisher(settings, self.learner, self.inbox)
+        self.rng = np.random.default_rng(settings.seed)  # the actions sampled for the inbox
         self._started = False
         self._pending_first = True
         self._last_heartbeat = 0.0
@@ -115,7 +122,7 @@ class ModelWorker(Service):
     def start(self) -> None:
         """Become the last commit: make the groups, take the lease, load (or write back) the state,
         claim what a predecessor left pending. Called again after every outage or lost lease."""
-        for stream in (self.streams.observation, self.streams.evolution):
+        for stream in self._inputs:
             after = self._acked_upto.get(stream, "$")
             if ensure_group(self.redis, stream, self.group, after) and self._started:
                 log.warning("consumer group was gone: made again after the last entry done", stream=stream)
@@ -162,6 +169,7 @@ class ModelWorker(Service):
         """Make local state equal to the last commit, writing it back if Redis lost it (or write the
         first checkpoint); :attr:`restored` tells the version and digests of the state as loaded."""
         stored = self.store.last_commit()
+        self.publisher.restart()
         try:
             restored = self.learner.restore(stored)
         except FormatError as exc:
@@ -182,7 +190,7 @@ class ModelWorker(Service):
         Likely killers go to the dead stream, suspects are read one at a time (:func:`reclaim.triage`).
         """
         claimed, doomed = 0, Outbox()
-        for stream in (self.streams.observation, self.streams.evolution):
+        for stream in self._inputs:
             entries = reclaim.claim(self.redis, stream, self.group, self.consumer, min_idle_ms)
             claimed += len(entries)
             buried, suspects = reclaim.triage(entries, self.settings.max_deliveries)
@@ -216,6 +224,7 @@ class ModelWorker(Service):
                     "paused": int(self.learner.paused()),
                     "envs": len(self.memories),
                     "reconnects": self.outages.reconnects,
+                    "spaces": Spaces(*self._spaces).to_json(),
                 }
             )
             if not force:
@@ -246,11 +255,11 @@ class ModelWorker(Service):
         return len(entries)
 
     def _read(self, ids: str, block: int | None, count: int | None = None) -> list[Entry]:
-        """XREADGROUP both input streams; ``0`` re-reads our pending entries, ``>`` new ones."""
+        """XREADGROUP the input streams; ``0`` re-reads our pending entries, ``>`` new ones."""
         reply = self.redis.xreadgroup(
             self.group,
             self.consumer,
-            {self.streams.observation: ids, self.streams.evolution: ids},
+            dict.fromkeys(self._inputs, ids),
             count=count or self.settings.batch_size,
             block=block,
         )
@@ -259,7 +268,7 @@ class ModelWorker(Service):
             name = text(stream)
             for entry_id, fields in items:
                 entries.append((name, text(entry_id), fields or {}))  # None if the entry was trimmed
-        # One order across both streams, so a command applies between the observations around it.
+        # One order across the streams, so a command applies between the observations around it.
         entries.sort(key=lambda entry: _order(entry, self.streams.evolution))
         return entries
 
@@ -283,14 +292,17 @@ class ModelWorker(Service):
 
     def _process(self, entries: list[Entry]) -> Outbox:
         outbox = Outbox()
-        run: list[Observation] = []
+        run: list[tuple[Observation, bool]] = []  # each observation, and whether it is the inbox's
         for entry in entries:
             stream, entry_id, fields = entry
             outbox.acks[stream].append(entry_id)
             try:
                 message, encoding = decode_entry(fields, self.settings.max_entry_bytes)
-                if stream == self.streams.observation:
-                    run.append(parse_observation(message, entry_id, encoding, *self._spaces))
+                if stream != self.streams.evolution:
+                    obs = parse_observation(message, entry_id, encoding, *self._spaces)
+                    if obs.step is not None and obs.step > MAX_STEP:  # the memory could not hold it
+                        raise ProtocolError(f"STEP must be at most {MAX_STEP}, got a larger integer")
+                    run.append((obs, stream == self.inbox))
                     continue
                 command = parse_command(message, entry_id, encoding)
                 self._step(run, outbox)  # observations before a command see the weights before it
@@ -299,19 +311,22 @@ class ModelWorker(Service):
             except ProtocolError as exc:
                 self._reject(outbox, entry, str(exc))
         self._step(run, outbox)
-        # The observation stream's own time (its IDs only grow; the evolution stream's need not agree).
-        if observed := [entry[1] for entry in entries if entry[0] == self.streams.observation]:
-            outbox.forgotten_envs = self.learner.forget_silent(split_id(observed[-1])[0])
+        # The observation streams' own time (the evolution stream's need not agree with it).
+        observed = [split_id(e[1])[0] for e in entries if e[0] != self.streams.evolution]
+        if observed:
+            outbox.forgotten_envs = self.learner.forget_silent(max(observed))
         return outbox
 
-    def _step(self, run: list[Observation], outbox: Outbox) -> None:
-        """Let the learner answer and learn from a run of observations; queue the replies."""
-        logits, trained = self.learner.step(run)
+    def _step(self, run: list[tuple[Observation, bool]], outbox: Outbox) -> None:
+        """Let the learner answer and learn from a run of observations (each with whether it came
+        from the inbox, which is answered with an action); queue the replies."""
+        logits, trained = self.learner.step([obs for obs, _ in run])
         outbox.weights_changed |= trained
-        for obs, row in zip(run, logits, strict=True):
+        for (obs, from_inbox), row in zip(run, logits, strict=True):
             outbox.touched_envs.add(obs.env_id)
-            reply = logits_reply(obs, row, self.component_id)
-            outbox.messages.append((self.streams.logits, encode_entry(reply, obs.encoding)))
+            reply = clients.answer(obs, row, from_inbox, self.component_id, self.streams, self.rng)
+            if reply is not None:
+                outbox.messages.append(reply)
 
     def _command(self, command: Command, outbox: Outbox) -> None:
         """GET publishes the weights and pauses training; SET (naming this model) loads and resumes."""
@@ -325,7 +340,7 @@ class ModelWorker(Service):
             self.learner.load_weights(
                 parse_weight_vector(command.weights[self.component_id], self.learner.n_params)
             )
-            outbox.weights_changed = True
+            outbox.weights_changed = outbox.weights_loaded = True
             reply = set_ack(command, self.component_id)
         self.counters.commands += 1
         outbox.messages.append((self.streams.weights, encode_entry(reply, command.encoding)))
@@ -355,8 +370,10 @@ class ModelWorker(Service):
             messages=outbox.messages,
             acks=outbox.acks,
             forget=outbox.forgotten_envs,
+            published=self.publisher.fields(outbox.acks, outbox.weights_loaded),
         )
         learner.counters.version = self.store.commit(batch)
+        self.publisher.committed(batch.published)
         for stream, ids in batch.acks.items():  # in stream order; a vanished group is made again after them
             if ids and split_id(ids[-1]) > split_id(self._acked_upto.get(stream, "0-0")):
                 self._acked_upto[stream] = ids[-1]

@@ -16,7 +16,9 @@ import numpy as np
 
 from worker.protocol import Observation, split_id
 
-MEMORY_FORMAT = 1  # the layout of a packed EnvMemory: its first item
+MEMORY_FORMAT = 2  # the layout of a packed EnvMemory: its first item
+READABLE_FORMATS = (1, MEMORY_FORMAT)  # format 1 had no ``step``: it unpacks with ``step`` None
+MAX_STEP = 2**63 - 1  # the largest STEP a memory holds (msgpack integers end at 64 bits)
 
 
 class FormatError(ValueError):
@@ -62,6 +64,7 @@ class EnvMemory:
     deterministic: bool
     seen_ms: int  # stream time (entry-ID milliseconds) of ``obs``: when this environment was last heard of
     rollout: list[Transition] = field(default_factory=list)
+    step: int | None = None  # the STEP of ``obs``, if it had one: a step up to it is a repeat
 
     def pack(self) -> bytes:
         r = self.rollout
@@ -77,6 +80,7 @@ class EnvMemory:
                 self.seen_ms,
                 b"".join(t.obs.astype("<f4").tobytes() for t in r),
                 [[t.action, t.reward, t.episode_start, t.value, t.log_prob] for t in r],
+                self.step,
             ],
             use_bin_type=True,
         )
@@ -85,9 +89,10 @@ class EnvMemory:
     def unpack(cls, blob: bytes) -> EnvMemory:
         fields = msgpack.unpackb(blob)
         found = fields[0] if isinstance(fields, list) and fields else None
-        if found != MEMORY_FORMAT:
+        if found not in READABLE_FORMATS or len(fields) != 10 + (found != 1):
             raise FormatError(f"an environment's memory has format {found}, this code reads {MEMORY_FORMAT}")
-        _, obs, shape, value, log_probs, start, deterministic, seen_ms, rollout_obs, rows = fields
+        _, obs, shape, value, log_probs, start, deterministic, seen_ms, rollout_obs, rows = fields[:10]
+        step = fields[10] if found != 1 else None
         obs_array = np.frombuffer(obs, "<f4").reshape(shape)
         obs_rows = np.frombuffer(rollout_obs, "<f4").reshape((len(rows), *shape))
         rollout = [Transition(o.copy(), *row) for o, row in zip(obs_rows, rows, strict=True)]
@@ -99,6 +104,7 @@ class EnvMemory:
             deterministic,
             seen_ms,
             rollout,
+            step,
         )
 
 
@@ -110,6 +116,7 @@ class StepResult:
     segment: Segment | None  # the transition completed a segment
     dropped: int  # transitions of an interrupted rollout that were thrown away
     forgotten: bool  # the memory was older than the TTL: the environment starts afresh
+    repeat: bool = False  # a step already seen: the memory was left as it was
 
 
 def observe(
@@ -130,7 +137,7 @@ def observe(
     :param log_probs: log pi(. | obs) under the current policy
     :param terminal_value: V(terminal observation) when the previous step was truncated
     :param ttl_ms: a memory older than this (by entry IDs) is forgotten, as if never seen
-    :return: the new memory and what happened
+    :return: the new memory and what happened; for a repeat (:func:`is_repeat`), ``memory`` itself
     """
     segment, recorded, dropped, forgotten = None, False, 0, False
     seen_ms = split_id(obs.entry_id)[0]
@@ -138,6 +145,8 @@ def observe(
         # Decided here, by the entry IDs alone, so that what is learned never depends on when a
         # sweep ran (batching, restarts): Learner.forget_silent only frees what never comes back.
         dropped, forgotten, memory = len(memory.rollout), True, None
+    if memory is not None and is_repeat(memory, obs):
+        return memory, StepResult(False, None, 0, False, repeat=True)
     rollout = memory.rollout if memory is not None else []
     usable = memory is not None and (train_deterministic or not memory.deterministic)
     if obs.reward is not None and usable:
@@ -167,5 +176,23 @@ def observe(
         dropped, rollout = len(rollout), []
     # An environment seen for the first time, or restarted without REWARD, starts an episode.
     episode_start = obs.done or obs.reward is None
-    new = EnvMemory(obs.observation, value, log_probs, episode_start, obs.deterministic, seen_ms, rollout)
+    new = EnvMemory(
+        obs.observation, value, log_probs, episode_start, obs.deterministic, seen_ms, rollout, obs.step
+    )
     return new, StepResult(recorded, segment, dropped, forgotten)
+
+
+def is_repeat(memory: EnvMemory, obs: Observation) -> bool:
+    """Whether ``obs`` reports a step this memory has already taken in: a client that resent a step
+    after losing its answer, or an entry added twice. Only a step with REWARD can be one: without,
+    it starts the environment's chain again, whatever its STEP.
+
+    :param memory: the environment's memory (not forgotten)
+    :param obs: the environment's new observation
+    """
+    return (
+        obs.reward is not None
+        and obs.step is not None
+        and memory.step is not None
+        and obs.step <= memory.step
+    )

@@ -4,6 +4,7 @@ and a pickle-free codec for its (and its optimizer's) state.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import gymnasium as gym
@@ -14,6 +15,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from worker.common.settings import SpacesError
 from worker.model.settings import A2CSettings
+from worker.protocol import Spaces
 
 ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
 
@@ -58,6 +60,38 @@ def make_policy(settings: A2CSettings) -> ActorCriticPolicy:
     )
     policy.set_training_mode(False)
     return policy
+
+
+def policy_spec(settings: A2CSettings, obs_shape: tuple[int, ...], n_actions: int) -> dict[str, Any]:
+    """What a client needs to build this model's policy (:func:`policy_from_spec`), as JSON-ready data.
+
+    :param settings: the model's settings (its network)
+    :param obs_shape: the observation shape of its spaces
+    :param n_actions: the number of actions of its spaces
+    """
+    return {
+        "spaces": json.loads(Spaces(tuple(obs_shape), n_actions).to_json()),
+        "net_arch": dict(settings.net_arch),
+        "activation_fn": settings.activation_fn,
+        "ortho_init": settings.ortho_init,
+    }
+
+
+def policy_from_spec(spec: dict[str, Any]) -> ActorCriticPolicy:
+    """A policy of the layout :func:`policy_spec` describes (fresh weights: load a vector into it).
+
+    :param spec: the ``spec`` a model publishes, parsed from JSON
+    """
+    spaces = Spaces.from_json(json.dumps(spec["spaces"]))
+    settings = A2CSettings.model_construct(  # no validation, no environment: exactly this network
+        gym_env="none",
+        obs_shape=list(spaces.obs_shape),
+        n_actions=spaces.n_actions,
+        net_arch=spec["net_arch"],
+        activation_fn=spec["activation_fn"],
+        ortho_init=spec["ortho_init"],
+    )
+    return make_policy(settings)
 
 
 def weights_as_vector(policy: torch.nn.Module) -> np.ndarray:

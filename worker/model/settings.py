@@ -82,10 +82,18 @@ class ModelSettings(CommonSettings, A2CSettings):
     stream_min_age_ms: int = Field(
         3_600_000, gt=0, description="entries older than this are trimmed from them (--trim minid)"
     )
+    publish_weights_every: int = Field(
+        1,
+        ge=0,
+        description="publish the weights for local clients (<prefix>:model:<id>:policy) every this many"
+        " updates, and after each SET; 0: never",
+    )
+    reply_ttl: float = Field(
+        3600.0, gt=0, description="seconds a client's reply stream lives after the last action written to it"
+    )
     torch_threads: int = Field(1, gt=0, description="torch intra-op threads (small nets run best on one)")
 
     @property
     def trimming(self) -> StreamTrim:
         """The trimming of every stream this worker writes (logits, weights, dead)."""
         return StreamTrim(self.trim, maxlen=self.stream_maxlen, min_age_ms=self.stream_min_age_ms)
-

@@ -8,6 +8,9 @@ Keys, all under ``<prefix>:model:<COMPONENT_ID>``:
 - ``:memory`` hash: one field per ENV_ID, that environment's :class:`~worker.model.memory.EnvMemory`
   (deleted once the environment has been silent for ``--memory-ttl`` seconds)
 - ``:lease`` string: the consumer allowed to commit; it expires when its worker dies
+- ``:policy`` hash: what local clients act with: ``format``, ``spec`` (JSON: spaces and network),
+  ``weights`` (little-endian float32), ``updates`` (of those weights), ``seen`` (the newest inbox
+  entry committed); written by the commits that change them
 
 Why one atomic commit per batch: the batch's replies, the memory it changed, the checkpoint it
 trained and the XACK of its entries must become visible together. A worker killed before the commit
@@ -75,6 +78,7 @@ class Batch:
     :param messages: (stream, fields) to XADD: replies, weights, dead letters
     :param acks: stream -> entry IDs this batch consumed
     :param forget: environments whose memory is deleted
+    :param published: fields of the policy hash to set (weights for local clients, ``seen``)
     """
 
     counters: Counters
@@ -84,6 +88,7 @@ class Batch:
     messages: list[tuple[str, Mapping]] = field(default_factory=list)
     acks: dict[str, list[str]] = field(default_factory=dict)
     forget: list[str] = field(default_factory=list)
+    published: dict[str, bytes | str] | None = None
 
 
 class ModelStore:
@@ -95,6 +100,8 @@ class ModelStore:
     :param consumer: the consumer (lease token) this store commits as
     :param lease_ttl: seconds the lease lives after each commit
     :param trim: how the streams a commit writes are trimmed
+    :param reply_ttl: seconds a client's reply stream (``<prefix>:action:<REPLY_TO>``) lives after
+        a commit wrote to it, so that the streams of clients gone away vanish
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class ModelStore:
         consumer: str = "",
         lease_ttl: float = 5.0,
         trim: StreamTrim | None = None,
+        reply_ttl: float = 3600.0,
     ) -> None:
         self.redis = client
         self.streams = streams
@@ -115,6 +123,9 @@ class ModelStore:
         self.memory_key = streams.model_key(component_id, "memory")
         self.lease_key = streams.model_key(component_id, "lease")
         self.info_key = streams.model_key(component_id, "info")
+        self.policy_key = streams.model_key(component_id, "policy")
+        self.reply_ttl_ms = max(int(reply_ttl * 1000), 1)
+        self._private_replies = streams.key("action", "")  # <prefix>:action:, a client's own stream
         self._commit_script = client.register_script(COMMIT)
         # What this store last committed, as written: written back if Redis loses it.
         self.committed = Snapshot(None, None, Counters(), 0.0, {})
@@ -246,14 +257,14 @@ class ModelStore:
         streams: dict[str, int] = {}  # stream -> its index in KEYS
 
         def key(stream: str) -> int:
-            return streams.setdefault(stream, len(streams) + 4)
+            return streams.setdefault(stream, len(streams) + 5)
 
-        ttl_ms = int(self.lease_ttl * 1000)
-        args: list[Any] = [self.consumer, ttl_ms, fence, *self.trim.threshold(), self.group]
+        args: list[Any] = []  # after the fixed arguments and the reply streams (known at the end)
         state = {"meta": msgpack.packb(meta), "version": version, "format": CHECKPOINT_FORMAT}
         args += lua.fields({**state, **(batch.checkpoint or {})})
         args += lua.fields(batch.memory)
         args += lua.section(list(batch.forget))
+        args += lua.fields(batch.published or {})
         acks = {stream: ids for stream, ids in batch.acks.items() if ids}
         args.append(len(acks))
         for stream, ids in acks.items():
@@ -265,15 +276,25 @@ class ModelStore:
                     f"a message for {stream} has {len(fields)} fields (1 to {MAX_MESSAGE_FIELDS})"
                 )
             args += [key(stream), *lua.fields(fields)]
-        keys = [self.lease_key, self.checkpoint_key, self.memory_key, *streams]
+        replies = {stream for stream, _ in batch.messages if stream.startswith(self._private_replies)}
+        ttl_ms = int(self.lease_ttl * 1000)
+        fixed = [self.consumer, ttl_ms, fence, *self.trim.threshold(), self.group, self.reply_ttl_ms]
+        args = [*fixed, *lua.section([streams[stream] for stream in sorted(replies)]), *args]
+        keys = [self.lease_key, self.checkpoint_key, self.memory_key, self.policy_key, *streams]
         try:
-            self._commit_script(keys=keys, args=args, client=self.redis)
+            dropped = self._commit_script(keys=keys, args=args, client=self.redis)
         except redis.ResponseError as exc:
             if str(exc).startswith(("LOSTLEASE", "STALE")):
                 raise LostLease(f"{self.component_id}: {exc}") from None
             if str(exc).startswith(("WRONGTYPE", "NOGROUP", "DENIED")):  # refused before any write
                 raise CommitRefused(f"{self.component_id}: {exc}") from None
             raise  # an outage (OOM, READONLY, ...), nothing written either: the serve loop's
+        if dropped:
+            log.warning(
+                "answers not sent: a client's REPLY_TO names a key that is not a stream",
+                component_id=self.component_id,
+                keys=[key.decode() if isinstance(key, bytes) else key for key in dropped],
+            )
         return version
 
     # ----------------------------------------------------------------- registry

@@ -24,8 +24,9 @@ What runs:
 
 What is checked once the faults stop and the backlog is answered (:mod:`.checks`):
 
-- every observation on ``<prefix>:observation`` got exactly one action on ``<prefix>:action`` (by
-  ``OBS_ID``), and exactly one reply from every model on ``<prefix>:logits``;
+- every observation on ``<prefix>:observation`` got exactly one action (by ``OBS_ID``) on the
+  runner's reply stream ``<prefix>:action:chaos``, and exactly one reply from every model on
+  ``<prefix>:logits``;
 - the counters in each model's committed checkpoint equal what the observations on the stream
   imply (:func:`.checks.expected_counters`, an independent re-implementation of the memory's
   rules; segments trained and discarded while paused together), and its evolution commands the

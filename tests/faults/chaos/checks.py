@@ -13,7 +13,7 @@ import numpy as np
 import redis
 
 from tests.faults.chaos.config import ChaosConfig, Figures
-from tests.faults.chaos.processes import AGGREGATOR, RUNNER, Fleet
+from tests.faults.chaos.processes import AGGREGATOR, RUNNER, RUNNER_ID, Fleet
 from worker.aggregator import GROUP as AGGREGATOR_GROUP
 from worker.common.connections import last_id, text
 from worker.model.store import ModelStore
@@ -109,7 +109,7 @@ def _answers(
         observed.append(Observed(m["ENV_ID"], "REWARD" in m, bool(m.get("DETERMINISTIC"))))
     figures.observations = len(ids)
     actions: Counter[str] = Counter()
-    for _, m in entries(client, streams.action):
+    for _, m in entries(client, streams.replies(RUNNER_ID)):
         actions[m["OBS_ID"]] += 1
         figures.actions_partial += m["MODELS"] < config.models
     figures.actions = sum(actions.values())

@@ -184,6 +184,7 @@ class Fleet:
         if name == RUNNER:
             return component_command(
                 self.url, "env", "--n-envs", str(c.envs), "--runner-id", RUNNER_ID, "--seed", str(c.seed),
+                "--no-trim-replies",  # its actions stay, to be counted
                 "--block-ms", "200", "--stream-maxlen", "100000000", prefix=p,
             )  # fmt: skip
         return worker_command(

@@ -23,9 +23,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.components import aggregator, model, running
 from tests.helpers import read, xadd
+from worker.client import PolicyClient
 from worker.common.connections import embedded_redis, free_port
 from worker.model.learner import Counters
+from worker.model.settings import ModelSettings
 from worker.model.store import Batch, CommitRefused, ModelStore
 from worker.protocol import Streams
 
@@ -57,18 +60,23 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/")[0])
 
 
-def acl_setuser(prefix: str = "rl") -> list[str]:
-    """The ``ACL SETUSER`` command of docs/security.md, for ``prefix``, with the test's password."""
-    lines = [
+def acl_setuser(prefix: str = "rl", user: str = "rl-model") -> list[str]:
+    """The ``ACL SETUSER`` command of docs/security.md for ``user``, for ``prefix``, with the test's
+    password. The README shows the model's line, and no line that docs/security.md does not."""
+    documented = [
         line
         for line in (ROOT / "docs/security.md").read_text().splitlines()
         if line.startswith("ACL SETUSER")
     ]
-    assert len(lines) == 1, "docs/security.md must define exactly one ACL SETUSER line"
+    lines = [line for line in documented if line.startswith(f"ACL SETUSER {user} ")]
+    assert len(lines) == 1, f"docs/security.md must define exactly one ACL SETUSER line for {user}"
     readme = [
         line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("ACL SETUSER")
     ]
-    assert readme == lines, "the README must show the ACL SETUSER line of docs/security.md"
+    assert set(readme) <= set(documented), "the README's ACL SETUSER lines must be docs/security.md's"
+    assert [line for line in readme if line.startswith("ACL SETUSER rl-model ")] == [
+        line for line in documented if line.startswith("ACL SETUSER rl-model ")
+    ], "the README must show the model's ACL SETUSER line of docs/security.md"
     words = shlex.split(lines[0].replace(">CHANGE-ME", f">{PASSWORD}"))
     return [w.replace("~rl:", f"~{prefix}:") for w in words]
 
@@ -320,6 +328,70 @@ def test_a_user_that_may_not_expire_reply_streams_is_refused_before_any_write(pr
         store.commit(batch)
     assert admin.exists("rl:model:m1:checkpoint", "rl:action:c") == 0
     assert admin.xpending(inbox, "model:m1")["pending"] == 1
+
+
+def test_least_privilege_client_user(private_redis) -> None:
+    """An environment on worker.client under the client user of docs/security.md: ensemble and
+    direct mode work against a model and the aggregator (which run as the default user), local mode
+    with the documented addition; the user can write nothing else."""
+    url, admin = private_redis
+    admin.execute_command(*acl_setuser(user="rl-client"))
+    admin.execute_command("ACL", "LOG", "RESET")
+    client_url = f"redis://rl-client:{PASSWORD}@127.0.0.1:{port_of(url)}/0"
+    settings = ModelSettings(
+        _cli_parse_args=False, redis_url=url, component_id="m1", seed=0, block_ms=50, lease_ttl=1.0
+    )
+
+    def play(client: PolicyClient) -> list[int]:
+        actions = [client.act("e", OBS)]
+        actions += [client.act("e", [0.01 * k, 0, 0, 0], reward=1.0) for k in range(1, 4)]
+        client.end("e", OBS, reward=1.0, terminated=True)
+        actions += client.act_many({"e": OBS, "f": OBS}).values()
+        return actions
+
+    def denied() -> list[dict]:
+        return [e for e in admin.acl_log() if e.get("username") in ("rl-client", b"rl-client")]
+
+    user = redis.Redis.from_url(client_url)
+    with running(model(settings), aggregator(url)):
+        for mode in ("ensemble", "direct"):
+            name = None if mode == "ensemble" else "m1"
+            with PolicyClient(client_url, timeout=10.0, mode=mode, model=name, client_id=mode) as client:
+                assert set(play(client)) <= {0, 1}
+        assert denied() == [], f"the client needed more than docs/security.md grants: {denied()}"
+        # Six steps each, through the observation stream and the model's inbox; closed, each client
+        # deleted its reply stream and its key.
+        assert admin.xlen("rl:observation") == 6 and admin.xlen("rl:model:m1:observation") == 6
+        assert admin.exists("rl:action:ensemble", "rl:client:ensemble", "rl:action:direct") == 0
+
+        assert user.xadd("rl:dead", {"dead:reason": "x"}, maxlen=1000, approximate=True)  # write only
+        forbidden = [
+            ("XADD", "rl:evolution", "*", "CMD", "GET"),  # another component's stream
+            ("XADD", "rl:logits", "*", "LOGITS", "[0,0]"),
+            ("XADD", "rl:action", "*", "ACTION", "0"),  # the shared reply stream
+            ("HSET", "rl:model:m1:info", "spaces", "{}"),  # read only
+            ("HGETALL", "rl:model:m1:checkpoint"),  # a model's state
+            ("HGETALL", "rl:model:m1:policy"),  # local mode only
+            ("XREAD", "STREAMS", "rl:dead", "0"),  # write only
+            ("DEL", "rl:models"),  # read only
+            ("ZADD", "rl:models", "1", "fake"),
+            ("EVAL", "return 1", "0"),
+            ("KEYS", "*"),
+            ("FLUSHALL",),
+            ("CONFIG", "GET", "requirepass"),
+        ]
+        for command in forbidden:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                user.execute_command(*command)
+        assert admin.xlen("rl:evolution") == 0 and admin.zscore("rl:models", "fake") is None
+
+        admin.execute_command("ACL", "SETUSER", "rl-client", "~rl:model:m1:policy")
+        admin.execute_command("ACL", "LOG", "RESET")
+        with PolicyClient(client_url, timeout=10.0, mode="local", model="m1", flush_every=2) as client:
+            assert set(play(client)) <= {0, 1}
+        assert denied() == [], f"local mode needed more than docs/security.md grants: {denied()}"
+        assert admin.xlen("rl:model:m1:observation") == 12
+    user.close()
 
 
 # --------------------------------------------------------------------------- TLS

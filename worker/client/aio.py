@@ -19,10 +19,12 @@ from redis.backoff import EqualJitterBackoff, ExponentialBackoff
 from redis.retry import Retry
 
 from worker.client.core import LIVE_MAX_AGE, PUBLISH, ActionTimeout, ClientCore, Ticket
+from worker.common import logs
 from worker.common.serve import is_outage
 from worker.protocol import Spaces
 
 T = TypeVar("T")
+log = logs.get(__name__)
 
 
 class AsyncPolicyClient:
@@ -75,6 +77,8 @@ class AsyncPolicyClient:
         )
         self._publish = self.redis.register_script(PUBLISH)
         self._backoff = EqualJitterBackoff(cap=1.0, base=0.02)
+        self._failing = False  # in an outage: logged once when it begins, once when it ends
+        self._outage: BaseException | None = None
         self._reader: asyncio.Task | None = None
         self._arrived = asyncio.Condition()
         self._local = asyncio.Lock()  # local mode: one flush at a time
@@ -190,15 +194,16 @@ class AsyncPolicyClient:
     async def _read(self) -> None:
         """Read the reply stream while any ticket waits; wake the waiting tasks after each read."""
         core, failures = self.core, 0
-        self._outage: BaseException | None = None
         while core.tickets:
             try:
                 reply = await self.redis.xread({core.replies: core.cursor}, count=1000, block=self.block_ms)
                 failures, self._outage = 0, None
+                self._served()
             except redis.RedisError as exc:
                 if not is_outage(exc):
                     raise
                 failures, self._outage = failures + 1, exc
+                self._failed(exc)
                 await asyncio.sleep(self._backoff.compute(failures))
                 continue
             for _, items in reply or []:
@@ -289,17 +294,31 @@ class AsyncPolicyClient:
         return core.take_spaces(dict(zip(models, found, strict=True))) is not None
 
     async def _retry(self, call: Callable[[], Awaitable[T]], deadline: float, env: str | None) -> T:
+        """``call`` until it succeeds, riding out outages until ``deadline``."""
         failures = 0
         while True:
             try:
-                return await call()
+                result = await call()
             except redis.RedisError as exc:
                 if not is_outage(exc):
                     raise
                 failures += 1
                 if time.monotonic() + self._backoff.compute(failures) > deadline:
                     where = f" for {env!r}" if env else ""
-                    raise ActionTimeout(
-                        f"Redis unavailable{where} for {self.core.timeout}s: {exc}", env
-                    ) from exc
+                    message = f"Redis unavailable{where} for {self.core.timeout}s: {exc}"
+                    raise ActionTimeout(message, env) from exc
+                self._failed(exc)
                 await asyncio.sleep(self._backoff.compute(failures))
+                continue
+            self._served()
+            return result
+
+    def _failed(self, exc: BaseException) -> None:
+        if not self._failing:
+            self._failing = True
+            log.warning("redis unavailable, retrying", error=str(exc), client_id=self.core.client_id)
+
+    def _served(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("redis available again", client_id=self.core.client_id)

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,6 +43,7 @@ Mode = Literal["ensemble", "direct", "local"]
 MODES = ("ensemble", "direct", "local")
 MAX_ENTRY_BYTES = 1 << 20  # larger action entries are dead-lettered unread
 LIVE_MAX_AGE = 5.0  # a model whose heartbeat is older is not live (as the aggregator's default)
+MAX_REMEMBERED = 10_000  # timed-out steps whose late actions are kept
 
 
 class ActionTimeout(TimeoutError):
@@ -141,6 +142,9 @@ class ClientCore:
         self.cursor: str | None = None if shared_replies else "0-0"  # the reply stream, read up to here
         self.chains: dict[str, Chain] = {}
         self.tickets: dict[str, Ticket] = {}  # OBS_ID -> the ticket waiting for its action
+        # Steps that timed out: a late action is kept, for the same step sent again (one entry).
+        self.dropped: OrderedDict[str, None] = OrderedDict()
+        self.late: OrderedDict[str, int] = OrderedDict()
         self.outbox: list[tuple[str, int, dict[str, Any]]] = []  # local mode: steps not yet published
         self.unseen: deque[str] = deque()  # local mode: our entry IDs the model has not committed
         self.local: Any = None  # local mode: a LocalPolicy
@@ -286,7 +290,8 @@ class ClientCore:
         args: list[Any] = [self.session, self.stream_maxlen, self.reply_ttl_ms, trim]
         for env_id, step, message in batch:
             args += [env_id, step, *lua.fields(encode_entry(message, self.encoding))]
-        keys = [self.target, self.client_key, self.replies]
+        # Only a reply stream the script trims is its key: a script's keys need write access (ACL).
+        keys = [self.target, self.client_key, self.replies if self.trim_replies else self.client_key]
         if self.mode == "local":
             keys.append(self.policy_key)
         return keys, args
@@ -294,9 +299,15 @@ class ClientCore:
     def ticket(self, envs: list[str], ids: list[Any]) -> Ticket:
         """A ticket for the observations of ``envs``, published as ``ids``; filed until answered."""
         ticket = Ticket({}, time.monotonic() + self.timeout, order=envs)
-        for env_id, obs_id in zip(envs, ids, strict=False):
-            ticket.waiting[_text(obs_id)] = env_id
-            self.tickets[_text(obs_id)] = ticket
+        for env_id, raw_id in zip(envs, ids, strict=False):
+            obs_id = _text(raw_id)
+            if obs_id in self.late:  # a resent step whose late action came meanwhile
+                ticket.actions[env_id] = self.late.pop(obs_id)
+                self.answered(env_id, ticket.actions[env_id])
+                continue
+            self.dropped.pop(obs_id, None)
+            ticket.waiting[obs_id] = env_id
+            self.tickets[obs_id] = ticket
         return ticket
 
     def take_replies(self, items: list[tuple[Any, Any]]) -> list[dict[bytes, bytes]]:
@@ -312,6 +323,10 @@ class ClientCore:
             try:
                 message, _ = decode_entry(fields or {}, MAX_ENTRY_BYTES)
                 found = parse_action(message, self.spaces.n_actions, self.tickets)
+                if found is None and (late := parse_action(message, self.spaces.n_actions, self.dropped)):
+                    self.late[late[0]] = late[1]
+                    while len(self.late) > MAX_REMEMBERED:
+                        self.late.popitem(last=False)
             except ProtocolError as exc:
                 if _answers(fields or {}, self.tickets):
                     letter = dead_letter(
@@ -327,9 +342,13 @@ class ClientCore:
         return dead
 
     def drop(self, ticket: Ticket) -> None:
-        """Stop waiting for ``ticket``'s actions (it timed out): late ones are skipped."""
+        """Stop waiting for ``ticket``'s actions (it timed out): late ones are kept aside, for the
+        same steps sent again."""
         for obs_id in ticket.waiting:
             self.tickets.pop(obs_id, None)
+            self.dropped[obs_id] = None
+        while len(self.dropped) > MAX_REMEMBERED:
+            self.dropped.popitem(last=False)
 
     def timed_out(self, ticket: Ticket, outage: BaseException | None = None) -> ActionTimeout:
         self.drop(ticket)

@@ -131,7 +131,7 @@ class EnvRunner(Service):
         self.eval = [make(f"{s.runner_id}-eval-{k}", s.n_envs + k, True) for k in range(s.n_envs)]
         space, obs_space = self.train[0].env.action_space, self.train[0].env.observation_space
         if not isinstance(space, gym.spaces.Discrete) or not isinstance(obs_space, gym.spaces.Box):
-            raise SpacesError(f"{s.gym_env} has {obs_space} and {space}; only Box and Discrete are supported")
+            raise SpacesError(f"{s.gym_env} has {obs_space} and {space}; only discrete actions are supported")
         self.n_actions = int(space.n)
         self.client = PolicyClient(
             client,

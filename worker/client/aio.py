@@ -249,7 +249,7 @@ class AsyncPolicyClient:
         core.load_weights({b"weights": weights[0], b"updates": weights[1]})
 
     async def _keep_up(self, deadline: float) -> None:
-        core, pause = self.core, 0.001
+        core, waited = self.core, 0.0
         while core.lag() > core.max_lag:
             if core.outbox:
                 await self._flush(deadline)
@@ -259,8 +259,9 @@ class AsyncPolicyClient:
                     f"model {core.model!r} has not learned from {core.lag()} steps of this client within"
                     f" {core.timeout}s (is it running?)"
                 )
+            pause = core.poll_pause(waited)
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            waited += pause
             state = await self._retry(
                 lambda: self.redis.hmget(core.policy_key, "updates", "seen"), deadline, None
             )

@@ -243,7 +243,7 @@ class PolicyClient:
 
     def _keep_up(self, deadline: float) -> None:
         """Wait while the model is more than ``max_lag`` of our steps behind."""
-        core, pause = self.core, 0.001
+        core, waited = self.core, 0.0
         while core.lag() > core.max_lag:
             if core.outbox:
                 self._flush(deadline)
@@ -253,8 +253,9 @@ class PolicyClient:
                     f"model {core.model!r} has not learned from {core.lag()} steps of this client within"
                     f" {core.timeout}s (is it running?)"
                 )
+            pause = core.poll_pause(waited)
             time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            waited += pause
             state = self._retry(lambda: self.redis.hmget(core.policy_key, "updates", "seen"), deadline, None)
             if core.take_policy_state(*state):
                 self._refresh(deadline)

@@ -86,7 +86,13 @@ class EnvSettings(CommonSettings):
         " copy of --model's policy (it learns from the steps streamed to it)",
     )
     model: str | None = Field(None, description="the model's COMPONENT_ID, for --mode direct or local")
-    max_lag: int = Field(64, ge=0, description="--mode local: most steps the model may not have learned yet")
+    max_lag: int = Field(
+        0,
+        ge=0,
+        description="--mode local: most steps the model may not have learned from yet; 0: each round"
+        " waits for the model to learn from the last, so every step is taken with the newest weights,"
+        " as in SB3",
+    )
     trim_replies: bool = Field(True, description="trim the runner's reply stream as actions are read")
     encoding: Literal["msgpack", "json"] = Field("msgpack", description="encoding of the observations")
     block_ms: int = Field(1000, gt=0, le=30_000, description="longest blocking XREAD")

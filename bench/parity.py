@@ -110,7 +110,8 @@ def plot(curves: list[tuple[str, int, list[RoundResult]]], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     palette = iter(["tab:orange", "tab:blue", "tab:green", "tab:red"])
-    colors = {name: "tab:gray" if name.startswith("SB3") else next(palette) for name, _, _ in curves}
+    names = dict.fromkeys(name for name, _, _ in curves)  # each system once, in order
+    colors = {name: "tab:gray" if name.startswith("SB3") else next(palette) for name in names}
     for name, seed, curve in curves:
         label = name if seed == curves[0][1] else None
         steps, returns = [p.train_steps for p in curve], [p.eval_return for p in curve]

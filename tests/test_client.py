@@ -196,9 +196,9 @@ def test_local_mode_acts_on_a_copy_and_the_model_learns(real_redis, settings) ->
             settings.redis_url, mode="local", model="m1", timeout=5.0, max_lag=4, flush_every=2
         ) as client:
             actions = [client.act("e", OBS)] + [client.act("e", obs(k), reward=1.0) for k in range(1, 40)]
-            copy = client.core.local
-            assert client.core.lag() <= 4 + 2
-            assert client.core.published_updates > 0  # refreshed from newer weights
+            copy = client.core.local.policy
+            assert client.core.local.lag() <= 4 + 2
+            assert client.core.local.published_updates > 0  # refreshed from newer weights
             published = np.frombuffer(real_redis.hget("rl:model:m1:policy", "weights"), "<f4")
         deadline = time.monotonic() + 5
         while worker.counters.transitions < 39 and time.monotonic() < deadline:

@@ -128,7 +128,7 @@ class AsyncPolicyClient:
         if self._reader is not None:
             self._reader.cancel()
         try:
-            if self.core.outbox:
+            if self.core.local and self.core.local.outbox:
                 await self._flush(time.monotonic() + self.core.timeout)
             if self.core.trim_replies:
                 await self.redis.delete(self.core.replies, self.core.client_key)
@@ -154,22 +154,13 @@ class AsyncPolicyClient:
     ) -> Ticket:
         core, deadline = self.core, time.monotonic() + self.core.timeout
         await self._discover(deadline)
-        rewards = rewards or {}
-        if extra := set(rewards) - set(observations):
-            raise ValueError(f"rewards for environments without an observation: {sorted(extra)}")
-        built = [
-            (env, *core.message(env, obs, rewards.get(env), deterministic))
-            for env, obs in observations.items()
-        ]
-        envs = [env for env, _, _ in built]
+        built = core.prepare(observations, rewards, deterministic)
         if core.mode == "local":
             return await self._act_locally(built, deterministic, deadline)
         if core.cursor is None:
             last = await self._retry(lambda: self.redis.xrevrange(core.replies, count=1), deadline, None)
             core.cursor = core.cursor or (last[0][0].decode() if last else "0-0")
-        for env, call, message in built:
-            core.sent(env, call, message)
-        keys, args = core.publish_call([(env, m["STEP"], m) for env, _, m in built])
+        envs, keys, args = core.publish_steps(built)
         ids = await self._retry(
             lambda: self._publish(keys=keys, args=args, client=self.redis), deadline, envs[0]
         )
@@ -220,25 +211,20 @@ class AsyncPolicyClient:
         core = self.core
         async with self._local:
             await self._keep_up(deadline)
-            envs = [env for env, _, _ in built]
-            actions = core.act_locally(envs, [m for _, _, m in built], deterministic)
-            for (env, call, message), action in zip(built, actions, strict=True):
-                core.sent(env, call, message)
-                core.answered(env, action)
-                core.outbox.append((env, message["STEP"], message))
-            if len(core.outbox) >= self.flush_every:
+            ticket = core.take_local(built, deterministic, deadline)
+            if len(core.local.outbox) >= self.flush_every:  # type: ignore[union-attr]
                 await self._flush(deadline)
-        return Ticket({}, deadline, dict(zip(envs, actions, strict=True)), envs)
+        return ticket
 
     async def _flush(self, deadline: float) -> None:
         core = self.core
-        keys, args = core.publish_call(core.outbox)
+        local = core.local
+        assert local is not None
+        keys, args = core.publish_call(local.outbox)
         reply = await self._retry(
             lambda: self._publish(keys=keys, args=args, client=self.redis), deadline, None
         )
-        core.unseen.extend(i.decode() for i in reply[:-2])
-        core.outbox.clear()
-        if core.take_policy_state(*reply[-2:]):
+        if local.flushed(reply):
             await self._refresh(deadline)
 
     async def _refresh(self, deadline: float) -> None:
@@ -246,33 +232,36 @@ class AsyncPolicyClient:
         weights = await self._retry(
             lambda: self.redis.hmget(core.policy_key, "weights", "updates"), deadline, None
         )
-        core.load_weights({b"weights": weights[0], b"updates": weights[1]})
+        core.local.load_weights(
+            {  # type: ignore[union-attr]
+                b"weights": weights[0],
+                b"updates": weights[1],
+            }
+        )
 
     async def _keep_up(self, deadline: float) -> None:
-        core, waited = self.core, 0.0
-        while core.lag() > core.max_lag:
-            if core.outbox:
+        core, local, waited = self.core, self.core.local, 0.0
+        assert local is not None
+        while local.lag() > local.max_lag:
+            if local.outbox:
                 await self._flush(deadline)
                 continue
             if time.monotonic() > deadline:
-                raise ActionTimeout(
-                    f"model {core.model!r} has not learned from {core.lag()} steps of this client within"
-                    f" {core.timeout}s (is it running?)"
-                )
-            pause = core.poll_pause(waited)
+                raise core.behind()
+            pause = local.poll_pause(waited)
             await asyncio.sleep(pause)
             waited += pause
             state = await self._retry(
                 lambda: self.redis.hmget(core.policy_key, "updates", "seen"), deadline, None
             )
-            if core.take_policy_state(*state):
+            if local.take_state(*state):
                 await self._refresh(deadline)
 
     # ----------------------------------------------------------------- plumbing
 
     async def _discover(self, deadline: float) -> None:
         core = self.core
-        while core.spaces is None or (core.mode == "local" and core.local is None):
+        while not core.discovered:
             if await self._retry(self._look, deadline, None):
                 return
             if time.monotonic() > deadline:

@@ -11,18 +11,18 @@ learn a STEP twice, so a resend never double-counts.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
+from worker.client.local import LocalCopy, text
 from worker.common import lua
 from worker.protocol import (
     Encoding,
@@ -34,7 +34,6 @@ from worker.protocol import (
     encode_entry,
     parse_action,
     parse_observation,
-    split_id,
 )
 
 PUBLISH = lua.source(__package__, "publish.lua")
@@ -60,6 +59,9 @@ class ActionTimeout(TimeoutError):
 
 class ModelsUnavailable(TimeoutError):
     """No model to ask: none live (ensemble), or the named one never published its spaces or weights."""
+
+
+Built = tuple[str, tuple, dict[str, Any]]  # (ENV_ID, the call, the message)
 
 
 @dataclass
@@ -145,11 +147,7 @@ class ClientCore:
         # Steps that timed out: a late action is kept, for the same step sent again (one entry).
         self.dropped: OrderedDict[str, None] = OrderedDict()
         self.late: OrderedDict[str, int] = OrderedDict()
-        self.outbox: list[tuple[str, int, dict[str, Any]]] = []  # local mode: steps not yet published
-        self.unseen: deque[str] = deque()  # local mode: our entry IDs the model has not committed
-        self.local: Any = None  # local mode: a LocalPolicy
-        self.seen = ""  # local mode: the newest inbox entry the model committed
-        self.published_updates = -1  # local mode: the updates of the weights the model published
+        self.local = LocalCopy(model, max_lag) if mode == "local" and model else None
 
     # ----------------------------------------------------------------- discovery
 
@@ -162,7 +160,7 @@ class ClientCore:
 
         :raises RuntimeError: the models disagree
         """
-        known = {cid: Spaces.from_json(text) for cid, text in found.items() if text}
+        known = {cid: Spaces.from_json(spec) for cid, spec in found.items() if spec}
         if not known:
             return None
         if len(set(known.values())) > 1:
@@ -170,6 +168,13 @@ class ClientCore:
             raise RuntimeError(f"the live models disagree on their spaces ({detail})")
         self.spaces = next(iter(known.values()))
         return self.spaces
+
+    def take_policy(self, fields: Mapping[bytes, bytes]) -> bool:
+        """Local mode: build the copy from the model's policy hash; False while there is none."""
+        assert self.local is not None
+        if (spaces := self.local.take_policy(fields)) is not None:
+            self.spaces = spaces
+        return spaces is not None
 
     def unavailable(self) -> ModelsUnavailable:
         if self.mode == "ensemble":
@@ -183,24 +188,6 @@ class ClientCore:
                 " (start it with --publish-weights-every N)"
             )
         return ModelsUnavailable(f"{what} within {self.timeout}s")
-
-    def take_policy(self, fields: Mapping[bytes, bytes]) -> bool:
-        """Build the local copy from the model's policy hash; False while there is none."""
-        if b"weights" not in fields or b"spec" not in fields:
-            return False
-        from worker.client.local import LocalPolicy  # torch only for local clients
-
-        spec = json.loads(fields[b"spec"])
-        self.spaces = Spaces.from_json(json.dumps(spec["spaces"]))
-        self.local = LocalPolicy(spec, self.spaces)
-        self.load_weights(fields)
-        return True
-
-    def load_weights(self, fields: Mapping[bytes, bytes | None]) -> None:
-        assert self.local is not None
-        if fields.get(b"weights"):
-            self.local.load(fields[b"weights"])
-            self.published_updates = int(fields.get(b"updates") or 0)
 
     # ----------------------------------------------------------------- messages
 
@@ -284,6 +271,25 @@ class ClientCore:
 
     # ----------------------------------------------------------------- publishing and replies
 
+    def prepare(
+        self, observations: Mapping[str, Any], rewards: Mapping[str, Any] | None, deterministic: bool
+    ) -> list[Built]:
+        """``(ENV_ID, call, message)`` of each observation, checked (see :meth:`message`)."""
+        rewards = rewards or {}
+        if extra := set(rewards) - set(observations):
+            raise ValueError(f"rewards for environments without an observation: {sorted(extra)}")
+        return [
+            (env, *self.message(env, obs, rewards.get(env), deterministic))
+            for env, obs in observations.items()
+        ]
+
+    def publish_steps(self, built: list[Built]) -> tuple[list[str], list[str], list[Any]]:
+        """The steps are sent: ``(ENV_IDs, KEYS, ARGV)`` of the :data:`PUBLISH` that sends them."""
+        for env, call, message in built:
+            self.sent(env, call, message)
+        keys, args = self.publish_call([(env, m["STEP"], m) for env, _, m in built])
+        return [env for env, _, _ in built], keys, args
+
     def publish_call(self, batch: list[tuple[str, int, dict[str, Any]]]) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of :data:`PUBLISH` for ``batch`` ((ENV_ID, STEP, message) each)."""
         trim = self.cursor if self.trim_replies and self.cursor not in (None, "0-0") else ""
@@ -300,7 +306,7 @@ class ClientCore:
         """A ticket for the observations of ``envs``, published as ``ids``; filed until answered."""
         ticket = Ticket({}, time.monotonic() + self.timeout, order=envs)
         for env_id, raw_id in zip(envs, ids, strict=False):
-            obs_id = _text(raw_id)
+            obs_id = text(raw_id)
             if obs_id in self.late:  # a resent step whose late action came meanwhile
                 ticket.actions[env_id] = self.late.pop(obs_id)
                 self.answered(env_id, ticket.actions[env_id])
@@ -319,7 +325,7 @@ class ClientCore:
         assert self.spaces is not None
         dead = []
         for raw_id, fields in items:
-            entry_id = self.cursor = _text(raw_id)
+            entry_id = self.cursor = text(raw_id)
             try:
                 message, _ = decode_entry(fields or {}, MAX_ENTRY_BYTES)
                 found = parse_action(message, self.spaces.n_actions, self.tickets)
@@ -368,27 +374,28 @@ class ClientCore:
 
     # ----------------------------------------------------------------- local mode
 
-    def act_locally(self, envs: list[str], messages: list[dict[str, Any]], deterministic: bool) -> list[int]:
+    def take_local(self, built: list[Built], deterministic: bool, deadline: float) -> Ticket:
+        """Act on ``built`` with the local copy; the steps join its outbox. A ticket already done."""
         assert self.local is not None
-        return self.local.act(np.array([m["OBSERVATION"] for m in messages], dtype=np.float32), deterministic)
+        envs = [env for env, _, _ in built]
+        actions = self.local.act([m["OBSERVATION"] for _, _, m in built], deterministic)
+        for (env, call, message), action in zip(built, actions, strict=True):
+            self.sent(env, call, message)
+            self.answered(env, action)
+            self.local.outbox.append((env, message["STEP"], message))
+        return Ticket({}, deadline, dict(zip(envs, actions, strict=True)), envs)
 
-    def lag(self) -> int:
-        """How many of our steps the model has not committed yet (local mode)."""
-        while self.unseen and self.seen and split_id(self.unseen[0]) <= split_id(self.seen):
-            self.unseen.popleft()
-        return len(self.unseen) + len(self.outbox)
+    def behind(self) -> ActionTimeout:
+        lag = self.local.lag() if self.local else 0
+        return ActionTimeout(
+            f"model {self.model!r} has not learned from {lag} steps of this client within"
+            f" {self.timeout}s (is it running?)"
+        )
 
-    @staticmethod
-    def poll_pause(waited: float) -> float:
-        """Seconds to sleep before looking again how far the model is: it commits every few
-        milliseconds while busy, so look often at first, then less."""
-        return 0.0005 if waited < 0.02 else min(0.01, waited / 4)
-
-    def take_policy_state(self, updates: Any, seen: Any) -> bool:
-        """Note how far the model is; True when it published newer weights than the copy's."""
-        if seen:
-            self.seen = _text(seen)
-        return bool(updates) and int(updates) > self.published_updates
+    @property
+    def discovered(self) -> bool:
+        """The spaces are known, and in local mode the copy is built."""
+        return self.spaces is not None and (self.local is None or self.local.policy is not None)
 
 
 def _number(env_id: str, key: str, value: Any) -> float:
@@ -396,10 +403,6 @@ def _number(env_id: str, key: str, value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{env_id!r}: {key} must be a number, got {value!r}") from None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _answers(fields: Mapping[bytes, bytes], waiting: Mapping[str, str]) -> bool:

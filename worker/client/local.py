@@ -1,41 +1,78 @@
-"""A local client's copy of one model's policy: built from the spec the model publishes, refreshed
-from its published weights, acting without a round trip."""
+"""What a local client keeps besides its chains: the copy of the model's policy, the steps it acted
+on and has not sent yet, and how far the model has learned from the ones it sent."""
 
 from __future__ import annotations
 
+import json
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
-from worker.model.policy import load_weight_vector, make_policy
-from worker.model.settings import A2CSettings
-from worker.protocol import Spaces
+from worker.protocol import Spaces, split_id
 
 
-class LocalPolicy:
-    """The same ``ActorCriticPolicy`` as the model's, with the model's last published weights.
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
-    :param spec: the ``spec`` of the model's policy hash (architecture and spaces)
-    :param spaces: the spaces it describes
+
+class LocalCopy:
+    """A local client's copy of one model and its bookkeeping (no I/O).
+
+    :param model: the model's ``COMPONENT_ID``
+    :param max_lag: the most of our steps the model may not have learned from before acting waits
     """
 
-    def __init__(self, spec: dict[str, Any], spaces: Spaces) -> None:
-        settings = A2CSettings(
-            _cli_parse_args=False,
-            gym_env="none",
-            obs_shape=list(spaces.obs_shape),
-            n_actions=spaces.n_actions,
-            net_arch=spec["net_arch"],
-            activation_fn=spec["activation_fn"],
-            ortho_init=spec.get("ortho_init", True),
-        )
-        self.policy = make_policy(settings)
+    def __init__(self, model: str, max_lag: int) -> None:
+        self.model, self.max_lag = model, max_lag
+        self.policy: Any = None  # a replica.LocalPolicy once the model's policy hash was read
+        self.outbox: list[tuple[str, int, dict[str, Any]]] = []  # steps acted on, not yet published
+        self.unseen: deque[str] = deque()  # entry IDs of our steps the model has not committed
+        self.seen = ""  # the newest inbox entry the model committed
+        self.published_updates = -1  # the update count of the weights the copy holds
 
-    def load(self, weights: bytes) -> None:
-        load_weight_vector(self.policy, np.frombuffer(weights, dtype="<f4").copy())
+    def take_policy(self, fields: Mapping[bytes, bytes]) -> Spaces | None:
+        """Build the copy from the model's policy hash; its spaces, or ``None`` while there is none."""
+        if b"weights" not in fields or b"spec" not in fields:
+            return None
+        from worker.client.replica import LocalPolicy  # torch only for local clients
 
-    def act(self, observations: np.ndarray, deterministic: bool) -> list[int]:
-        """One action per row: a sample from the policy, or its most likely action."""
-        with torch.no_grad():
-            return self.policy._predict(torch.as_tensor(observations), deterministic).tolist()
+        spec = json.loads(fields[b"spec"])
+        spaces = Spaces.from_json(json.dumps(spec["spaces"]))
+        self.policy = LocalPolicy(spec, spaces)
+        self.load_weights(fields)
+        return spaces
+
+    def load_weights(self, fields: Mapping[bytes, bytes | None]) -> None:
+        if weights := fields.get(b"weights"):
+            self.policy.set_weights(weights)
+            self.published_updates = int(fields.get(b"updates") or 0)
+
+    def act(self, observations: list[list[float]], deterministic: bool) -> list[int]:
+        return self.policy.act(np.array(observations, dtype=np.float32), deterministic)
+
+    def flushed(self, reply: list[Any]) -> bool:
+        """The outbox is published (``reply``: the publish script's); True if the model has newer
+        weights than the copy."""
+        self.unseen.extend(text(i) for i in reply[:-2])
+        self.outbox.clear()
+        return self.take_state(*reply[-2:])
+
+    def take_state(self, updates: Any, seen: Any) -> bool:
+        """Note how far the model is; True when it published newer weights than the copy's."""
+        if seen:
+            self.seen = text(seen)
+        return bool(updates) and int(updates) > self.published_updates
+
+    def lag(self) -> int:
+        """How many of our steps the model has not committed yet."""
+        while self.unseen and self.seen and split_id(self.unseen[0]) <= split_id(self.seen):
+            self.unseen.popleft()
+        return len(self.unseen) + len(self.outbox)
+
+    @staticmethod
+    def poll_pause(waited: float) -> float:
+        """Seconds to sleep before looking again how far the model is: it commits every few
+        milliseconds while busy, so look often at first, then less."""
+        return 0.0005 if waited < 0.02 else min(0.01, waited / 4)

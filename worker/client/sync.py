@@ -144,7 +144,7 @@ class PolicyClient:
     def close(self) -> None:
         """Send what local mode still holds, delete this client's reply stream and key, disconnect."""
         try:
-            if self.core.outbox:
+            if self.core.local and self.core.local.outbox:
                 self._flush(time.monotonic() + self.core.timeout)
             if self.core.trim_replies:
                 self.redis.delete(self.core.replies, self.core.client_key)
@@ -171,21 +171,12 @@ class PolicyClient:
         """Publish the observations (local mode: act on them); :meth:`collect` gathers the actions."""
         core, deadline = self.core, time.monotonic() + self.core.timeout
         self._discover(deadline)
-        rewards = rewards or {}
-        if extra := set(rewards) - set(observations):
-            raise ValueError(f"rewards for environments without an observation: {sorted(extra)}")
-        built = [
-            (env, *core.message(env, obs, rewards.get(env), deterministic))
-            for env, obs in observations.items()
-        ]
-        envs = [env for env, _, _ in built]
+        built = core.prepare(observations, rewards, deterministic)
         if core.mode == "local":
             return self._act_locally(built, deterministic, deadline)
         if core.cursor is None:  # the shared stream: only what comes after now
             core.cursor = self._retry(lambda: last_id(self.redis, core.replies), deadline, None)
-        for env, call, message in built:
-            core.sent(env, call, message)
-        keys, args = core.publish_call([(env, m["STEP"], m) for env, _, m in built])
+        envs, keys, args = core.publish_steps(built)
         ids = self._retry(lambda: self._publish(keys=keys, args=args, client=self.redis), deadline, envs[0])
         return core.ticket(envs, ids)
 
@@ -216,48 +207,46 @@ class PolicyClient:
     def _act_locally(self, built: list, deterministic: bool, deadline: float) -> Ticket:
         core = self.core
         self._keep_up(deadline)
-        envs = [env for env, _, _ in built]
-        actions = core.act_locally(envs, [m for _, _, m in built], deterministic)
-        for (env, call, message), action in zip(built, actions, strict=True):
-            core.sent(env, call, message)
-            core.answered(env, action)
-            core.outbox.append((env, message["STEP"], message))
-        if len(core.outbox) >= self.flush_every:
+        ticket = core.take_local(built, deterministic, deadline)
+        if len(core.local.outbox) >= self.flush_every:  # type: ignore[union-attr]
             self._flush(deadline)
-        return Ticket({}, deadline, dict(zip(envs, actions, strict=True)), envs)
+        return ticket
 
     def _flush(self, deadline: float) -> None:
         """Publish the steps acted on here; refresh the copy if the model published newer weights."""
         core = self.core
-        keys, args = core.publish_call(core.outbox)
+        local = core.local
+        assert local is not None
+        keys, args = core.publish_call(local.outbox)
         reply = self._retry(lambda: self._publish(keys=keys, args=args, client=self.redis), deadline, None)
-        core.unseen.extend(i.decode() for i in reply[:-2])
-        core.outbox.clear()
-        if core.take_policy_state(*reply[-2:]):
+        if local.flushed(reply):
             self._refresh(deadline)
 
     def _refresh(self, deadline: float) -> None:
         core = self.core
         weights = self._retry(lambda: self.redis.hmget(core.policy_key, "weights", "updates"), deadline, None)
-        core.load_weights({b"weights": weights[0], b"updates": weights[1]})
+        core.local.load_weights(
+            {  # type: ignore[union-attr]
+                b"weights": weights[0],
+                b"updates": weights[1],
+            }
+        )
 
     def _keep_up(self, deadline: float) -> None:
         """Wait while the model is more than ``max_lag`` of our steps behind."""
-        core, waited = self.core, 0.0
-        while core.lag() > core.max_lag:
-            if core.outbox:
+        core, local, waited = self.core, self.core.local, 0.0
+        assert local is not None
+        while local.lag() > local.max_lag:
+            if local.outbox:
                 self._flush(deadline)
                 continue
             if time.monotonic() > deadline:
-                raise ActionTimeout(
-                    f"model {core.model!r} has not learned from {core.lag()} steps of this client within"
-                    f" {core.timeout}s (is it running?)"
-                )
-            pause = core.poll_pause(waited)
+                raise core.behind()
+            pause = local.poll_pause(waited)
             time.sleep(pause)
             waited += pause
             state = self._retry(lambda: self.redis.hmget(core.policy_key, "updates", "seen"), deadline, None)
-            if core.take_policy_state(*state):
+            if local.take_state(*state):
                 self._refresh(deadline)
 
     # ----------------------------------------------------------------- plumbing
@@ -265,7 +254,7 @@ class PolicyClient:
     def _discover(self, deadline: float) -> None:
         """Learn the spaces (local mode: the policy) from what the models publish, waiting for them."""
         core = self.core
-        while core.spaces is None or (core.mode == "local" and core.local is None):
+        while not core.discovered:
             found = self._retry(self._look, deadline, None)
             if found:
                 return

@@ -45,7 +45,7 @@ HZ = os.sysconf("SC_CLK_TCK")
 
 def _relay(url: str, source: str, target: str, k: int) -> None:
     """Forward every K entries of ``source`` to ``target`` as one transaction; stop on a ``stop`` entry."""
-    client, cursor, held = redis.Redis.from_url(url), "$", 0
+    client, cursor, held = redis.Redis.from_url(url), "0-0", 0  # a fresh server: from its start
     while True:
         for _, items in client.xread({source: cursor}, block=1000, count=1000) or []:
             cursor = items[-1][0]
@@ -66,8 +66,10 @@ def transport_floor(url: str, k: int, rounds: int) -> float:
     relays = [mp.Process(target=_relay, args=(url, a, b, k)) for a, b in (("o", "l"), ("l", "a"))]
     for relay in relays:
         relay.start()
-    client, cursor = redis.Redis.from_url(url), "$"
-    time.sleep(1.0)  # the relays' first XREAD ($) must be waiting before the first round
+    # From the streams' start (the server is fresh): with "$", what a relay added between two reads
+    # would be missed, and the round would wait forever.
+    client, cursor = redis.Redis.from_url(url), "0-0"
+    time.sleep(1.0)  # the relays are up before the clock starts
     started = time.perf_counter()
     for _ in range(rounds):
         with client.pipeline(transaction=True) as pipe:

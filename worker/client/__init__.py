@@ -9,7 +9,8 @@ itself) and ``local`` (act with a copy of one model's policy; the model learns f
 """
 
 from worker.client.aio import AsyncPolicyClient
-from worker.client.core import ActionTimeout, ModelsUnavailable, Ticket
+from worker.client.core import Ticket
+from worker.client.errors import ActionTimeout, ModelsUnavailable
 from worker.client.sync import PolicyClient
 
 __all__ = ["ActionTimeout", "AsyncPolicyClient", "ModelsUnavailable", "PolicyClient", "Ticket"]

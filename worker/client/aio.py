@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 from redis.backoff import EqualJitterBackoff, ExponentialBackoff
 from redis.retry import Retry
 
-from worker.client.core import LIVE_MAX_AGE, PUBLISH, ActionTimeout, ClientCore, Ticket
+from worker.client.core import LIVE_MAX_AGE, PUBLISH, ClientCore, Ticket
+from worker.client.errors import ActionTimeout
 from worker.common import logs
 from worker.common.serve import is_outage
 from worker.protocol import Spaces

@@ -18,10 +18,11 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from worker.client.errors import ActionTimeout, ModelsUnavailable
 from worker.client.local import LocalCopy, text
 from worker.common import lua
 from worker.protocol import (
@@ -38,27 +39,10 @@ from worker.protocol import (
 
 PUBLISH = lua.source(__package__, "publish.lua")
 
-Mode = Literal["ensemble", "direct", "local"]
 MODES = ("ensemble", "direct", "local")
 MAX_ENTRY_BYTES = 1 << 20  # larger action entries are dead-lettered unread
 LIVE_MAX_AGE = 5.0  # a model whose heartbeat is older is not live (as the aggregator's default)
 MAX_REMEMBERED = 10_000  # timed-out steps whose late actions are kept
-
-
-class ActionTimeout(TimeoutError):
-    """No action came in time: names the environment and the observation (its entry ID).
-
-    :param env_id: the environment waiting
-    :param obs_id: the observation's entry ID (``None`` if it could not even be published)
-    """
-
-    def __init__(self, message: str, env_id: str | None = None, obs_id: str | None = None) -> None:
-        super().__init__(message)
-        self.env_id, self.obs_id = env_id, obs_id
-
-
-class ModelsUnavailable(TimeoutError):
-    """No model to ask: none live (ensemble), or the named one never published its spaces or weights."""
 
 
 Built = tuple[str, tuple, dict[str, Any]]  # (ENV_ID, the call, the message)

@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 import redis
 from redis.backoff import EqualJitterBackoff
 
-from worker.client.core import LIVE_MAX_AGE, PUBLISH, ActionTimeout, ClientCore, Ticket
+from worker.client.core import LIVE_MAX_AGE, PUBLISH, ClientCore, Ticket
+from worker.client.errors import ActionTimeout
 from worker.common import logs
 from worker.common.connections import connect, last_id
 from worker.common.serve import Outages, is_outage

@@ -68,4 +68,7 @@ if __name__ == "__main__":
     parser.add_argument("--model", help="the model's COMPONENT_ID (direct and local modes)")
     parser.add_argument("--envs", type=int, default=64)
     parser.add_argument("--episodes", type=int, default=2, help="episodes per environment")
-    asyncio.run(main(parser.parse_args()))
+    args = parser.parse_args()
+    if args.mode != "ensemble" and not args.model:
+        parser.error(f"--mode {args.mode} needs --model <the COMPONENT_ID of the model>")
+    asyncio.run(main(args))

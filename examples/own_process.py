@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="the model's COMPONENT_ID (direct and local modes)")
     parser.add_argument("--episodes", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.mode != "ensemble" and not args.model:
+        parser.error(f"--mode {args.mode} needs --model <the COMPONENT_ID of the model>")
 
     env = gym.make("CartPole-v1")
     client = PolicyClient(args.redis_url, prefix=args.prefix, timeout=10.0, mode=args.mode, model=args.model)

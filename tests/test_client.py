@@ -73,7 +73,11 @@ def test_bad_observations_are_rejected_in_the_client(real_redis, settings) -> No
             with pytest.raises(ValueError, match="e-1|without") as caught:
                 call()
             assert reason in str(caught.value), caught.value
+        assert client.act_many({}) == {}  # nothing to ask
         client.core.chains["e-1"] = Chain(step=1, action=0)  # as after a first step answered with 0
+        for reward in (True, "1"):  # the wire rejects them too: no silent conversion
+            with pytest.raises(ValueError, match="'e-1': REWARD must be a number, got"):
+                client.act("e-1", OBS, reward=reward)
         with pytest.raises(ValueError, match="'e-1': REWARD must be finite"):
             client.act("e-1", OBS, reward=float("inf"))
         client.close()

@@ -69,7 +69,8 @@ class AsyncPolicyClient:
         self.redis = (
             aioredis.Redis.from_url(
                 url,
-                retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
+                retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2),  # the client rides out
+                socket_connect_timeout=2,
                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
                 socket_timeout=60,
             )
@@ -131,8 +132,8 @@ class AsyncPolicyClient:
         try:
             if self.core.local and self.core.local.outbox:
                 await self._flush(time.monotonic() + self.core.timeout)
-            if self.core.trim_replies:
-                await self.redis.delete(self.core.replies, self.core.client_key)
+            kept = () if not self.core.trim_replies else (self.core.replies,)  # kept for auditing
+            await self.redis.delete(self.core.client_key, *kept)
         except (redis.RedisError, ActionTimeout):
             pass  # the stream and the key expire by themselves
         finally:
@@ -156,6 +157,8 @@ class AsyncPolicyClient:
         core, deadline = self.core, time.monotonic() + self.core.timeout
         await self._discover(deadline)
         built = core.prepare(observations, rewards, deterministic)
+        if not built:
+            return Ticket({}, deadline)
         if core.mode == "local":
             return await self._act_locally(built, deterministic, deadline)
         if core.cursor is None:

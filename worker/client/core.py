@@ -168,8 +168,8 @@ class ClientCore:
             what = f"model {self.model!r} has not published its spaces ({info})"
         else:
             what = (
-                f"model {self.model!r} publishes no weights in {self.policy_key}"
-                " (start it with --publish-weights-every N)"
+                f"model {self.model!r} publishes no weights in {self.policy_key} (is it running, with"
+                " --publish-weights-every of at least 1, the default?)"
             )
         return ModelsUnavailable(f"{what} within {self.timeout}s")
 
@@ -383,10 +383,10 @@ class ClientCore:
 
 
 def _number(env_id: str, key: str, value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{env_id!r}: {key} must be a number, got {value!r}") from None
+    """A reward as the protocol takes it: a number (not a bool, not text), finite (checked later)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{env_id!r}: {key} must be a number, got {value!r}")
+    return float(value)
 
 
 def _answers(fields: Mapping[bytes, bytes], waiting: Mapping[str, str]) -> bool:

@@ -7,7 +7,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import redis
-from redis.backoff import EqualJitterBackoff
+from redis.backoff import EqualJitterBackoff, ExponentialBackoff
+from redis.retry import Retry
 
 from worker.client.core import LIVE_MAX_AGE, PUBLISH, ClientCore, Ticket
 from worker.client.errors import ActionTimeout
@@ -82,7 +83,9 @@ class PolicyClient:
         )  # fmt: skip
         self.flush_every, self.block_ms = max(1, flush_every), block_ms
         self._owned = isinstance(url, str)
-        self.redis = connect(url) if isinstance(url, str) else url
+        # Few, short retries inside redis-py: this client rides out outages itself, within its timeout.
+        retry = Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2)
+        self.redis = connect(url, retry=retry, socket_connect_timeout=2) if isinstance(url, str) else url
         self._publish = self.redis.register_script(PUBLISH)
         if outages is None:
             outages = Outages(self.redis, log, client_id=self.core.client_id)
@@ -147,8 +150,8 @@ class PolicyClient:
         try:
             if self.core.local and self.core.local.outbox:
                 self._flush(time.monotonic() + self.core.timeout)
-            if self.core.trim_replies:
-                self.redis.delete(self.core.replies, self.core.client_key)
+            kept = () if not self.core.trim_replies else (self.core.replies,)  # kept for auditing
+            self.redis.delete(self.core.client_key, *kept)
         except (redis.RedisError, ActionTimeout):
             pass  # the stream and the key expire by themselves
         finally:
@@ -173,6 +176,8 @@ class PolicyClient:
         core, deadline = self.core, time.monotonic() + self.core.timeout
         self._discover(deadline)
         built = core.prepare(observations, rewards, deterministic)
+        if not built:
+            return Ticket({}, deadline)
         if core.mode == "local":
             return self._act_locally(built, deterministic, deadline)
         if core.cursor is None:  # the shared stream: only what comes after now

@@ -43,6 +43,8 @@ def test_act_end_and_act_many_in_ensemble_mode(real_redis, settings) -> None:
     # end() travels with the next observation, as the protocol carries an episode's end.
     assert robot[2]["DONE"] is True and (robot[2]["REWARD"], robot[2]["ACTION"]) == (0.5, second)
     assert "TRUNCATED" not in robot[2] and robot[2]["OBSERVATION"] == pytest.approx(obs(3))
+    with pytest.raises(RuntimeError, match="'c1' is closed"):
+        client.act("robot-1", OBS)
     # Closed: its reply stream and key are deleted; no action ever went to the shared stream.
     assert not real_redis.exists("rl:action:c1", "rl:client:c1") and real_redis.xlen("rl:action") == 0
 

@@ -78,6 +78,7 @@ class AsyncPolicyClient:
             else url
         )
         self._publish = self.redis.register_script(PUBLISH)
+        self.closed = False
         self._backoff = EqualJitterBackoff(cap=1.0, base=0.02)
         self._failing = False  # in an outage: logged once when it begins, once when it ends
         self._outage: BaseException | None = None
@@ -129,6 +130,7 @@ class AsyncPolicyClient:
         """Send what local mode still holds, delete this client's reply stream and key, disconnect."""
         if self._reader is not None:
             self._reader.cancel()
+        self.closed = True
         try:
             if self.core.local and self.core.local.outbox:
                 await self._flush(time.monotonic() + self.core.timeout)
@@ -154,6 +156,8 @@ class AsyncPolicyClient:
         rewards: Mapping[str, float] | None = None,
         deterministic: bool = False,
     ) -> Ticket:
+        if self.closed:
+            raise RuntimeError(f"client {self.core.client_id!r} is closed")
         core, deadline = self.core, time.monotonic() + self.core.timeout
         await self._discover(deadline)
         built = core.prepare(observations, rewards, deterministic)

@@ -87,6 +87,7 @@ class PolicyClient:
         retry = Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2)
         self.redis = connect(url, retry=retry, socket_connect_timeout=2) if isinstance(url, str) else url
         self._publish = self.redis.register_script(PUBLISH)
+        self.closed = False
         if outages is None:
             outages = Outages(self.redis, log, client_id=self.core.client_id)
             outages.backoff = EqualJitterBackoff(cap=1.0, base=0.02)  # within an action's timeout
@@ -147,6 +148,7 @@ class PolicyClient:
 
     def close(self) -> None:
         """Send what local mode still holds, delete this client's reply stream and key, disconnect."""
+        self.closed = True
         try:
             if self.core.local and self.core.local.outbox:
                 self._flush(time.monotonic() + self.core.timeout)
@@ -173,6 +175,8 @@ class PolicyClient:
         deterministic: bool = False,
     ) -> Ticket:
         """Publish the observations (local mode: act on them); :meth:`collect` gathers the actions."""
+        if self.closed:
+            raise RuntimeError(f"client {self.core.client_id!r} is closed")
         core, deadline = self.core, time.monotonic() + self.core.timeout
         self._discover(deadline)
         built = core.prepare(observations, rewards, deterministic)

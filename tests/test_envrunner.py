@@ -386,6 +386,29 @@ def test_a_run_rides_out_redis_refusing_it(real_redis, env_settings, scripted) -
     assert runner.outages.failures == 0 and [m["RUN_ID"] for m in statuses(real_redis)] == ["r1"]
 
 
+def test_a_run_outlasts_an_outage_longer_than_the_action_timeout(real_redis, env_settings, scripted) -> None:
+    """Redis unreachable for longer than --action-timeout is not the models' slowness: the round is
+    sent again (the same steps: one entry each) until it is back, and the run goes on."""
+    runner = EnvRunner(env_settings.model_copy(update={"action_timeout": 0.4}), real_redis)
+    fake = scripted(alternate)
+    execute, down = real_redis.execute_command, {"until": None}
+
+    def unreachable(*args: Any, **options: Any) -> Any:
+        if args[0] == "XREAD" and fake.seen:
+            down["until"] = down["until"] or time.monotonic() + 1.2
+            if time.monotonic() < down["until"]:
+                raise redis.ConnectionError("Redis went away mid-run")
+        return execute(*args, **options)
+
+    real_redis.execute_command = unreachable  # type: ignore[method-assign]
+    try:
+        report = runner.run("r1", steps=6)
+    finally:
+        real_redis.execute_command = execute  # type: ignore[method-assign]
+    assert down["until"] is not None and "ERROR" not in report and report["STEPS"] == 6
+    assert len(fake.seen) == 6 and all(obs_id in fake.answers for obs_id, _ in fake.seen)  # once each
+
+
 def test_reports_sent_twice_are_published_once(real_redis) -> None:
     """redis-py resends a command whose reply was lost: the copy of a publish is not applied again."""
     script = real_redis.register_script(PUBLISH)

@@ -332,25 +332,33 @@ class EnvRunner(Service):
 
     def _act(self, ready: list[Slot], deterministic: bool) -> dict[str, int]:
         """The actions for the pending observations of ``ready``, asked for at once. A STOP on the
-        control stream, looked for while waiting, aborts the run; so does no action in time."""
+        control stream, looked for while waiting, aborts the run; so does no action in time, unless
+        Redis was unavailable: then the same steps are sent again (one entry each, see the client)
+        until it is back, as an outage is not the models' slowness."""
         client = self.client
-        try:
-            for slot in ready:
-                if slot.finish is not None:
-                    client.end(slot.env_id, slot.finish[0], slot.finish[1], *slot.finish[2:])
-                    slot.finish = None
-            observations = {slot.env_id: slot.pending for slot in ready}
-            rewards = {slot.env_id: slot.reward for slot in ready if slot.reward is not None}
-            ticket: Ticket = client.send(observations, rewards, deterministic)
-            for slot in ready:
-                slot.waiting = True
-            while not client.collect(ticket, block_ms=int(CONTROL_PEEK * 1000)):
-                self._peek_control()
-                if self.stopping:
-                    raise RunAborted("runner stopping")
-        except ActionTimeout as exc:
-            raise RunAborted(str(exc)) from None
-        return ticket.result()
+        for slot in ready:
+            if slot.finish is not None:
+                client.end(slot.env_id, slot.finish[0], slot.finish[1], *slot.finish[2:])
+                slot.finish = None
+        observations = {slot.env_id: slot.pending for slot in ready}
+        rewards = {slot.env_id: slot.reward for slot in ready if slot.reward is not None}
+        for slot in ready:
+            slot.waiting = True
+        while True:
+            try:
+                ticket: Ticket = client.send(observations, rewards, deterministic)
+                while not client.collect(ticket, block_ms=int(CONTROL_PEEK * 1000)):
+                    self._peek_control()
+                    if self.stopping:
+                        raise RunAborted("runner stopping")
+                return ticket.result()
+            except ActionTimeout as exc:
+                if not isinstance(exc.__cause__, redis.RedisError) or self.stopping:
+                    raise RunAborted(str(exc)) from None
+                log.warning(
+                    "redis unavailable for the whole action timeout: sending the steps again",
+                    runner_id=self.settings.runner_id,
+                )
 
     def _peek_control(self) -> None:
         """A STOP sent during the run stops the runner at once; other commands wait for serve()."""

@@ -33,6 +33,8 @@ def test_act_end_and_act_many_in_ensemble_mode(real_redis, settings) -> None:
         client.end("robot-1", obs(2), reward=0.5, terminated=True)
         third = client.act("robot-1", obs(3))
         both = client.act_many({"e1": obs(4), "e2": obs(5)})
+        numbered = client.act(7, obs(4))  # an integer ENV_ID is its decimal text, as on the wire
+        assert client.act_many({7: obs(5)}, rewards={7: 1.0}).keys() == {7} and numbered in (0, 1)
         again = client.act_many({"e1": obs(6), "e2": obs(7)}, rewards={"e1": 1.0, "e2": 0.0})
     assert {first, second, third} <= {0, 1} and all(type(a) is int for a in (first, second, third))
     assert set(both) == set(again) == {"e1", "e2"}

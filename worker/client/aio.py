@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.backoff import EqualJitterBackoff, ExponentialBackoff
 from redis.retry import Retry
 
+from worker.client.checks import env_name
 from worker.client.core import LIVE_MAX_AGE, PUBLISH, ClientCore, Ticket
 from worker.client.errors import ActionTimeout
 from worker.common import logs
@@ -114,7 +115,8 @@ class AsyncPolicyClient:
         """See :meth:`PolicyClient.act_many <worker.client.PolicyClient.act_many>`."""
         ticket = await self.send(observations, rewards, deterministic)
         await self.collect(ticket)
-        return ticket.result()
+        actions = ticket.result()
+        return {env: actions[env_name(env)] for env in observations}  # keyed as asked
 
     async def end(
         self, env_id: str, observation: Any, reward: float, terminated: bool = False, truncated: bool = False

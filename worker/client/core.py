@@ -20,8 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from worker.client.checks import as_list, env_name, number
 from worker.client.errors import ActionTimeout, ModelsUnavailable
 from worker.client.local import LocalCopy, text
 from worker.common import lua
@@ -77,13 +76,6 @@ class Ticket:
 
 def default_client_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def as_list(env_id: str, observation: Any) -> list:
-    try:
-        return np.asarray(observation, dtype=np.float64).tolist()
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{env_id!r}: OBSERVATION is not an array of numbers: {exc}") from None
 
 
 class ClientCore:
@@ -182,8 +174,6 @@ class ClientCore:
         :raises ValueError: naming the environment and the problem
         """
         assert self.spaces is not None
-        if not isinstance(env_id, str) or not env_id:
-            raise ValueError(f"an environment's ID must be a non-empty string, got {env_id!r}")
         chain = self.chains.get(env_id) or Chain()
         call = (as_list(env_id, observation), reward, bool(deterministic))
         if chain.unanswered is not None and chain.unanswered[0] == call:
@@ -204,7 +194,7 @@ class ClientCore:
                     f"{env_id!r}: a reward is for the previous action, but this environment has none"
                     " (the first observation of an episode takes no reward)"
                 )
-            message.update(REWARD=_number(env_id, "REWARD", reward), ACTION=chain.action)
+            message.update(REWARD=number(env_id, "REWARD", reward), ACTION=chain.action)
         # else: a step went unanswered and this is not it: its action was never taken, the chain restarts
         if self.reply_to is not None:
             message["REPLY_TO"] = self.reply_to
@@ -213,15 +203,16 @@ class ClientCore:
         self.check(env_id, message)
         return call, message
 
-    def end(self, env_id: str, observation: Any, reward: Any, terminated: bool, truncated: bool) -> None:
+    def end(self, env_id: Any, observation: Any, reward: Any, terminated: bool, truncated: bool) -> None:
         """Record the end of ``env_id``'s episode: sent with its next observation."""
+        env_id = env_name(env_id)
         if not (terminated or truncated):
             raise ValueError(f"{env_id!r}: end() needs terminated=True or truncated=True")
         chain = self.chains.get(env_id)
         if chain is None or chain.action is None:
             raise ValueError(f"{env_id!r}: end() reports the reward of the last action, but none was taken")
         ended: dict[str, Any] = {
-            "REWARD": _number(env_id, "REWARD", reward),
+            "REWARD": number(env_id, "REWARD", reward),
             "ACTION": chain.action,
             "DONE": True,
         }
@@ -248,23 +239,27 @@ class ClientCore:
         chain = self.chains[env_id]
         chain.action, chain.unanswered = action, None
 
-    def forget(self, env_id: str) -> None:
+    def forget(self, env_id: Any) -> None:
         """Start ``env_id``'s next observation as a new chain (its last step is abandoned)."""
+        env_id = env_name(env_id)
         if (chain := self.chains.get(env_id)) is not None:
             chain.action, chain.ended, chain.unanswered = None, None, None
 
     # ----------------------------------------------------------------- publishing and replies
 
     def prepare(
-        self, observations: Mapping[str, Any], rewards: Mapping[str, Any] | None, deterministic: bool
+        self, observations: Mapping[Any, Any], rewards: Mapping[Any, Any] | None, deterministic: bool
     ) -> list[Built]:
         """``(ENV_ID, call, message)`` of each observation, checked (see :meth:`message`)."""
         rewards = rewards or {}
         if extra := set(rewards) - set(observations):
-            raise ValueError(f"rewards for environments without an observation: {sorted(extra)}")
+            raise ValueError(f"rewards for environments without an observation: {sorted(map(str, extra))}")
+        named = {env_name(env): env for env in observations}
+        if len(named) < len(observations):
+            raise ValueError("two keys name the same environment (an integer ENV_ID is its decimal text)")
         return [
-            (env, *self.message(env, obs, rewards.get(env), deterministic))
-            for env, obs in observations.items()
+            (name, *self.message(name, observations[env], rewards.get(env), deterministic))
+            for name, env in named.items()
         ]
 
     def publish_steps(self, built: list[Built]) -> tuple[list[str], list[str], list[Any]]:
@@ -380,13 +375,6 @@ class ClientCore:
     def discovered(self) -> bool:
         """The spaces are known, and in local mode the copy is built."""
         return self.spaces is not None and (self.local is None or self.local.policy is not None)
-
-
-def _number(env_id: str, key: str, value: Any) -> float:
-    """A reward as the protocol takes it: a number (not a bool, not text), finite (checked later)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise ValueError(f"{env_id!r}: {key} must be a number, got {value!r}")
-    return float(value)
 
 
 def _answers(fields: Mapping[bytes, bytes], waiting: Mapping[str, str]) -> bool:

@@ -10,6 +10,7 @@ import redis
 from redis.backoff import EqualJitterBackoff, ExponentialBackoff
 from redis.retry import Retry
 
+from worker.client.checks import env_name
 from worker.client.core import LIVE_MAX_AGE, PUBLISH, ClientCore, Ticket
 from worker.client.errors import ActionTimeout
 from worker.common import logs
@@ -127,7 +128,8 @@ class PolicyClient:
         ticket = self.send(observations, rewards, deterministic)
         while not self.collect(ticket):
             pass
-        return ticket.result()
+        actions = ticket.result()
+        return {env: actions[env_name(env)] for env in observations}  # keyed as asked
 
     def end(
         self,

@@ -389,13 +389,13 @@ def test_a_run_rides_out_redis_refusing_it(real_redis, env_settings, scripted) -
 def test_a_run_outlasts_an_outage_longer_than_the_action_timeout(real_redis, env_settings, scripted) -> None:
     """Redis unreachable for longer than --action-timeout is not the models' slowness: the round is
     sent again (the same steps: one entry each) until it is back, and the run goes on."""
-    runner = EnvRunner(env_settings.model_copy(update={"action_timeout": 0.4}), real_redis)
+    runner = EnvRunner(env_settings.model_copy(update={"action_timeout": 1.0}), real_redis)
     fake = scripted(alternate)
     execute, down = real_redis.execute_command, {"until": None}
 
     def unreachable(*args: Any, **options: Any) -> Any:
         if args[0] == "XREAD" and fake.seen:
-            down["until"] = down["until"] or time.monotonic() + 1.2
+            down["until"] = down["until"] or time.monotonic() + 2.5
             if time.monotonic() < down["until"]:
                 raise redis.ConnectionError("Redis went away mid-run")
         return execute(*args, **options)

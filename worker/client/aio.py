@@ -190,7 +190,7 @@ class AsyncPolicyClient:
                 left = ticket.deadline - time.monotonic()
                 await asyncio.wait_for(self._arrived.wait_for(lambda: ticket.done), max(left, 0))
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-                raise self.core.timed_out(ticket, self._outage) from None
+                raise self.core.timed_out(ticket, self._outage) from self._outage
 
     async def _read(self) -> None:
         """Read the reply stream while any ticket waits; wake the waiting tasks after each read."""

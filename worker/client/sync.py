@@ -89,6 +89,8 @@ class PolicyClient:
         self.redis = connect(url, retry=retry, socket_connect_timeout=2) if isinstance(url, str) else url
         self._publish = self.redis.register_script(PUBLISH)
         self.closed = False
+        self._outage: BaseException | None = None  # the last outage met, and when
+        self._outage_at = -float("inf")
         if outages is None:
             outages = Outages(self.redis, log, client_id=self.core.client_id)
             outages.backoff = EqualJitterBackoff(cap=1.0, base=0.02)  # within an action's timeout
@@ -202,8 +204,17 @@ class PolicyClient:
             return True
         left = ticket.deadline - time.monotonic()
         if left <= 0:
-            raise core.timed_out(ticket)
-        block = max(1, int(min(block_ms or self.block_ms, left * 1000)))
+            self._read(ticket, None)  # what came while an outage's backoff slept past the deadline
+            if ticket.done:
+                return True
+            outage = self._outage if self._outage_at > ticket.deadline - core.timeout else None
+            raise core.timed_out(ticket, outage) from outage
+        self._read(ticket, max(1, int(min(block_ms or self.block_ms, left * 1000))))
+        return ticket.done
+
+    def _read(self, ticket: Ticket, block: int | None) -> None:
+        """One read of the reply stream (``block`` ms at most; ``None``: no wait), filed by ticket."""
+        core = self.core
         reply = self._retry(
             lambda: self.redis.xread({core.replies: core.cursor}, count=1000, block=block),
             ticket.deadline,
@@ -212,7 +223,6 @@ class PolicyClient:
         for _, items in reply or []:
             for letter in core.take_replies(items):
                 self.redis.xadd(core.streams.dead, letter, maxlen=core.stream_maxlen, approximate=True)
-        return ticket.done
 
     # ----------------------------------------------------------------- local mode
 
@@ -296,6 +306,7 @@ class PolicyClient:
             except redis.RedisError as exc:
                 if not is_outage(exc):
                     raise
+                self._outage, self._outage_at = exc, time.monotonic()
                 if time.monotonic() > deadline:
                     raise self._gave_up(waiting, exc) from exc
                 self.outages.failed(exc)

@@ -13,6 +13,8 @@ import redis
 from worker.common.connections import embedded_redis
 from worker.model.settings import ModelSettings
 
+pytest_plugins = ["tests.scripted"]  # the environment runner's fixtures: env_settings, scripted
+
 
 @pytest.fixture(scope="session")
 def redis_server_url() -> Iterator[str]:

@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 
 from tests.faults.chaos import Incarnation, RedisServer, spawn, worker_command
 from tests.helpers import read
-from tests.test_envrunner import ScriptedAggregator
+from tests.scripted import ScriptedAggregator
 from worker.aggregator import Aggregator, AggregatorSettings
 from worker.common import logs
 from worker.common.connections import connect, embedded_redis

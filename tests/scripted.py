@@ -7,6 +7,7 @@ import signal
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -106,3 +107,20 @@ def serve(runner: EnvRunner) -> None:
 
 def statuses(client: redis.Redis) -> list[Message]:
     return [message for _, message in read(client, "rl:status")]
+
+
+@contextmanager
+def failing(client: redis.Redis, fault: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, ``fault(command)`` runs before each command ``client`` sends: it raises to
+    make that command fail as Redis would, before it reaches Redis."""
+    execute = client.execute_command
+
+    def faulty(*args: Any, **options: Any) -> Any:
+        fault(args[0])
+        return execute(*args, **options)
+
+    client.execute_command = faulty  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        client.execute_command = execute  # type: ignore[method-assign]

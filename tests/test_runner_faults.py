@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from tests.helpers import read, xadd
-from tests.scripted import alternate, serve, statuses
+from tests.scripted import alternate, failing, serve, statuses
 from worker.env.runner import PUBLISH, EnvRunner
 from worker.protocol import split_id
 
@@ -24,18 +24,13 @@ def test_a_run_rides_out_redis_refusing_it(real_redis, env_settings, scripted) -
         "EVALSHA": redis.exceptions.OutOfMemoryError("command not allowed when used memory"),
         "XREAD": redis.ConnectionError("Redis went away mid-run"),
     }
-    execute = real_redis.execute_command
 
-    def flaky(*args: Any, **options: Any) -> Any:
-        if args[0] in failures and fake.seen:
-            raise failures.pop(args[0])
-        return execute(*args, **options)
+    def flaky(command: str) -> None:
+        if command in failures and fake.seen:
+            raise failures.pop(command)
 
-    real_redis.execute_command = flaky  # type: ignore[method-assign]
-    try:
+    with failing(real_redis, flaky):
         report = runner.run("r1", steps=6)
-    finally:
-        real_redis.execute_command = execute  # type: ignore[method-assign]
     assert not failures, "both faults happened"
     assert report["STEPS"] == 6 and "ERROR" not in report
     assert len(fake.seen) == 6 and all(obs_id in fake.answers for obs_id, _ in fake.seen)
@@ -47,20 +42,16 @@ def test_a_run_outlasts_an_outage_longer_than_the_action_timeout(real_redis, env
     sent again (the same steps: one entry each) until it is back, and the run goes on."""
     runner = EnvRunner(env_settings.model_copy(update={"action_timeout": 1.0}), real_redis)
     fake = scripted(alternate)
-    execute, down = real_redis.execute_command, {"until": None}
+    down: dict[str, float | None] = {"until": None}
 
-    def unreachable(*args: Any, **options: Any) -> Any:
-        if args[0] == "XREAD" and fake.seen:
+    def unreachable(command: str) -> None:
+        if command == "XREAD" and fake.seen:
             down["until"] = down["until"] or time.monotonic() + 2.5
             if time.monotonic() < down["until"]:
                 raise redis.ConnectionError("Redis went away mid-run")
-        return execute(*args, **options)
 
-    real_redis.execute_command = unreachable  # type: ignore[method-assign]
-    try:
+    with failing(real_redis, unreachable):
         report = runner.run("r1", steps=6)
-    finally:
-        real_redis.execute_command = execute  # type: ignore[method-assign]
     assert down["until"] is not None and "ERROR" not in report and report["STEPS"] == 6
     assert len(fake.seen) == 6 and all(obs_id in fake.answers for obs_id, _ in fake.seen)  # once each
 

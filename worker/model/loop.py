@@ -35,7 +35,7 @@ from worker.common.connections import ensure_group, text
 from worker.common.serve import Service
 from worker.model import clients, reclaim
 from worker.model.learner import Counters, Learner
-from worker.model.memory import FORMAT_HINT, MAX_STEP, EnvMemory, FormatError
+from worker.model.memory import FORMAT_HINT, EnvMemory, FormatError
 from worker.model.settings import ModelSettings
 from worker.model.store import Batch, LostLease, ModelStore, digest
 from worker.protocol import (
@@ -300,8 +300,6 @@ class ModelWorker(Service):
                 message, encoding = decode_entry(fields, self.settings.max_entry_bytes)
                 if stream != self.streams.evolution:
                     obs = parse_observation(message, entry_id, encoding, *self._spaces)
-                    if obs.step is not None and obs.step > MAX_STEP:  # the memory could not hold it
-                        raise ProtocolError(f"STEP must be at most {MAX_STEP}, got a larger integer")
                     run.append((obs, stream == self.inbox))
                     continue
                 command = parse_command(message, entry_id, encoding)

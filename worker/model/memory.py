@@ -18,7 +18,6 @@ from worker.protocol import Observation, split_id
 
 MEMORY_FORMAT = 2  # the layout of a packed EnvMemory: its first item
 READABLE_FORMATS = (1, MEMORY_FORMAT)  # format 1 had no ``step``: it unpacks with ``step`` None
-MAX_STEP = 2**63 - 1  # the largest STEP a memory holds (msgpack integers end at 64 bits)
 
 
 class FormatError(ValueError):

@@ -67,14 +67,19 @@ def choice(message: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> st
     raise ProtocolError(f"{key} must be one of {', '.join(choices)}; {got}")
 
 
-def integer(message: Mapping[str, Any], key: str, minimum: int = 0) -> int | None:
-    """An integer of at least ``minimum`` (booleans are not integers), or ``None`` when absent or null."""
+def integer(
+    message: Mapping[str, Any], key: str, minimum: int = 0, maximum: int | None = None
+) -> int | None:
+    """An integer of at least ``minimum`` and at most ``maximum`` (booleans are not integers), or
+    ``None`` when absent or null."""
     value = message.get(key)
     if value is None:
         return None
     if type(value) is not int or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
         raise ProtocolError(f"{key} must be {what}, got {describe(value)}")
+    if maximum is not None and value > maximum:
+        raise ProtocolError(f"{key} must be at most {maximum}, got a larger integer")
     return value
 
 

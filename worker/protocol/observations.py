@@ -15,6 +15,7 @@ from worker.protocol.encoding import Encoding, ProtocolError
 
 MAX_ENV_ID_LENGTH = 256
 MAX_REPLY_TO_LENGTH = 128
+MAX_STEP = 2**63 - 1  # the largest STEP a model's memory holds (msgpack integers end at 64 bits)
 
 
 @dataclass(slots=True)
@@ -77,7 +78,7 @@ def parse_observation(
         terminal_observation=terminal,
         deterministic=fields.flag(message, "DETERMINISTIC"),
         encoding=encoding,
-        step=fields.integer(message, "STEP"),
+        step=fields.integer(message, "STEP", maximum=MAX_STEP),
         reply_to=_reply_to(message),
         answer=fields.flag(message, "ANSWER", default=True),
     )
@@ -152,7 +153,7 @@ def parse_logits_reply(message: Mapping[str, Any], encoding: Encoding) -> Logits
         logits=array,
         deterministic=fields.flag(message, "DETERMINISTIC"),
         encoding=encoding,
-        step=fields.integer(message, "STEP"),
+        step=fields.integer(message, "STEP", maximum=MAX_STEP),
         reply_to=_reply_to(message),
     )
 

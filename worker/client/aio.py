@@ -19,9 +19,10 @@ from redis.backoff import EqualJitterBackoff, ExponentialBackoff
 from redis.retry import Retry
 
 from worker.client.checks import env_name
-from worker.client.core import LIVE_MAX_AGE, PUBLISH, ClientCore, Ticket
+from worker.client.core import PUBLISH, ClientCore, Ticket
 from worker.client.errors import ActionTimeout
 from worker.common import logs
+from worker.common.registry import LIVE_MAX_AGE
 from worker.common.serve import is_outage
 from worker.protocol import Spaces
 
@@ -238,16 +239,12 @@ class AsyncPolicyClient:
             await self._refresh(deadline)
 
     async def _refresh(self, deadline: float) -> None:
-        core = self.core
+        core, local = self.core, self.core.local
+        assert local is not None
         weights = await self._retry(
             lambda: self.redis.hmget(core.policy_key, "weights", "updates"), deadline, None
         )
-        core.local.load_weights(
-            {  # type: ignore[union-attr]
-                b"weights": weights[0],
-                b"updates": weights[1],
-            }
-        )
+        local.load_weights({b"weights": weights[0], b"updates": weights[1]})
 
     async def _keep_up(self, deadline: float) -> None:
         core, local, waited = self.core, self.core.local, 0.0
@@ -304,9 +301,7 @@ class AsyncPolicyClient:
                     raise
                 failures += 1
                 if time.monotonic() + self._backoff.compute(failures) > deadline:
-                    where = f" for {env!r}" if env else ""
-                    message = f"Redis unavailable{where} for {self.core.timeout}s: {exc}"
-                    raise ActionTimeout(message, env) from exc
+                    raise self.core.unreachable(env, exc) from exc
                 self._failed(exc)
                 await asyncio.sleep(self._backoff.compute(failures))
                 continue

@@ -40,7 +40,6 @@ PUBLISH = lua.source(__package__, "publish.lua")
 
 MODES = ("ensemble", "direct", "local")
 MAX_ENTRY_BYTES = 1 << 20  # larger action entries are dead-lettered unread
-LIVE_MAX_AGE = 5.0  # a model whose heartbeat is older is not live (as the aggregator's default)
 MAX_REMEMBERED = 10_000  # timed-out steps whose late actions are kept
 
 
@@ -126,9 +125,6 @@ class ClientCore:
         self.local = LocalCopy(model, max_lag) if mode == "local" and model else None
 
     # ----------------------------------------------------------------- discovery
-
-    def live_after(self, now: float) -> float:
-        return now - LIVE_MAX_AGE
 
     def take_spaces(self, found: Mapping[str, bytes | None]) -> Spaces | None:
         """The spaces every model in ``found`` (component ID -> its ``spaces``) agrees on; ``None``
@@ -334,6 +330,11 @@ class ClientCore:
             self.dropped[obs_id] = None
         while len(self.dropped) > MAX_REMEMBERED:
             self.dropped.popitem(last=False)
+
+    def unreachable(self, env_id: str | None, outage: BaseException) -> ActionTimeout:
+        """Redis stayed unavailable for the whole timeout (for a step of ``env_id``, if named)."""
+        where = f" for {env_id!r}" if env_id else ""
+        return ActionTimeout(f"Redis unavailable{where} for {self.timeout}s: {outage}", env_id)
 
     def timed_out(self, ticket: Ticket, outage: BaseException | None = None) -> ActionTimeout:
         self.drop(ticket)

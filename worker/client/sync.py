@@ -11,10 +11,11 @@ from redis.backoff import EqualJitterBackoff, ExponentialBackoff
 from redis.retry import Retry
 
 from worker.client.checks import env_name
-from worker.client.core import LIVE_MAX_AGE, PUBLISH, ClientCore, Ticket
+from worker.client.core import PUBLISH, ClientCore, Ticket
 from worker.client.errors import ActionTimeout
 from worker.common import logs
 from worker.common.connections import connect, last_id
+from worker.common.registry import live_models
 from worker.common.serve import Outages, is_outage
 from worker.protocol import Spaces
 
@@ -245,14 +246,10 @@ class PolicyClient:
             self._refresh(deadline)
 
     def _refresh(self, deadline: float) -> None:
-        core = self.core
+        core, local = self.core, self.core.local
+        assert local is not None
         weights = self._retry(lambda: self.redis.hmget(core.policy_key, "weights", "updates"), deadline, None)
-        core.local.load_weights(
-            {  # type: ignore[union-attr]
-                b"weights": weights[0],
-                b"updates": weights[1],
-            }
-        )
+        local.load_weights({b"weights": weights[0], b"updates": weights[1]})
 
     def _keep_up(self, deadline: float) -> None:
         """Wait while the model is more than ``max_lag`` of our steps behind."""
@@ -288,11 +285,7 @@ class PolicyClient:
         core, streams = self.core, self.core.streams
         if core.mode == "local":
             return core.take_policy(self.redis.hgetall(core.policy_key))
-        if core.mode == "direct":
-            models = [core.model or ""]
-        else:
-            members = self.redis.zrangebyscore(streams.registry, time.time() - LIVE_MAX_AGE, "+inf")
-            models = [m.decode() for m in members]
+        models = [core.model or ""] if core.mode == "direct" else live_models(self.redis, streams)
         with self.redis.pipeline(transaction=False) as pipe:
             for cid in models:
                 pipe.hget(streams.model_key(cid, "info"), "spaces")
@@ -318,8 +311,4 @@ class PolicyClient:
     def _gave_up(self, waiting: Ticket | str | None, exc: BaseException) -> ActionTimeout:
         if isinstance(waiting, Ticket) and waiting.waiting:
             return self.core.timed_out(waiting, exc)
-        env = f" for {waiting!r}" if isinstance(waiting, str) else ""
-        return ActionTimeout(
-            f"Redis unavailable{env} for {self.core.timeout}s: {exc}",
-            waiting if isinstance(waiting, str) else None,
-        )
+        return self.core.unreachable(waiting if isinstance(waiting, str) else None, exc)

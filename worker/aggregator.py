@@ -48,6 +48,7 @@ from pydantic import Field
 
 from worker.common import logs, lua
 from worker.common.connections import ensure_group
+from worker.common.sampling import sample, softmax
 from worker.common.serve import Service
 from worker.common.settings import CommonSettings
 from worker.protocol import (
@@ -88,24 +89,11 @@ class AggregatorSettings(CommonSettings):
     )
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, shifted by the maximum so large logits do not overflow."""
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
-
-
 def combine(logits: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """``(ensemble probabilities, per-model probabilities)`` of a ``(..., models, actions)`` array."""
     per_model = softmax(logits)
     probs = per_model.mean(axis=-2) if mode == "prob" else softmax(logits.mean(axis=-2))
     return probs / probs.sum(axis=-1, keepdims=True), per_model
-
-
-def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One action per row of ``probs`` (rows sum to 1), by inverting each row's CDF."""
-    cdf = probs.cumsum(axis=-1)
-    u = rng.random(len(probs))[:, None] * cdf[:, -1:]
-    return np.minimum((cdf <= u).sum(axis=-1), probs.shape[-1] - 1)
 
 
 @dataclass(frozen=True, slots=True)

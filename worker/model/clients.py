@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from worker.common.sampling import sample, softmax
 from worker.model.learner import Learner
 from worker.model.policy import policy_spec
 from worker.model.settings import ModelSettings
@@ -34,8 +35,7 @@ def choose(logits: list[float], deterministic: bool, rng: np.random.Generator) -
     row = np.asarray(logits, dtype=np.float64)  # softmax and sampling in double precision
     if deterministic:
         return int(row.argmax())
-    cdf = np.exp(row - row.max()).cumsum()
-    return min(int((cdf <= rng.random() * cdf[-1]).sum()), len(row) - 1)
+    return int(sample(softmax(row[None]), rng)[0])
 
 
 def answer(

@@ -67,9 +67,7 @@ def choice(message: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> st
     raise ProtocolError(f"{key} must be one of {', '.join(choices)}; {got}")
 
 
-def integer(
-    message: Mapping[str, Any], key: str, minimum: int = 0, maximum: int | None = None
-) -> int | None:
+def integer(message: Mapping[str, Any], key: str, minimum: int = 0, maximum: int | None = None) -> int | None:
     """An integer of at least ``minimum`` and at most ``maximum`` (booleans are not integers), or
     ``None`` when absent or null."""
     value = message.get(key)

@@ -107,7 +107,7 @@ class ClientCore:
         self.timeout, self.mode, self.model = timeout, mode, model
         self.client_id = client_id or default_client_id()
         self.encoding = Encoding(encoding)
-        self.max_lag, self.stream_maxlen, self.reply_ttl_ms = max_lag, stream_maxlen, int(reply_ttl * 1000)
+        self.stream_maxlen, self.reply_ttl_ms = stream_maxlen, int(reply_ttl * 1000)
         self.session = uuid.uuid4().hex[:12]  # names this client's steps: see publish.lua
         self.target = self.streams.observation if model is None else self.streams.inbox(model)
         self.reply_to = None if shared_replies or mode == "local" else self.client_id

@@ -11,7 +11,8 @@ import pytest
 import redis
 
 from tests.helpers import read, xadd
-from worker.aggregator import Aggregator, AggregatorSettings, softmax
+from worker.aggregator import Aggregator, AggregatorSettings
+from worker.common.distributions import softmax
 from worker.protocol import Encoding, encode_entry
 
 

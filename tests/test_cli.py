@@ -21,13 +21,22 @@ def test_control_alone_prints_the_usage_and_runs_nothing(capsys) -> None:
     assert main(["control", "--help"]) == 0 and "control forget" in capsys.readouterr().out
 
 
+VECTOR_SPACES = '{"observation": {"type": "Box", "shape": [4]}, "action": {"type": "Discrete", "n": 2}}'
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
         (["model", "--gym-env", "Foo-v0"], "Environment `Foo` doesn't exist"),
-        (["model", "--gym-env", "Pendulum-v1"], "need a Box observation and a Discrete action space"),
-        (["model", "--gym-env", "none"], "give --obs-shape and --n-actions"),
-        (["env", "--gym-env", "Pendulum-v1"], "only discrete actions are supported"),
+        (["model", "--gym-env", "Blackjack-v1"], "observation space Tuple(Discrete(32)"),
+        (["model", "--gym-env", "none"], "give --spaces, or --obs-shape and --n-actions"),
+        (["model", "--spaces", '{"observation": {"type": "Box"}}'], "not a description of spaces"),
+        (["model", "--spaces", VECTOR_SPACES, "--policy", "CnnPolicy"], "CnnPolicy needs an image"),
+        (["model", "--spaces", VECTOR_SPACES, "--policy", "MultiInputPolicy"], "does not fit"),
+        (
+            ["env", "--gym-env", "Blackjack-v1"],
+            "is not one of Discrete, Box, MultiDiscrete",
+        ),
     ],
 )
 def test_an_unusable_environment_is_one_line(args: list[str], says: str) -> None:

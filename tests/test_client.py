@@ -27,7 +27,7 @@ def test_act_end_and_act_many_in_ensemble_mode(real_redis, settings) -> None:
     url = settings.redis_url
     models = model(settings, "m1"), model(settings, "m2", seed=1)
     with running(*models, aggregator(url)), PolicyClient(url, timeout=5.0, client_id="c1") as client:
-        assert client.spaces.obs_shape == (4,) and client.spaces.n_actions == 2
+        assert client.spaces.observation.shape == (4,) and client.spaces.action.n == 2
         first = client.act("robot-1", OBS)
         second = client.act("robot-1", obs(1), reward=1.0)
         client.end("robot-1", obs(2), reward=0.5, terminated=True)
@@ -170,7 +170,7 @@ def test_the_client_rides_out_a_killed_connection(real_redis, settings) -> None:
     real_redis.zadd("rl:models", {"ghost": time.time() + 60})  # awaited in vain: decided after 1 s
     with running(model(settings), aggregator(url, deadline_ms=1000)):
         client = PolicyClient(url, timeout=10.0)
-        assert client.spaces.n_actions == 2  # discovered first: the kill lands during the wait
+        assert client.spaces.action.n == 2  # discovered first: the kill lands during the wait
         connection = client.redis.client_id()
 
         def kill() -> None:

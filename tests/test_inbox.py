@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import redis
@@ -16,6 +17,9 @@ from worker.model.policy import load_weight_vector, policy_from_spec, weights_as
 from worker.model.settings import ModelSettings
 from worker.model.store import CommitRefused
 from worker.protocol import Spaces
+
+_cartpole = gym.make("CartPole-v1")
+CARTPOLE = Spaces(_cartpole.observation_space, _cartpole.action_space)
 
 INBOX = "rl:model:m1:observation"
 
@@ -73,8 +77,8 @@ def test_a_repeat_of_the_last_step_is_answered_alike_and_not_learned(real_redis,
     memory = worker.memories["e"]
     assert memory.step == 1
     np.testing.assert_array_equal(memory.obs, np.array(obs(1), dtype=np.float32))
-    _, log_probs, _ = worker.learner.evaluate(np.array([obs(1)], dtype=np.float32))
-    np.testing.assert_allclose(memory.log_probs, log_probs[0], rtol=1e-5)  # refreshed by the original
+    params, _ = worker.learner.evaluate(np.array([obs(1)], dtype=np.float32))
+    np.testing.assert_allclose(memory.params, params[0], rtol=1e-5)  # refreshed by the original
     if not batched:
         assert (memory.pack(), c.transitions, c.updates) == before
     assert worker.store.load().memory["e"] == memory.pack()  # as committed
@@ -92,7 +96,7 @@ def test_a_repeat_of_an_older_step_gets_fresh_logits_and_changes_nothing(real_re
     assert worker.memories["e"].pack() == memory and worker.counters.transitions == transitions == 3
     assert worker.counters.repeats == 2
     replies = [reply for _, reply in read(real_redis, "rl:logits")]
-    logits, _, _ = worker.learner.evaluate(np.array([obs(2)], dtype=np.float32))
+    logits, _ = worker.learner.evaluate(np.array([obs(2)], dtype=np.float32))
     np.testing.assert_allclose(replies[4]["LOGITS"], logits[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(softmax(replies[5]["LOGITS"]), softmax(replies[3]["LOGITS"]), rtol=1e-5)
 
@@ -149,7 +153,7 @@ def test_a_deterministic_inbox_observation_gets_the_most_likely_action(real_redi
     for o in batch:
         xadd(real_redis, INBOX, {"OBSERVATION": o, "DETERMINISTIC": True, "REPLY_TO": "c"})
     drain(worker)
-    logits, _, _ = worker.learner.evaluate(np.array(batch, dtype=np.float32))
+    logits, _ = worker.learner.evaluate(np.array(batch, dtype=np.float32))
     assert [a["ACTION"] for _, a in read(real_redis, "rl:action:c")] == logits.argmax(axis=1).tolist()
 
 
@@ -257,8 +261,8 @@ def test_the_weights_are_published_for_local_clients(real_redis, settings) -> No
     stored, weights = published_policy(real_redis)  # with the first checkpoint
     assert stored["updates"] == b"0" and "seen" not in stored
     np.testing.assert_array_equal(weights, weights_as_vector(worker.policy))
-    assert json.loads(stored["spec"])["spaces"] == json.loads(Spaces((4,), 2).to_json())
-    logits, _, _ = worker.learner.evaluate(np.array([obs(3)], dtype=np.float32))
+    assert json.loads(stored["spec"])["spaces"] == json.loads(CARTPOLE.to_json())
+    logits, _ = worker.learner.evaluate(np.array([obs(3)], dtype=np.float32))
     np.testing.assert_allclose(local_logits(stored["spec"], weights, obs(3)), logits[0], rtol=1e-6)
 
     ids = [xadd(real_redis, INBOX, {**step(t), "REPLY_TO": "c"}) for t in range(2)]  # one update
@@ -301,7 +305,7 @@ def test_a_restarted_model_publishes_again_and_never_when_told(real_redis, setti
 
 def test_spaces_are_in_the_info_hash(real_redis, settings) -> None:
     started(real_redis, settings)
-    assert Spaces.from_json(real_redis.hget("rl:model:m1:info", "spaces")) == Spaces((4,), 2)
+    assert Spaces.from_json(real_redis.hget("rl:model:m1:info", "spaces")) == CARTPOLE
 
 
 def test_a_policy_key_of_the_wrong_type_refuses_the_commit(real_redis, settings) -> None:

@@ -23,6 +23,7 @@ from worker.protocol import (
     Command,
     Encoding,
     ProtocolError,
+    Spaces,
     Run,
     RunReport,
     Stop,
@@ -131,8 +132,11 @@ def test_choice_integer_and_numbers() -> None:
     assert "R must be finite" in reason(lambda: check.numbers({"R": [1.0, math.nan]}, "R"))
 
 
+SPACES = Spaces.vector((1,), 2)
+
+
 def _observation(message: dict) -> Any:
-    return parse_observation(message, "1-0", Encoding.JSON, (1,), 2)
+    return parse_observation(message, "1-0", Encoding.JSON, SPACES)
 
 
 @pytest.mark.parametrize(
@@ -165,11 +169,11 @@ def test_logits_reply_and_its_action(encoding: Encoding) -> None:
         "cart-1",
         True,
     )
-    assert reply.logits.dtype == np.float64 and reply.logits.tolist() == [0.5, -1.0]
+    assert reply.params.dtype == np.float64 and reply.params.tolist() == [0.5, -1.0]
     assert reply.encoding is encoding
     action = round_trip(action_message(reply, 1, 3), encoding)
     assert action == {"ACTION": 1, "ENV_ID": "cart-1", "OBS_ID": "7-0", "MODELS": 3, "DETERMINISTIC": True}
-    assert parse_action(action, 2, {"7-0"}) == ("7-0", 1)
+    assert parse_action(action, SPACES, {"7-0"}) == ("7-0", 1)
 
 
 def test_logits_reply_defaults_and_integer_ids() -> None:
@@ -185,9 +189,15 @@ def test_logits_reply_defaults_and_integer_ids() -> None:
 @pytest.mark.parametrize(
     "change, words",
     [
-        ({"LOGITS": []}, ("LOGITS must be a non-empty list of numbers",)),
-        ({"LOGITS": [1, True]}, ("LOGITS must be a non-empty list of numbers",)),
-        ({"LOGITS": "[1, 2]"}, ("LOGITS must be a non-empty list of numbers",)),
+        ({"LOGITS": []}, ("LOGITS (a non-empty list of numbers, or one per dimension)",)),
+        ({"LOGITS": [1, True]}, ("LOGITS must hold only numbers",)),
+        ({"LOGITS": "[1, 2]"}, ("LOGITS (a non-empty list of numbers, or one per dimension)",)),
+        ({"LOGITS": [[1, 2], []]}, ("LOGITS must hold only numbers",)),
+        (
+            {"MEAN": [0.0], "LOG_STD": [0.0, 1.0]},
+            ("MEAN and LOG_STD must be lists of numbers of one length",),
+        ),
+        ({"MEAN": [0.0], "LOG_STD": [math.inf]}, ("LOG_STD must be finite",)),
         ({"LOGITS": [1.0, math.nan]}, ("LOGITS must be finite",)),
         ({"LOGITS": [1, 10**400]}, ("LOGITS must be finite",)),
         ({"OBS_ID": ""}, ("OBS_ID",)),
@@ -210,11 +220,11 @@ def test_missing_ids_of_a_logits_reply() -> None:
 
 def test_an_action_is_judged_only_by_the_runner_waiting_for_it() -> None:
     waiting = {"5-0", "5-1"}
-    assert parse_action({"OBS_ID": "5-1", "ACTION": [1]}, 2, waiting) == ("5-1", 1)  # a vector env's
+    assert parse_action({"OBS_ID": "5-1", "ACTION": [1]}, SPACES, waiting) == ("5-1", 1)  # a vector env's
     for other in ({"OBS_ID": "9-9", "ACTION": 7}, {"ACTION": 0}, {"OBS_ID": ["5-0"], "ACTION": 0}):
-        assert parse_action(other, 2, waiting) is None  # another runner's, or nobody's
+        assert parse_action(other, SPACES, waiting) is None  # another runner's, or nobody's
     for bad in (7, -1, True, 1.0, None, [0, 1], "1"):
-        says = reason(lambda b=bad: parse_action({"OBS_ID": "5-0", "ACTION": b}, 2, waiting))
+        says = reason(lambda b=bad: parse_action({"OBS_ID": "5-0", "ACTION": b}, SPACES, waiting))
         assert says.startswith("ACTION must be an integer in [0, 2), got")
 
 
@@ -368,11 +378,13 @@ def test_reply_weights_with_an_integer_beyond_float() -> None:
 
 KEYS = ["LOGITS", "COMPONENT_ID", "ENV_ID", "OBS_ID", "DETERMINISTIC", "ACTION", "CMD", "RUN_ID", "EPISODES"]
 KEYS += ["STEPS", "EVENT", "ERROR", "RETURNS", "REQUEST_ID", "WEIGHTS", "ACK"]
+KEYS += ["OBSERVATION", "MEAN", "LOG_STD", "REWARD", "a", "b", "dtype", "shape", "data"]
 scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers() | st.integers(308, 500).map(lambda digits: 10**digits),
     st.floats(),
+    st.binary(max_size=16),
     st.text(max_size=8),
     st.sampled_from(["RUN", "STOP", "run", "SET", "7-0"]),
 )
@@ -380,11 +392,32 @@ anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5), max_
 messages = st.dictionaries(st.sampled_from(KEYS), anything, max_size=8)
 
 
+EVERY_SPACE = [
+    Spaces.from_json(json.dumps({"observation": observation, "action": action}))
+    for observation, action in (
+        (
+            {"type": "Box", "shape": [2, 2], "dtype": "uint8"},
+            {"type": "Box", "shape": [2], "low": -1, "high": 1},
+        ),
+        ({"type": "Discrete", "n": 3}, {"type": "MultiDiscrete", "nvec": [2, 3]}),
+        (
+            {
+                "type": "Dict",
+                "spaces": {"a": {"type": "MultiBinary", "n": 2}, "b": {"type": "Box", "shape": [1]}},
+            },
+            {"type": "MultiBinary", "n": 3},
+        ),
+    )
+]
+
+
 def every_parser(message: dict[str, Any]) -> None:
     """Each parser either returns or raises ProtocolError; nothing else may escape."""
     parsers: list[Callable[[], Any]] = [
         lambda: parse_logits_reply(message, Encoding.JSON),
-        lambda: parse_action(message, 3, {"7-0", "7"}),
+        lambda: parse_action(message, Spaces.vector((1,), 3), {"7-0", "7"}),
+        *(lambda s=s: parse_action(message, s, {"7-0", "7"}) for s in EVERY_SPACE),
+        *(lambda s=s: parse_observation(message, "1-0", Encoding.MSGPACK, s) for s in EVERY_SPACE),
         lambda: parse_control(message),
         lambda: parse_run_report(message),
         lambda: parse_reply_weights(parse_answer(message).weights),
@@ -400,8 +433,11 @@ def test_no_message_breaks_a_parser(message: dict[str, Any], base: dict[str, str
     """Any values under the keys the parsers read, on top of a RUN or a run report to get past CMD/EVENT."""
     message = {**base, **message}
     every_parser(message)
-    try:
-        decoded = decode_entry(plain(message), LIMIT)[0]
-    except ProtocolError:
-        return
-    every_parser(decoded)
+    for encode in (plain, packed):
+        try:
+            decoded = decode_entry(encode(message), LIMIT)[0]
+        except (TypeError, OverflowError):  # bytes: JSON has none; huge integers: msgpack has none
+            continue
+        except ProtocolError:
+            return
+        every_parser(decoded)

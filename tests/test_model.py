@@ -291,7 +291,7 @@ def test_a_memory_round_trips_with_its_format() -> None:
     rollout = [Transition(obs, 1, 1.0, True, 0.4, -0.7)]
     memory = EnvMemory(obs, 0.5, log_probs, False, False, 1234, rollout, step=17)
     blob = memory.pack()
-    assert msgpack.unpackb(blob)[0] == MEMORY_FORMAT == 2
+    assert msgpack.unpackb(blob)[0] == MEMORY_FORMAT == 3
     back = EnvMemory.unpack(blob)
     assert back.seen_ms == 1234 and back.value == 0.5 and back.rollout[0].log_prob == -0.7
     assert back.step == 17
@@ -314,7 +314,7 @@ def test_a_memory_of_format_1_still_loads(real_redis, settings: ModelSettings) -
     drain(worker)
     assert worker.counters.transitions == 1 and len(worker.memories["e"].rollout) == 2
     assert worker.memories["e"].step == 0
-    assert msgpack.unpackb(real_redis.hget("rl:model:m1:memory", "e"))[0] == 2  # written anew as format 2
+    assert msgpack.unpackb(real_redis.hget("rl:model:m1:memory", "e"))[0] == 3  # written anew as format 3
 
 
 def test_a_reward_that_overflows_the_returns_leaves_the_weights_alone(real_redis, settings) -> None:

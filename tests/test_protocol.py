@@ -21,6 +21,7 @@ from worker.protocol import (
     NotJson,
     Observation,
     ProtocolError,
+    Spaces,
     Streams,
     dead_letter,
     decode_entry,
@@ -47,7 +48,7 @@ def packed(message) -> dict[bytes, bytes]:
 
 def observe(fields: dict[bytes, bytes], shape=SHAPE, n_actions=N_ACTIONS) -> Observation:
     message, encoding = decode_entry(fields, LIMIT)
-    return parse_observation(message, "1-1", encoding, shape, n_actions)
+    return parse_observation(message, "1-1", encoding, Spaces.vector(shape, n_actions))
 
 
 def rejected(fields: dict[bytes, bytes], *words: str) -> str:
@@ -174,7 +175,7 @@ def test_plain_reply_fields_are_json_text() -> None:
 @BOTH
 def test_reply_uses_the_encoding_of_the_entry(encode) -> None:
     obs = observe(encode({"OBSERVATION": OBS, "ENV_ID": "e1", "DETERMINISTIC": True}))
-    reply = logits_reply(obs, [0.5, -0.5], "m1")
+    reply = logits_reply(obs, {"LOGITS": [0.5, -0.5]}, "m1")
     assert reply == {
         "LOGITS": [0.5, -0.5],
         "COMPONENT_ID": "m1",
@@ -191,7 +192,7 @@ def test_plain_env_id_reply_is_a_plain_string() -> None:
     """ENV_ID sent unquoted (``ENV_ID env-1``) comes back as the JSON string ``"env-1"``."""
     obs = observe({b"OBSERVATION": b"[1,2,3,4]", b"ENV_ID": b"env-1"})
     assert type(obs.env_id) is str and obs.env_id == "env-1"
-    assert encode_entry(logits_reply(obs, [0.0, 0.0], "m1"), obs.encoding)["ENV_ID"] == b'"env-1"'
+    assert encode_entry(logits_reply(obs, {"LOGITS": [0.0, 0.0]}, "m1"), obs.encoding)["ENV_ID"] == b'"env-1"'
     assert msgpack.unpackb(encode_entry({"ENV_ID": obs.env_id}, Encoding.MSGPACK)["data"]) == {
         "ENV_ID": "env-1"
     }
@@ -610,7 +611,7 @@ def _everything(fields: dict[bytes, bytes]) -> None:
     except ProtocolError:
         return
     try:
-        obs = parse_observation(message, "1-0", encoding, SHAPE, N_ACTIONS)
+        obs = parse_observation(message, "1-0", encoding, Spaces.vector(SHAPE, N_ACTIONS))
     except ProtocolError:
         pass
     else:

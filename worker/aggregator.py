@@ -7,13 +7,32 @@ its first reply with whatever arrived, so a dead model never stalls an environme
 after the decision are ignored. The registry is read every second, at once when a reply comes from a
 model not in the last view (models that join are awaited from their first reply on), and whenever an
 observation is newer than the view (by Redis's clock: every model live when it was published is
-awaited, also one that registered a moment before). The decision::
+awaited, also one that registered a moment before).
 
-    p_i = softmax(logits_i)                            for every model i that answered
-    p   = mean_i p_i   (combine=prob)   or   softmax(mean_i logits_i)   (combine=logits)
-    a   = argmax p     if DETERMINISTIC, else a sample from p
+**The decision**, by the form of the replies (their action space; :mod:`worker.common.distributions`
+computes it). With M models answering:
 
-With a single model this is exactly that model's policy. ``{ACTION, ENV_ID, OBS_ID, MODELS,
+- **Discrete** (``LOGITS``, one number per action), with p_i = softmax(logits_i)::
+
+      p = mean_i p_i   (--combine prob)     or     p = softmax(mean_i logits_i)   (--combine logits)
+      a = argmax p if DETERMINISTIC, else a sample from p
+
+- **MultiDiscrete, MultiBinary** (``LOGITS``, one list per dimension; a MultiBinary value's pair is
+  ``[0, l]``): the same rule in each dimension, independently; ``ACTION`` is the list of choices.
+- **Box** (``MEAN`` and ``LOG_STD``: model i's Gaussian N(mu_i, sigma_i^2) per value)::
+
+      prob:    p(a) = mean_i N(a; mu_i, sigma_i^2)     the mixture: a sample picks a model
+               uniformly and draws from its Gaussian; the deterministic action is the mixture's
+               mean, mean_i mu_i (its spread, mean_i sigma_i^2 + var_i mu_i, includes the models'
+               disagreement)
+      logits:  p(a) ~ prod_i N(a; mu_i, sigma_i^2)^(1/M)     the mean of log-densities: a Gaussian
+               of precision tau = mean_i sigma_i^-2 and mean sum_i sigma_i^-2 mu_i / (M tau), which
+               is also the deterministic action
+
+  ``ACTION`` is the list of values (flattened), not clipped: the client clips to the space's bounds
+  before the environment sees it, and the models learn from the action as sampled (as SB3 does).
+
+With a single model every rule is exactly that model's policy. ``{ACTION, ENV_ID, OBS_ID, MODELS,
 DETERMINISTIC}``, and ``STEP`` if the observation had one, goes in the encoding of the logits replies
 to the client that asked: ``<prefix>:action:<REPLY_TO>``, or the shared ``<prefix>:action`` for an
 observation without ``REPLY_TO``. ``MODELS`` is how many models were combined. A private stream
@@ -22,7 +41,9 @@ the shared one never does. Observations are told apart by ``OBS_ID`` (their entr
 that happen to use the same ``ENV_ID`` each get their own answers.
 
 **Contribution.** Each decision hands every model that answered the share of the probability mass
-on the chosen action that came from it: ``share_i = p_i(a) / sum_j p_j(a)``. Shares of one decision
+on the chosen action that came from it: ``share_i = p_i(a) / sum_j p_j(a)``, with p_i(a) the
+probability of a (multi: the product over dimensions; Box: the density), computed from
+log-probabilities so that it stays exact where the probabilities underflow. Shares of one decision
 sum to 1; a model that made the action likely gets much, one that made it unlikely little. They are
 accumulated with HINCRBYFLOAT in the hash ``<prefix>:contribution`` (field: COMPONENT_ID), so
 ``share / decisions`` is a model's influence on the acting ensemble.
@@ -48,11 +69,12 @@ from pydantic import Field
 
 from worker.common import logs, lua
 from worker.common.connections import ensure_group
-from worker.common.sampling import sample, softmax
+from worker.common.distributions import decide
 from worker.common.serve import Service
 from worker.common.settings import CommonSettings
 from worker.protocol import (
     Encoding,
+    Family,
     LogitsReply,
     ProtocolError,
     action_message,
@@ -89,13 +111,6 @@ class AggregatorSettings(CommonSettings):
     )
 
 
-def combine(logits: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(ensemble probabilities, per-model probabilities)`` of a ``(..., models, actions)`` array."""
-    per_model = softmax(logits)
-    probs = per_model.mean(axis=-2) if mode == "prob" else softmax(logits.mean(axis=-2))
-    return probs / probs.sum(axis=-1, keepdims=True), per_model
-
-
 @dataclass(frozen=True, slots=True)
 class Action:
     """A decided action, the encoding of the replies it answers, and the stream it goes to."""
@@ -111,8 +126,17 @@ class Bucket:
 
     first: LogitsReply
     first_seen: float
-    logits: dict[str, np.ndarray] = field(default_factory=dict)
+    params: dict[str, np.ndarray] = field(default_factory=dict)  # component ID -> its distribution
     entry_ids: list[str] = field(default_factory=list)
+
+
+def _form(family: Family) -> str:
+    """A distribution's form, in the words of its fields."""
+    if family.kind == "categorical":
+        return f"LOGITS of {family.sizes[0]} actions"
+    if family.kind == "multi":
+        return f"LOGITS of dimensions {list(family.sizes)}"
+    return f"MEAN and LOG_STD of {family.sizes[0]} values"
 
 
 def _time_of(obs_id: str) -> int:
@@ -234,9 +258,9 @@ class Aggregator(Service):
             try:
                 reply = parse_logits_reply(*decode_entry(fields, self.settings.max_entry_bytes))
                 bucket = self.buckets.get(reply.obs_id)
-                if bucket is not None and len(reply.logits) != len(bucket.first.logits):
-                    n, expected = len(reply.logits), len(bucket.first.logits)
-                    raise ProtocolError(f"LOGITS has {n} actions, other models gave {expected}")
+                if bucket is not None and reply.family != bucket.first.family:
+                    found, expected = _form(reply.family), _form(bucket.first.family)
+                    raise ProtocolError(f"the reply is {found}, other models gave {expected}")
             except ProtocolError as exc:
                 log.warning("rejected entry", id=entry_id, reason=str(exc))
                 s = self.settings
@@ -247,14 +271,14 @@ class Aggregator(Service):
                 )
                 self._acks.append(entry_id)
                 continue
-            if reply.obs_id in self.decided or (bucket is not None and reply.component_id in bucket.logits):
+            if reply.obs_id in self.decided or (bucket is not None and reply.component_id in bucket.params):
                 log.debug("late or duplicate reply", obs_id=reply.obs_id, component_id=reply.component_id)
                 self._acks.append(entry_id)
                 continue
             if bucket is None:
                 bucket = self.buckets[reply.obs_id] = Bucket(reply, time.monotonic())
                 self._newest_ms = max(self._newest_ms, _time_of(reply.obs_id))
-            bucket.logits[reply.component_id] = reply.logits
+            bucket.params[reply.component_id] = reply.params
             if reply.component_id not in self.live and reply.component_id not in self._asked:
                 self._asked.add(reply.component_id)  # once a second at most: it may never register
                 strangers = True
@@ -268,29 +292,23 @@ class Aggregator(Service):
         operations: per observation it is only bookkeeping.
         """
         now, deadline = time.monotonic(), self.settings.deadline_ms / 1000
-        groups: dict[tuple[tuple[str, ...], int], list[tuple[str, Bucket]]] = defaultdict(list)
+        groups: dict[tuple[tuple[str, ...], Family], list[tuple[str, Bucket]]] = defaultdict(list)
         due = [
             (obs_id, bucket)
             for obs_id, bucket in self.buckets.items()
-            if self.live <= bucket.logits.keys() or now - bucket.first_seen >= deadline
+            if self.live <= bucket.params.keys() or now - bucket.first_seen >= deadline
         ]
         for obs_id, bucket in due:
-            groups[tuple(bucket.logits), len(bucket.first.logits)].append((obs_id, bucket))
+            groups[tuple(bucket.params), bucket.first.family].append((obs_id, bucket))
         actions: list[Action] = []
         shares: dict[str, float] = defaultdict(float)
-        for (ids, _), members in groups.items():
-            logits = np.array([[bucket.logits[i] for i in ids] for _, bucket in members])
-            probs, per_model = combine(logits, self.settings.combine)  # (n, actions), (n, models, actions)
+        for (ids, family), members in groups.items():
+            params = np.array([[bucket.params[i] for i in ids] for _, bucket in members])  # (n, models, P)
             deterministic = np.array([bucket.first.deterministic for _, bucket in members])
-            chosen = np.where(deterministic, probs.argmax(axis=-1), sample(probs, self.rng))
-            # Each model's share of a decision: its probability of the chosen action, normalized.
-            # Every p_i(a) can underflow to 0 only for absurd logits; then nobody made a difference.
-            mass = np.take_along_axis(per_model, chosen[:, None, None], axis=-1)[..., 0]
-            total = mass.sum(axis=-1, keepdims=True)
-            share = np.where(total > 0, mass / np.where(total > 0, total, 1.0), 1.0 / len(ids))
+            chosen, share = decide(family, params, deterministic, self.settings.combine, self.rng)
             for component_id, value in zip(ids, share.sum(axis=0), strict=True):
                 shares[component_id] += float(value)
-            for (_, bucket), action in zip(members, chosen.tolist(), strict=True):
+            for (_, bucket), action in zip(members, chosen, strict=True):
                 message = action_message(bucket.first, action, len(ids))
                 stream = self.streams.replies(bucket.first.reply_to)
                 actions.append(Action(message, bucket.first.encoding, stream))

@@ -21,6 +21,7 @@ from redis.retry import Retry
 from worker.client.checks import env_name
 from worker.client.core import PUBLISH, ClientCore, Ticket
 from worker.client.errors import ActionTimeout
+from worker.client.local import REFRESHED
 from worker.common import logs
 from worker.common.registry import LIVE_MAX_AGE
 from worker.common.serve import is_outage
@@ -241,10 +242,8 @@ class AsyncPolicyClient:
     async def _refresh(self, deadline: float) -> None:
         core, local = self.core, self.core.local
         assert local is not None
-        weights = await self._retry(
-            lambda: self.redis.hmget(core.policy_key, "weights", "updates"), deadline, None
-        )
-        local.load_weights({b"weights": weights[0], b"updates": weights[1]})
+        weights = await self._retry(lambda: self.redis.hmget(core.policy_key, *REFRESHED), deadline, None)
+        local.load_weights(dict(zip(REFRESHED, weights, strict=True)))
 
     async def _keep_up(self, deadline: float) -> None:
         core, local, waited = self.core, self.core.local, 0.0

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
+
+from worker.protocol import wire_value
 
 
 def env_name(env_id: Any) -> str:
@@ -18,11 +21,29 @@ def env_name(env_id: Any) -> str:
     raise ValueError(f"an environment's ID must be a non-empty string or an integer, got {env_id!r}")
 
 
-def as_list(env_id: str, observation: Any) -> list:
+def wire(env_id: str, observation: Any, space: gym.Space, binary_arrays: bool) -> Any:
+    """``observation`` as a message carries it (:func:`~worker.protocol.wire_value`): Box values as
+    binary arrays in msgpack entries (floats in the space's own type), lists in JSON ones."""
     try:
-        return np.asarray(observation, dtype=np.float64).tolist()
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{env_id!r}: OBSERVATION is not an array of numbers: {exc}") from None
+        if isinstance(space, gym.spaces.Box) and space.dtype.kind == "f":
+            observation = np.asarray(observation, dtype=np.float64)
+            with np.errstate(over="ignore"):  # too large for the space: the wire's check says so
+                observation = observation.astype(space.dtype) if binary_arrays else observation
+        return wire_value(observation, space, binary_arrays)
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise ValueError(f"{env_id!r}: OBSERVATION does not fit {space}: {exc}") from None
+
+
+def applied(space: gym.Space, action: Any) -> Any:
+    """The action the caller applies: an integer (Discrete), an integer array (MultiDiscrete,
+    MultiBinary), or a Box's values in its shape, clipped to its bounds as SB3 clips them (the
+    models learn from the action as sampled)."""
+    if isinstance(action, int):
+        return action
+    array = np.asarray(action)
+    if isinstance(space, gym.spaces.Box):
+        return np.clip(array.reshape(space.shape), space.low, space.high).astype(space.dtype)
+    return array.astype(np.int64)
 
 
 def number(env_id: str, key: str, value: Any) -> float:

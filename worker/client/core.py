@@ -20,7 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.client.checks import as_list, env_name, number
+import numpy as np
+
+from worker.client.checks import applied, env_name, number, wire
 from worker.client.errors import ActionTimeout, ModelsUnavailable
 from worker.client.local import LocalCopy, text
 from worker.common import lua
@@ -51,7 +53,7 @@ class Chain:
     """One environment's place in its chain of steps."""
 
     step: int = 0  # the STEP last sent
-    action: int | None = None  # the action returned last: a reward passed next is its reward
+    action: int | list | None = None  # the action sampled last: a reward passed next is its reward
     ended: dict[str, Any] | None = None  # end(): sent with the next observation
     unanswered: tuple[tuple, dict[str, Any]] | None = None  # (call, message) sent but not answered
 
@@ -62,14 +64,14 @@ class Ticket:
 
     waiting: dict[str, str]  # OBS_ID -> ENV_ID, still unanswered
     deadline: float  # monotonic
-    actions: dict[str, int] = field(default_factory=dict)  # ENV_ID -> action
+    actions: dict[str, Any] = field(default_factory=dict)  # ENV_ID -> the action to apply
     order: list[str] = field(default_factory=list)  # ENV_IDs as asked
 
     @property
     def done(self) -> bool:
         return not self.waiting
 
-    def result(self) -> dict[str, int]:
+    def result(self) -> dict[str, Any]:
         return {env: self.actions[env] for env in self.order}
 
 
@@ -121,7 +123,7 @@ class ClientCore:
         self.tickets: dict[str, Ticket] = {}  # OBS_ID -> the ticket waiting for its action
         # Steps that timed out: a late action is kept, for the same step sent again (one entry).
         self.dropped: OrderedDict[str, None] = OrderedDict()
-        self.late: OrderedDict[str, int] = OrderedDict()
+        self.late: OrderedDict[str, Any] = OrderedDict()
         self.local = LocalCopy(model, max_lag) if mode == "local" and model else None
 
     # ----------------------------------------------------------------- discovery
@@ -136,7 +138,7 @@ class ClientCore:
         if not known:
             return None
         if len(set(known.values())) > 1:
-            detail = ", ".join(f"{cid}: {s.obs_shape}/{s.n_actions}" for cid, s in sorted(known.items()))
+            detail = "; ".join(f"{cid}: {s}" for cid, s in sorted(known.items()))
             raise RuntimeError(f"the live models disagree on their spaces ({detail})")
         self.spaces = next(iter(known.values()))
         return self.spaces
@@ -171,7 +173,7 @@ class ClientCore:
         """
         assert self.spaces is not None
         chain = self.chains.get(env_id) or Chain()
-        call = (as_list(env_id, observation), reward, bool(deterministic))
+        call = (self.wire(env_id, observation), reward, bool(deterministic))
         if chain.unanswered is not None and chain.unanswered[0] == call:
             return call, chain.unanswered[1]  # the same step once more: same STEP, one entry, one action
         message: dict[str, Any] = {"OBSERVATION": call[0], "ENV_ID": env_id, "STEP": chain.step + 1}
@@ -213,15 +215,15 @@ class ClientCore:
             "DONE": True,
         }
         if truncated and not terminated:  # a time limit: the model bootstraps from the last observation
-            ended.update(TRUNCATED=True, TERMINAL_OBSERVATION=as_list(env_id, observation))
-        self.check(env_id, {"OBSERVATION": as_list(env_id, observation), **ended})
+            ended.update(TRUNCATED=True, TERMINAL_OBSERVATION=self.wire(env_id, observation))
+        self.check(env_id, {"OBSERVATION": self.wire(env_id, observation), **ended})
         chain.ended, chain.action = ended, None
 
     def check(self, env_id: str, message: dict[str, Any]) -> None:
         """Validate ``message`` with the parser the models use (:func:`parse_observation`)."""
         assert self.spaces is not None
         try:
-            parse_observation(message, "0-0", self.encoding, self.spaces.obs_shape, self.spaces.n_actions)
+            parse_observation(message, "0-0", self.encoding, self.spaces)
         except ProtocolError as exc:
             raise ValueError(f"{env_id!r}: {exc}") from None
 
@@ -231,9 +233,17 @@ class ClientCore:
         chain.step, chain.ended, chain.action = message["STEP"], None, None
         chain.unanswered = (call, message)
 
-    def answered(self, env_id: str, action: int) -> None:
+    def wire(self, env_id: str, observation: Any) -> Any:
+        assert self.spaces is not None
+        return wire(env_id, observation, self.spaces.observation, self.encoding is Encoding.MSGPACK)
+
+    def answered(self, ticket: Ticket, env_id: str, action: Any) -> None:
+        """``action`` (as sampled) answers ``env_id``'s step; the caller gets it :func:`applied`."""
         chain = self.chains[env_id]
-        chain.action, chain.unanswered = action, None
+        chain.action = action if isinstance(action, int) else np.asarray(action).reshape(-1).tolist()
+        chain.unanswered = None
+        assert self.spaces is not None
+        ticket.actions[env_id] = applied(self.spaces.action, action)
 
     def forget(self, env_id: Any) -> None:
         """Start ``env_id``'s next observation as a new chain (its last step is abandoned)."""
@@ -283,8 +293,7 @@ class ClientCore:
         for env_id, raw_id in zip(envs, ids, strict=False):
             obs_id = text(raw_id)
             if obs_id in self.late:  # a resent step whose late action came meanwhile
-                ticket.actions[env_id] = self.late.pop(obs_id)
-                self.answered(env_id, ticket.actions[env_id])
+                self.answered(ticket, env_id, self.late.pop(obs_id))
                 continue
             self.dropped.pop(obs_id, None)
             ticket.waiting[obs_id] = env_id
@@ -303,8 +312,8 @@ class ClientCore:
             entry_id = self.cursor = text(raw_id)
             try:
                 message, _ = decode_entry(fields or {}, MAX_ENTRY_BYTES)
-                found = parse_action(message, self.spaces.n_actions, self.tickets)
-                if found is None and (late := parse_action(message, self.spaces.n_actions, self.dropped)):
+                found = parse_action(message, self.spaces, self.tickets)
+                if found is None and (late := parse_action(message, self.spaces, self.dropped)):
                     self.late[late[0]] = late[1]
                     while len(self.late) > MAX_REMEMBERED:
                         self.late.popitem(last=False)
@@ -317,9 +326,7 @@ class ClientCore:
                 continue
             if found is not None:
                 ticket = self.tickets.pop(found[0])
-                env_id = ticket.waiting.pop(found[0])
-                ticket.actions[env_id] = found[1]
-                self.answered(env_id, found[1])
+                self.answered(ticket, ticket.waiting.pop(found[0]), found[1])
         return dead
 
     def drop(self, ticket: Ticket) -> None:
@@ -357,13 +364,13 @@ class ClientCore:
     def take_local(self, built: list[Built], deterministic: bool, deadline: float) -> Ticket:
         """Act on ``built`` with the local copy; the steps join its outbox. A ticket already done."""
         assert self.local is not None
-        envs = [env for env, _, _ in built]
+        ticket = Ticket({}, deadline, order=[env for env, _, _ in built])
         actions = self.local.act([m["OBSERVATION"] for _, _, m in built], deterministic)
         for (env, call, message), action in zip(built, actions, strict=True):
             self.sent(env, call, message)
-            self.answered(env, action)
+            self.answered(ticket, env, action)
             self.local.outbox.append((env, message["STEP"], message))
-        return Ticket({}, deadline, dict(zip(envs, actions, strict=True)), envs)
+        return ticket
 
     def behind(self) -> ActionTimeout:
         lag = self.local.lag() if self.local else 0

@@ -8,9 +8,9 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from worker.protocol import Spaces, split_id
+
+REFRESHED = (b"weights", b"updates", b"normalization")  # the policy hash's fields a refresh reads
 
 
 def text(value: Any) -> str:
@@ -38,19 +38,18 @@ class LocalCopy:
             return None
         from worker.client.replica import LocalPolicy  # torch only for local clients
 
-        spec = json.loads(fields[b"spec"])
-        spaces = Spaces.from_json(json.dumps(spec["spaces"]))
-        self.policy = LocalPolicy(spec, spaces)
+        self.policy = LocalPolicy(json.loads(fields[b"spec"]))
         self.load_weights(fields)
-        return spaces
+        return self.policy.spaces
 
     def load_weights(self, fields: Mapping[bytes, bytes | None]) -> None:
         if weights := fields.get(b"weights"):
-            self.policy.set_weights(weights)
+            self.policy.set_weights(weights, fields.get(b"normalization"))
             self.published_updates = int(fields.get(b"updates") or 0)
 
-    def act(self, observations: list[list[float]], deterministic: bool) -> list[int]:
-        return self.policy.act(np.array(observations, dtype=np.float32), deterministic)
+    def act(self, observations: list[Any], deterministic: bool) -> list[Any]:
+        """Actions for observations as messages carry them (checked already)."""
+        return self.policy.act(observations, deterministic)
 
     def flushed(self, reply: list[Any]) -> bool:
         """The outbox is published (``reply``: the publish script's); True if the model has newer

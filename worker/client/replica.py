@@ -1,41 +1,42 @@
 """A local client's copy of one model's policy: built from the spec the model publishes, refreshed
-from its published weights, acting without a round trip."""
+from its published weights (and normalization statistics), acting without a round trip."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-import torch
 
-from worker.model.policy import load_weight_vector, make_policy
-from worker.model.settings import A2CSettings
-from worker.protocol import Spaces
+from worker.common.distributions import choose
+from worker.model.inputs import Inputs
+from worker.model.policy import evaluate, load_weight_vector, policy_from_spec
+from worker.protocol import Spaces, parse_value
 
 
 class LocalPolicy:
-    """The same ``ActorCriticPolicy`` as the model's, with the model's last published weights.
+    """The same policy as the model's, with the model's last published weights, turning
+    observations into the policy's inputs as the model does.
 
-    :param spec: the ``spec`` of the model's policy hash (architecture and spaces)
-    :param spaces: the spaces it describes
+    :param spec: the ``spec`` of the model's policy hash (spaces, network, normalization)
     """
 
-    def __init__(self, spec: dict[str, Any], spaces: Spaces) -> None:
-        settings = A2CSettings(
-            _cli_parse_args=False,
-            gym_env="none",
-            obs_shape=list(spaces.obs_shape),
-            n_actions=spaces.n_actions,
-            net_arch=spec["net_arch"],
-            activation_fn=spec["activation_fn"],
-            ortho_init=spec.get("ortho_init", True),
-        )
-        self.policy = make_policy(settings)
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spaces = Spaces.from_json_data(spec["spaces"])
+        self.family = self.spaces.family
+        self.policy = policy_from_spec(spec)
+        # The statistics come with the weights; rewards are the model's business.
+        self.inputs = Inputs(self.spaces.observation, bool(spec.get("normalize_obs")), False, 0.0)
+        self.rng = np.random.default_rng()
 
-    def set_weights(self, weights: bytes) -> None:
+    def set_weights(self, weights: bytes, normalization: bytes | None = None) -> None:
         load_weight_vector(self.policy, np.frombuffer(weights, dtype="<f4").copy())
+        if normalization is not None:
+            self.inputs.restore(normalization)
 
-    def act(self, observations: np.ndarray, deterministic: bool) -> list[int]:
-        """One action per row: a sample from the policy, or its most likely action."""
-        with torch.no_grad():
-            return self.policy._predict(torch.as_tensor(observations), deterministic).tolist()
+    def act(self, observations: list[Any], deterministic: bool) -> list[Any]:
+        """One action per observation (as a message carries it): a sample from the policy, or its
+        most likely action, as the model itself would answer."""
+        values = [parse_value(o, self.spaces.observation, "OBSERVATION") for o in observations]
+        batch = self.inputs.policy_batch(values, [False] * len(values))
+        params, _ = evaluate(self.policy, self.family, batch)
+        return [choose(self.family, row.astype(np.float64), deterministic, self.rng) for row in params]

@@ -13,6 +13,7 @@ from redis.retry import Retry
 from worker.client.checks import env_name
 from worker.client.core import PUBLISH, ClientCore, Ticket
 from worker.client.errors import ActionTimeout
+from worker.client.local import REFRESHED
 from worker.common import logs
 from worker.common.connections import connect, last_id
 from worker.common.registry import live_models
@@ -248,8 +249,8 @@ class PolicyClient:
     def _refresh(self, deadline: float) -> None:
         core, local = self.core, self.core.local
         assert local is not None
-        weights = self._retry(lambda: self.redis.hmget(core.policy_key, "weights", "updates"), deadline, None)
-        local.load_weights({b"weights": weights[0], b"updates": weights[1]})
+        weights = self._retry(lambda: self.redis.hmget(core.policy_key, *REFRESHED), deadline, None)
+        local.load_weights(dict(zip(REFRESHED, weights, strict=True)))
 
     def _keep_up(self, deadline: float) -> None:
         """Wait while the model is more than ``max_lag`` of our steps behind."""

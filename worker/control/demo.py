@@ -133,7 +133,8 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
             swarm.start("aggregator", "aggregator")
             env_seed = [] if settings.seed is None else ["--seed", str(settings.seed)]
             mode = ["--mode", settings.mode] + (["--model", "demo-0"] if settings.mode != "ensemble" else [])
-            runner = ["--n-envs", str(settings.n_envs), "--runner-id", "demo", *mode, *env_seed]
+            runner = ["--gym-env", str(settings.gym_env), "--n-envs", str(settings.n_envs)]
+            runner += ["--runner-id", "demo", *mode, *env_seed]
             swarm.start("env", "env", *runner)
             print(f"logs of the swarm: {logdir}", flush=True)
             wait_for_models(client, streams, settings.models)

@@ -13,13 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 
 from worker.protocol import episode_report
-
-
-def _vector(array: Any) -> list[float]:
-    return np.asarray(array, dtype=np.float64).tolist()
 
 
 @dataclass
@@ -30,9 +25,9 @@ class Slot:
     env: gym.Env
     deterministic: bool
     seed: int | None
-    pending: list[float] | None = None  # the next observation to publish (carried over between runs)
+    pending: Any = None  # the next observation to publish (carried over between runs)
     reward: float | None = None  # the reward of the step that led to it (None: the chain starts there)
-    finish: tuple[list[float], float, bool, bool] | None = None  # an episode's end, for the client's end()
+    finish: tuple[Any, float, bool, bool] | None = None  # an episode's end, for the client's end()
     waiting: bool = False  # published, its action not yet applied
     ret: float = 0.0
     length: int = 0
@@ -41,19 +36,19 @@ class Slot:
         """Start a fresh episode: its first observation has no reward."""
         obs, _ = self.env.reset(seed=seed)
         self.ret, self.length, self.waiting = 0.0, 0, False
-        self.pending, self.reward = _vector(obs), None
+        self.pending, self.reward = obs, None
 
-    def step(self, action: int) -> tuple[float, int] | None:
+    def step(self, action: Any) -> tuple[float, int] | None:
         """Apply ``action``; ``(return, length)`` if the episode ended (then :attr:`finish` holds its
         last observation, reward and flags, and the next episode's first observation is pending)."""
         obs, reward, terminated, truncated, _ = self.env.step(action)
         self.ret, self.length, self.waiting = self.ret + float(reward), self.length + 1, False
         if terminated or truncated:
             ended = (self.ret, self.length)
-            self.finish = (_vector(obs), float(reward), bool(terminated), bool(truncated))
+            self.finish = (obs, float(reward), bool(terminated), bool(truncated))
             self.reset()
             return ended
-        self.pending, self.reward = _vector(obs), float(reward)
+        self.pending, self.reward = obs, float(reward)
         return None
 
 
@@ -78,7 +73,7 @@ class Progress:
         under_quota = [s for s in slots if self.ended.get(s.env_id, 0) < self.quota.get(s.env_id, math.inf)]
         return [s for s in under_quota if s.pending is not None][: max(room, 0)]
 
-    def record(self, slot: Slot, action: int) -> dict[str, Any] | None:
+    def record(self, slot: Slot, action: Any) -> dict[str, Any] | None:
         """Step ``slot``; the status entry of the episode it ended, if it did."""
         self.taken += 1
         if (ended := slot.step(action)) is None:

@@ -74,7 +74,7 @@ CONTROL_PEEK = 0.5  # seconds between two looks for a STOP while waiting for act
 class EnvSettings(CommonSettings):
     """``python -m worker env``: one environment runner."""
 
-    gym_env: str = Field("CartPole-v1", description="gymnasium env id (discrete actions)")
+    gym_env: str = Field("CartPole-v1", description="gymnasium env id (any space SB3's A2C takes)")
     n_envs: int = Field(4, gt=0, description="training environments (and as many evaluation ones)")
     runner_id: str = Field("env", min_length=1, description="prefix of this runner's ENV_IDs")
     seed: int | None = Field(None, description="seed of the environments' first reset")
@@ -135,10 +135,10 @@ class EnvRunner(Service):
 
         self.train = [make(f"{s.runner_id}-{k}", k, False) for k in range(s.n_envs)]
         self.eval = [make(f"{s.runner_id}-eval-{k}", s.n_envs + k, True) for k in range(s.n_envs)]
-        space, obs_space = self.train[0].env.action_space, self.train[0].env.observation_space
-        if not isinstance(space, gym.spaces.Discrete) or not isinstance(obs_space, gym.spaces.Box):
-            raise SpacesError(f"{s.gym_env} has {obs_space} and {space}; only discrete actions are supported")
-        self.n_actions = int(space.n)
+        try:
+            spaces = Spaces(self.train[0].env.observation_space, self.train[0].env.action_space)
+        except ValueError as exc:
+            raise SpacesError(f"{s.gym_env}: {exc}") from None
         self.client = PolicyClient(
             client,
             s.prefix,
@@ -151,7 +151,7 @@ class EnvRunner(Service):
             flush_every=1,  # a round is one flush: the model's batch holds one step of each env
             trim_replies=s.trim_replies,
             stream_maxlen=s.stream_maxlen,
-            spaces=None if s.mode == "local" else Spaces(tuple(obs_space.shape), self.n_actions),
+            spaces=None if s.mode == "local" else spaces,
             outages=self.outages,  # counted and logged as the runner's own
         )
 
@@ -330,7 +330,7 @@ class EnvRunner(Service):
         self._publish_script(keys=keys, args=args, client=self.redis)
         self._round += 1
 
-    def _act(self, ready: list[Slot], deterministic: bool) -> dict[str, int]:
+    def _act(self, ready: list[Slot], deterministic: bool) -> dict[str, Any]:
         """The actions for the pending observations of ``ready``, asked for at once. A STOP on the
         control stream, looked for while waiting, aborts the run; so does no action in time, unless
         Redis was unavailable: then the same steps are sent again (one entry each, see the client)

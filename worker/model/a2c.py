@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
-from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.utils import update_learning_rate
 
+from worker.model.inputs import stack
 from worker.model.memory import Segment
 from worker.model.settings import A2CSettings
 
@@ -38,7 +41,8 @@ class UpdateStats:
 def fill_buffer(policy: ActorCriticPolicy, segments: list[Segment], settings: A2CSettings) -> RolloutBuffer:
     """A ``RolloutBuffer`` holding ``segments`` side by side, returns and advantages computed."""
     n_steps = settings.n_steps
-    buffer = RolloutBuffer(
+    dict_obs = isinstance(policy.observation_space, gym.spaces.Dict)
+    buffer = (DictRolloutBuffer if dict_obs else RolloutBuffer)(
         n_steps,
         policy.observation_space,
         policy.action_space,
@@ -50,8 +54,8 @@ def fill_buffer(policy: ActorCriticPolicy, segments: list[Segment], settings: A2
     for t in range(n_steps):
         step = [segment.transitions[t] for segment in segments]
         buffer.add(
-            np.stack([tr.obs for tr in step]),
-            np.array([[tr.action] for tr in step]),
+            stack([tr.obs for tr in step]),
+            np.stack([np.reshape(tr.action, -1) for tr in step]),
             np.array([tr.reward for tr in step], dtype=np.float32),
             np.array([tr.episode_start for tr in step], dtype=np.float32),
             torch.tensor([tr.value for tr in step]),
@@ -64,11 +68,16 @@ def fill_buffer(policy: ActorCriticPolicy, segments: list[Segment], settings: A2
     return buffer
 
 
-def update(policy: ActorCriticPolicy, buffer: RolloutBuffer, settings: A2CSettings) -> UpdateStats:
-    """One gradient step on the whole buffer (A2C.train with batch_size=None)."""
+def update(
+    policy: ActorCriticPolicy, buffer: RolloutBuffer, settings: A2CSettings, learning_rate: float
+) -> UpdateStats:
+    """One gradient step on the whole buffer (A2C.train with batch_size=None), at ``learning_rate``."""
     policy.set_training_mode(True)
+    update_learning_rate(policy.optimizer, learning_rate)
     data = next(buffer.get(batch_size=None))
-    actions = data.actions.long().flatten()
+    actions = data.actions
+    if isinstance(policy.action_space, gym.spaces.Discrete):
+        actions = actions.long().flatten()  # as A2C.train: Categorical takes indices
     values, log_prob, entropy = policy.evaluate_actions(data.observations, actions)
     values = values.flatten()
 

@@ -16,31 +16,27 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from worker.common.sampling import sample, softmax
+from worker.common.distributions import choose
 from worker.model.learner import Learner
 from worker.model.policy import policy_spec
 from worker.model.settings import ModelSettings
-from worker.protocol import Observation, Streams, action_message, encode_entry, logits_reply, split_id
+from worker.protocol import (
+    Family,
+    Observation,
+    Streams,
+    action_message,
+    encode_entry,
+    logits_reply,
+    split_id,
+)
 
 POLICY_FORMAT = 1  # the layout of the policy hash: its ``format`` field
 
 
-def choose(logits: list[float], deterministic: bool, rng: np.random.Generator) -> int:
-    """The action for one observation: the most likely one if ``deterministic``, else a sample.
-
-    :param logits: the observation's action logits
-    :param deterministic: the observation's DETERMINISTIC flag
-    :param rng: the model's generator of samples
-    """
-    row = np.asarray(logits, dtype=np.float64)  # softmax and sampling in double precision
-    if deterministic:
-        return int(row.argmax())
-    return int(sample(softmax(row[None]), rng)[0])
-
-
 def answer(
     obs: Observation,
-    logits: list[float],
+    family: Family,
+    params: np.ndarray,
     from_inbox: bool,
     component_id: str,
     streams: Streams,
@@ -49,7 +45,8 @@ def answer(
     """The reply to ``obs`` as (stream, entry fields), or ``None`` when it asked for none (ANSWER false).
 
     :param obs: a valid observation
-    :param logits: its logits under the weights the batch ends with
+    :param family: the form of the model's distributions
+    :param params: the distribution for ``obs`` under the weights the batch ends with
     :param from_inbox: it came from the model's inbox, not the shared observation stream
     :param component_id: the model's ID
     :param streams: the deployment's names
@@ -58,8 +55,9 @@ def answer(
     if not obs.answer:
         return None
     if not from_inbox:
-        return streams.logits, encode_entry(logits_reply(obs, logits, component_id), obs.encoding)
-    action = choose(logits, obs.deterministic, rng)
+        reply = logits_reply(obs, family.fields(params), component_id)
+        return streams.logits, encode_entry(reply, obs.encoding)
+    action = choose(family, params.astype(np.float64), obs.deterministic, rng)
     return streams.replies(obs.reply_to), encode_entry(action_message(obs, action, 1), obs.encoding)
 
 
@@ -76,7 +74,7 @@ class Publisher:
     def __init__(self, settings: ModelSettings, learner: Learner, inbox: str) -> None:
         self.every = settings.publish_weights_every
         self.learner, self.inbox = learner, inbox
-        spec = policy_spec(settings, learner.obs_shape, learner.n_actions)
+        spec = policy_spec(settings, learner.spaces)
         self.spec = json.dumps(spec, separators=(",", ":"))
         self.due = True  # publish with the next commit, whatever the update count
         self.updates = 0  # the update count of the weights published last
@@ -107,6 +105,8 @@ class Publisher:
                 "weights": self.learner.weights().astype("<f4").tobytes(),
                 "updates": str(updates),
             }
+            if self.learner.inputs.obs_rms:  # the copy normalizes as the model did for these weights
+                published["normalization"] = self.learner.inputs.pack()
         return published or None
 
     def committed(self, published: Mapping[str, bytes | str] | None) -> None:

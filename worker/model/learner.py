@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-import torch
 from stable_baselines3.common.buffers import RolloutBuffer
 
 from worker.common import logs
 from worker.model import a2c
-from worker.model.memory import EnvMemory, Segment, observe
+from worker.model.inputs import Inputs, row
+from worker.model.memory import EnvMemory, Evaluated, Rules, Segment, find_repeats, observe
 from worker.model.policy import (
+    evaluate,
     load_weight_vector,
     make_policy,
+    make_spaces,
     n_params,
     pack_state,
     unpack_state,
@@ -56,6 +59,7 @@ class Snapshot:
     :param policy: the policy's packed ``state_dict``
     :param optimizer: the optimizer's packed ``state_dict``
     :param memory: env_id -> packed :class:`~worker.model.memory.EnvMemory`
+    :param normalization: the packed statistics of :class:`~worker.model.inputs.Inputs`, if any
     """
 
     policy: bytes | None
@@ -63,6 +67,7 @@ class Snapshot:
     counters: Counters
     paused_until: float
     memory: dict[str, bytes]
+    normalization: bytes | None = None
 
 
 class Learner:
@@ -73,67 +78,69 @@ class Learner:
 
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
-        self.policy = make_policy(settings)
-        self.obs_shape: tuple[int, ...] = self.policy.observation_space.shape
-        self.n_actions = int(self.policy.action_space.n)
+        self.spaces = make_spaces(settings)
+        self.family = self.spaces.family
+        self.policy = make_policy(settings, self.spaces)
         self.n_params = n_params(self.policy)
+        self.inputs = Inputs(
+            self.spaces.observation, settings.normalize_obs, settings.normalize_reward, settings.gamma
+        )
         self.memories: dict[str, EnvMemory] = {}
         self.counters = Counters()
         self.paused_until = 0.0  # unix time; training is paused between an evolution GET and SET
         self.last_buffer: RolloutBuffer | None = None  # what the latest update trained on
         self.ttl_ms = int(settings.memory_ttl * 1000)
+        s = settings
+        self.rules = Rules(s.gamma, s.n_steps, s.train_deterministic, self.ttl_ms, self.family, self.inputs)
         self._swept_below = -1  # the memories older than this (entry-ID ms) are gone
 
     # ----------------------------------------------------------------- acting and learning
 
-    def evaluate(self, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Logits, log-probabilities and values of a batch of observations, in one forward pass."""
-        with torch.no_grad():
-            features = self.policy.extract_features(torch.as_tensor(observations))
-            latent_pi, latent_vf = self.policy.mlp_extractor(features)
-            logits = self.policy.action_net(latent_pi)
-            values = self.policy.value_net(latent_vf).flatten()
-            return logits.numpy(), torch.log_softmax(logits, dim=1).numpy(), values.numpy()
+    def evaluate(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Distributions and values of a batch of the policy's inputs, in one forward pass."""
+        return evaluate(self.policy, self.family, batch)
 
-    def step(self, run: list[Observation]) -> tuple[list[list[float]], bool]:
-        """Answer ``run`` with logits, record its transitions and train on the segments it completed.
+    def step(self, run: list[Observation]) -> tuple[np.ndarray, bool]:
+        """Answer ``run`` with distributions, record its transitions and train on the segments it
+        completed.
 
         A repeat (:func:`~worker.model.memory.is_repeat`) of its environment's last step is answered
-        with that step's own distribution (the log-probabilities its answer had); a repeat of an
-        older step with its logits under the current weights.
+        with that step's own distribution (the one its answer had); a repeat of an older step with
+        its distribution under the current weights.
 
         :param run: validated observations, in stream order
-        :return: the logits of each observation, and whether the weights changed
+        :return: the distribution of each observation (one :class:`~worker.protocol.Family` vector
+            per row), and whether the weights changed
         """
         if not run:
-            return [], False
+            return np.zeros((0, self.family.n_params)), False
+        s, n = self.settings, len(run)
+        repeats = find_repeats(self.memories, run, self.ttl_ms)
+        learn = [
+            not r and (s.train_deterministic or not o.deterministic)
+            for o, r in zip(run, repeats, strict=True)
+        ]
         terminal = [o.terminal_observation for o in run if o.truncated]
-        logits, log_probs, values = self.evaluate(np.stack([o.observation for o in run] + terminal))
-        s, segments, next_terminal = self.settings, [], len(run)
+        batch = self.inputs.policy_batch(
+            [o.observation for o in run] + terminal, learn + [False] * len(terminal)
+        )
+        params, values = self.evaluate(batch)
+        segments: list[Segment] = []
+        next_terminal = n
         latest: dict[str, int] = {}  # env -> index in run of its last observation that was not a repeat
-        echoes: dict[int, int | np.ndarray] = {}  # repeat index -> its original's index, or log-probs
+        echoes: dict[int, int | np.ndarray] = {}  # repeat index -> its original's index, or distribution
         for i, obs in enumerate(run):
-            terminal_value = None
+            evaluated = Evaluated(row(batch, i), float(values[i]), params[i])
             if obs.truncated:
-                terminal_value, next_terminal = float(values[next_terminal]), next_terminal + 1
-            memory, result = observe(
-                self.memories.get(obs.env_id),
-                obs,
-                float(values[i]),
-                log_probs[i],
-                terminal_value,
-                s.gamma,
-                s.n_steps,
-                s.train_deterministic,
-                self.ttl_ms,
-            )
+                evaluated.terminal_value, next_terminal = float(values[next_terminal]), next_terminal + 1
+            memory, result = observe(self.memories.get(obs.env_id), obs, evaluated, self.rules)
             self.memories[obs.env_id] = memory
             self.counters.observations += 1
             if result.repeat:
                 self.counters.repeats += 1
                 if obs.step == memory.step:
                     # An original in this run is answered below, maybe after an update: echo that.
-                    echoes[i] = latest[obs.env_id] if obs.env_id in latest else memory.log_probs.copy()
+                    echoes[i] = latest[obs.env_id] if obs.env_id in latest else memory.params.copy()
                 continue
             latest[obs.env_id] = i
             self.counters.transitions += result.transition
@@ -145,14 +152,14 @@ class Learner:
         if trained:
             # SB3 acts on the newest observations with the updated policy; so do we. The values of
             # the segments' last observations above stay those of the old policy, as in SB3.
-            logits, log_probs, values = self.evaluate(np.stack([o.observation for o in run]))
+            params, values = self.evaluate(batch)
             for env, i in latest.items():
                 memory = self.memories[env]
-                memory.value, memory.log_probs = float(values[i]), log_probs[i]
-        answers = logits[: len(run)]
+                memory.value, memory.params = float(values[i]), params[i]
+        answers = params[:n]
         for i, echo in echoes.items():
             answers[i] = answers[echo] if isinstance(echo, int) else echo
-        return answers.tolist(), trained
+        return answers, trained
 
     def train(self, segments: list[Segment]) -> bool:
         """One A2C update over ``segments`` unless training is paused; True if the weights changed."""
@@ -162,7 +169,9 @@ class Learner:
             self.counters.discarded += len(segments)
             return False
         self.last_buffer = a2c.fill_buffer(self.policy, segments, self.settings)
-        stats = a2c.update(self.policy, self.last_buffer, self.settings)
+        # SB3 sets the rate from the progress after the rollout: the transitions taken in so far.
+        learning_rate = self.settings.learning_rate_at(self.counters.transitions)
+        stats = a2c.update(self.policy, self.last_buffer, self.settings, learning_rate)
         if not stats.applied:
             self.counters.skipped += 1
             log.warning("update skipped: its gradient is not finite", segments=stats.segments)
@@ -210,17 +219,23 @@ class Learner:
 
     # ----------------------------------------------------------------- persistence
 
-    def checkpoint(self) -> dict[str, bytes]:
-        return {
-            "policy": pack_state(self.policy.state_dict()),
-            "optimizer": pack_state(self.policy.optimizer.state_dict()),
-        }
+    def checkpoint(self, weights: bool) -> dict[str, bytes] | None:
+        """The checkpoint's fields a commit writes: the policy and optimizer if ``weights`` changed,
+        the normalization statistics if they moved; ``None`` for none."""
+        fields = {}
+        if weights:
+            fields["policy"] = pack_state(self.policy.state_dict())
+            fields["optimizer"] = pack_state(self.policy.optimizer.state_dict())
+        if self.inputs.changed:
+            fields["normalization"], self.inputs.changed = self.inputs.pack(), False
+        return fields or None
 
     def restore(self, snapshot: Snapshot) -> bool:
         """Become the committed state; False (and a fresh policy) when there is none yet."""
         self._swept_below = -1
+        self.inputs.restore(snapshot.normalization)
         if snapshot.policy is None:
-            self.policy = make_policy(self.settings)
+            self.policy = make_policy(self.settings, self.spaces)
             self.counters, self.paused_until, self.memories = Counters(), 0.0, {}
             return False
         self.policy.load_state_dict(unpack_state(snapshot.policy))

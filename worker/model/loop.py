@@ -42,7 +42,6 @@ from worker.protocol import (
     Command,
     Observation,
     ProtocolError,
-    Spaces,
     Streams,
     dead_letter,
     decode_entry,
@@ -104,7 +103,7 @@ class ModelWorker(Service):
         self.store = ModelStore(client, self.streams, self.component_id, self.consumer, *store_settings)
         torch.set_num_threads(settings.torch_threads)
         self.learner = Learner(settings)
-        self._spaces = (self.learner.obs_shape, self.learner.n_actions)  # what observations must fit
+        self.spaces = self.learner.spaces  # what observations must fit
         self.inbox = self.streams.inbox(self.component_id)
         # Input streams: observations (shared, then this model's own) and commands.
         self._inputs = (self.streams.observation, self.inbox, self.streams.evolution)
@@ -224,7 +223,7 @@ class ModelWorker(Service):
                     "paused": int(self.learner.paused()),
                     "envs": len(self.memories),
                     "reconnects": self.outages.reconnects,
-                    "spaces": Spaces(*self._spaces).to_json(),
+                    "spaces": self.spaces.to_json(),
                 }
             )
             if not force:
@@ -299,7 +298,7 @@ class ModelWorker(Service):
             try:
                 message, encoding = decode_entry(fields, self.settings.max_entry_bytes)
                 if stream != self.streams.evolution:
-                    obs = parse_observation(message, entry_id, encoding, *self._spaces)
+                    obs = parse_observation(message, entry_id, encoding, self.spaces)
                     run.append((obs, stream == self.inbox))
                     continue
                 command = parse_command(message, entry_id, encoding)
@@ -318,11 +317,12 @@ class ModelWorker(Service):
     def _step(self, run: list[tuple[Observation, bool]], outbox: Outbox) -> None:
         """Let the learner answer and learn from a run of observations (each with whether it came
         from the inbox, which is answered with an action); queue the replies."""
-        logits, trained = self.learner.step([obs for obs, _ in run])
+        answers, trained = self.learner.step([obs for obs, _ in run])
         outbox.weights_changed |= trained
-        for (obs, from_inbox), row in zip(run, logits, strict=True):
+        family = self.learner.family
+        for (obs, from_inbox), params in zip(run, answers, strict=True):
             outbox.touched_envs.add(obs.env_id)
-            reply = clients.answer(obs, row, from_inbox, self.component_id, self.streams, self.rng)
+            reply = clients.answer(obs, family, params, from_inbox, self.component_id, self.streams, self.rng)
             if reply is not None:
                 outbox.messages.append(reply)
 
@@ -364,7 +364,7 @@ class ModelWorker(Service):
             counters=replace(learner.counters),
             paused_until=learner.paused_until,
             memory={env: learner.memories[env].pack() for env in touched},
-            checkpoint=learner.checkpoint() if outbox.weights_changed else None,
+            checkpoint=learner.checkpoint(outbox.weights_changed),
             messages=outbox.messages,
             acks=outbox.acks,
             forget=outbox.forgotten_envs,

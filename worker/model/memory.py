@@ -10,14 +10,18 @@ environment form a segment, bootstrapped with the value of the observation that 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 import numpy as np
 
-from worker.protocol import Observation, split_id
+from worker.common.distributions import log_prob as log_prob_of
+from worker.model.inputs import Inputs
+from worker.protocol import Family, Observation, binary, split_id
+from worker.protocol.values import Value
 
-MEMORY_FORMAT = 2  # the layout of a packed EnvMemory: its first item
-READABLE_FORMATS = (1, MEMORY_FORMAT)  # format 1 had no ``step``: it unpacks with ``step`` None
+MEMORY_FORMAT = 3  # the layout of a packed EnvMemory: its first item
+READABLE_FORMATS = (1, 2, MEMORY_FORMAT)  # 1 and 2: float32 vectors and discrete actions only
 
 
 class FormatError(ValueError):
@@ -27,12 +31,14 @@ class FormatError(ValueError):
 
 FORMAT_HINT = "run the version that wrote it, or `control forget` this model"
 
+Action = int | np.ndarray  # an integer for a Discrete space, else an array
+
 
 @dataclass(slots=True)
 class Transition:
-    obs: np.ndarray
-    action: int
-    reward: float
+    obs: Value  # as the policy takes it (images channel-first, normalized if the model normalizes)
+    action: Action
+    reward: float  # as learned from (scaled, if the model normalizes rewards)
     episode_start: bool
     value: float
     log_prob: float
@@ -52,59 +58,81 @@ class Segment:
     last_done: bool
 
 
+def _pack(value: Value | Action) -> Any:
+    if isinstance(value, dict):
+        return {k: binary(v) for k, v in value.items()}
+    return binary(value) if isinstance(value, np.ndarray) else value
+
+
+def _unpack(packed: Any) -> Any:
+    if isinstance(packed, dict) and "data" not in packed:
+        return {k: _unpack(v) for k, v in packed.items()}
+    if isinstance(packed, dict):
+        return (
+            np.frombuffer(packed["data"], np.dtype(packed["dtype"]).newbyteorder("<"))
+            .reshape(packed["shape"])
+            .copy()
+        )
+    return packed
+
+
 @dataclass(slots=True)
 class EnvMemory:
     """The last observation of one environment and the rollout collected since the last segment."""
 
-    obs: np.ndarray
+    obs: Value  # as the policy takes it
     value: float
-    log_probs: np.ndarray  # log pi(a | obs) for every action a
+    params: np.ndarray  # the distribution answered for ``obs`` (:class:`~worker.protocol.Family`'s vector)
     episode_start: bool
     deterministic: bool
     seen_ms: int  # stream time (entry-ID milliseconds) of ``obs``: when this environment was last heard of
     rollout: list[Transition] = field(default_factory=list)
     step: int | None = None  # the STEP of ``obs``, if it had one: a step up to it is a repeat
+    ret: float = 0.0  # the discounted return so far (reward normalization's R_t)
 
     def pack(self) -> bytes:
-        r = self.rollout
+        rows = [
+            [_pack(t.obs), _pack(t.action), t.reward, t.episode_start, t.value, t.log_prob]
+            for t in self.rollout
+        ]
         return msgpack.packb(
             [
                 MEMORY_FORMAT,
-                self.obs.astype("<f4").tobytes(),
-                list(self.obs.shape),
+                _pack(self.obs),
                 self.value,
-                self.log_probs.astype("<f4").tobytes(),
+                binary(self.params.astype("<f4")),
                 self.episode_start,
                 self.deterministic,
                 self.seen_ms,
-                b"".join(t.obs.astype("<f4").tobytes() for t in r),
-                [[t.action, t.reward, t.episode_start, t.value, t.log_prob] for t in r],
+                rows,
                 self.step,
+                self.ret,
             ],
             use_bin_type=True,
         )
 
     @classmethod
     def unpack(cls, blob: bytes) -> EnvMemory:
-        fields = msgpack.unpackb(blob)
+        fields = msgpack.unpackb(blob, raw=False)
         found = fields[0] if isinstance(fields, list) and fields else None
-        if found not in READABLE_FORMATS or len(fields) != 10 + (found != 1):
+        if found in (1, 2) and len(fields) == 10 + (found == 2):
+            return _unpack_vectors(fields)
+        if found != MEMORY_FORMAT or len(fields) != 10:
             raise FormatError(f"an environment's memory has format {found}, this code reads {MEMORY_FORMAT}")
-        _, obs, shape, value, log_probs, start, deterministic, seen_ms, rollout_obs, rows = fields[:10]
-        step = fields[10] if found != 1 else None
-        obs_array = np.frombuffer(obs, "<f4").reshape(shape)
-        obs_rows = np.frombuffer(rollout_obs, "<f4").reshape((len(rows), *shape))
-        rollout = [Transition(o.copy(), *row) for o, row in zip(obs_rows, rows, strict=True)]
-        return cls(
-            obs_array.copy(),
-            value,
-            np.frombuffer(log_probs, "<f4").copy(),
-            start,
-            deterministic,
-            seen_ms,
-            rollout,
-            step,
-        )
+        _, obs, value, params, start, deterministic, seen_ms, rows, step, ret = fields
+        rollout = [Transition(_unpack(o), _unpack(a), *rest) for o, a, *rest in rows]
+        return cls(_unpack(obs), value, _unpack(params), start, deterministic, seen_ms, rollout, step, ret)
+
+
+def _unpack_vectors(fields: list[Any]) -> EnvMemory:
+    """Formats 1 and 2: float32 observations, discrete actions, log-probabilities as the logits."""
+    _, obs, shape, value, log_probs, start, deterministic, seen_ms, rollout_obs, rows = fields[:10]
+    obs_rows = np.frombuffer(rollout_obs, "<f4").reshape((len(rows), *shape))
+    rollout = [Transition(o.copy(), *row) for o, row in zip(obs_rows, rows, strict=True)]
+    obs_array = np.frombuffer(obs, "<f4").reshape(shape).copy()
+    params = np.frombuffer(log_probs, "<f4").copy()
+    step = fields[10] if len(fields) == 11 else None
+    return EnvMemory(obs_array, value, params, start, deterministic, seen_ms, rollout, step)
 
 
 @dataclass(slots=True)
@@ -118,56 +146,67 @@ class StepResult:
     repeat: bool = False  # a step already seen: the memory was left as it was
 
 
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """How observations become transitions: A2C's ``gamma`` and ``n_steps``, whether evaluation
+    steps are learned from, the memory's TTL (ms), the action space's family and the model's inputs
+    (reward scaling)."""
+
+    gamma: float
+    n_steps: int
+    train_deterministic: bool
+    ttl_ms: int
+    family: Family
+    inputs: Inputs
+
+
+@dataclass(slots=True)
+class Evaluated:
+    """What the model computed for one observation: the policy's input, V(obs), the distribution
+    answered, and V(terminal observation) when the previous step was truncated."""
+
+    obs: Value
+    value: float
+    params: np.ndarray
+    terminal_value: float | None = None
+
+
 def observe(
-    memory: EnvMemory | None,
-    obs: Observation,
-    value: float,
-    log_probs: np.ndarray,
-    terminal_value: float | None,
-    gamma: float,
-    n_steps: int,
-    train_deterministic: bool,
-    ttl_ms: int,
+    memory: EnvMemory | None, obs: Observation, evaluated: Evaluated, rules: Rules
 ) -> tuple[EnvMemory, StepResult]:
     """Advance one environment's memory by one observation.
 
     :param memory: the environment's memory, ``None`` for an environment never seen (or forgotten)
-    :param value: V(obs) under the current policy
-    :param log_probs: log pi(. | obs) under the current policy
-    :param terminal_value: V(terminal observation) when the previous step was truncated
-    :param ttl_ms: a memory older than this (by entry IDs) is forgotten, as if never seen
+    :param obs: the observation
+    :param evaluated: what the current policy made of it
+    :param rules: see :class:`Rules`
     :return: the new memory and what happened; for a repeat (:func:`is_repeat`), ``memory`` itself
     """
     segment, recorded, dropped, forgotten = None, False, 0, False
     seen_ms = split_id(obs.entry_id)[0]
-    if memory is not None and seen_ms - memory.seen_ms > ttl_ms:
+    if memory is not None and seen_ms - memory.seen_ms > rules.ttl_ms:
         # Decided here, by the entry IDs alone, so that what is learned never depends on when a
         # sweep ran (batching, restarts): Learner.forget_silent only frees what never comes back.
         dropped, forgotten, memory = len(memory.rollout), True, None
-    if memory is not None and is_repeat(memory, obs):
+    if memory is not None and is_repeat(memory.step, obs):
         return memory, StepResult(False, None, 0, False, repeat=True)
     rollout = memory.rollout if memory is not None else []
-    usable = memory is not None and (train_deterministic or not memory.deterministic)
+    ret = 0.0
+    usable = memory is not None and (rules.train_deterministic or not memory.deterministic)
     if obs.reward is not None and usable:
         assert memory is not None and obs.action is not None
-        reward = obs.reward
+        reward, ret = rules.inputs.reward(obs.reward, memory.ret, learn=True)
         if obs.truncated:
             # Time-limit truncation is not a real end: bootstrap as SB3's A2C.collect_rollouts does.
-            assert terminal_value is not None
-            reward += gamma * terminal_value
+            assert evaluated.terminal_value is not None
+            reward += rules.gamma * evaluated.terminal_value
+        log_prob = float(log_prob_of(rules.family, memory.params, np.asarray(obs.action)))
         rollout.append(
-            Transition(
-                memory.obs,
-                obs.action,
-                reward,
-                memory.episode_start,
-                memory.value,
-                float(memory.log_probs[obs.action]),
-            )
+            Transition(memory.obs, obs.action, reward, memory.episode_start, memory.value, log_prob)
         )
         recorded = True
-        if len(rollout) == n_steps:
-            segment = Segment(obs.env_id, rollout, last_value=value, last_done=obs.done)
+        if len(rollout) == rules.n_steps:
+            segment = Segment(obs.env_id, rollout, last_value=evaluated.value, last_done=obs.done)
             rollout = []
     elif rollout:
         # The chain of transitions is broken (an environment restarted without REWARD, or an
@@ -176,22 +215,40 @@ def observe(
     # An environment seen for the first time, or restarted without REWARD, starts an episode.
     episode_start = obs.done or obs.reward is None
     new = EnvMemory(
-        obs.observation, value, log_probs, episode_start, obs.deterministic, seen_ms, rollout, obs.step
+        evaluated.obs,
+        evaluated.value,
+        evaluated.params,
+        episode_start,
+        obs.deterministic,
+        seen_ms,
+        rollout,
+        obs.step,
+        0.0 if obs.done else ret,
     )
     return new, StepResult(recorded, segment, dropped, forgotten)
 
 
-def is_repeat(memory: EnvMemory, obs: Observation) -> bool:
-    """Whether ``obs`` reports a step this memory has already taken in: a client that resent a step
-    after losing its answer, or an entry added twice. Only a step with REWARD can be one: without,
-    it starts the environment's chain again, whatever its STEP.
+def is_repeat(last_step: int | None, obs: Observation) -> bool:
+    """Whether ``obs`` reports a step its environment's memory has already taken in: a client that
+    resent a step after losing its answer, or an entry added twice. Only a step with REWARD can be
+    one: without, it starts the environment's chain again, whatever its STEP.
 
-    :param memory: the environment's memory (not forgotten)
+    :param last_step: the STEP of the memory's last observation (not forgotten)
     :param obs: the environment's new observation
     """
-    return (
-        obs.reward is not None
-        and obs.step is not None
-        and memory.step is not None
-        and obs.step <= memory.step
-    )
+    return obs.reward is not None and obs.step is not None and last_step is not None and obs.step <= last_step
+
+
+def find_repeats(memories: dict[str, EnvMemory], run: list[Observation], ttl_ms: int) -> list[bool]:
+    """Which observations of ``run`` :func:`observe` will find to be repeats, told before it runs
+    (the statistics of normalization must not take them in)."""
+    last = {env: (memory.step, memory.seen_ms) for env, memory in memories.items()}
+    found = []
+    for obs in run:
+        seen_ms = split_id(obs.entry_id)[0]
+        step, at = last.get(obs.env_id, (None, seen_ms))
+        repeat = is_repeat(step if seen_ms - at <= ttl_ms else None, obs)
+        if not repeat:
+            last[obs.env_id] = (obs.step, seen_ms)
+        found.append(repeat)
+    return found

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings
 
 from worker.common.settings import CommonSettings, env_alias
@@ -20,11 +20,23 @@ class A2CSettings(BaseSettings):
         "CartPole-v1",
         description="gymnasium env id whose spaces the model uses; 'none' to give them explicitly",
     )
+    spaces: str | None = Field(
+        None,
+        description='the spaces as JSON, as models publish them ({"observation": ..., "action": ...},'
+        " see docs/protocol.md); overrides --gym-env",
+    )
     obs_shape: list[int] | None = Field(None, description="observation shape, when --gym-env is none")
     n_actions: int | None = Field(
         None, gt=1, description="number of discrete actions, when --gym-env is none"
     )
     learning_rate: float = Field(7e-4, gt=0)
+    learning_rate_schedule: Literal["constant", "linear"] = Field(
+        "constant",
+        description="linear: from --learning-rate down to 0 at --total-timesteps transitions (RL-zoo's lin_)",
+    )
+    total_timesteps: int | None = Field(
+        None, gt=0, description="transitions the linear schedule runs over (SB3's total_timesteps)"
+    )
     n_steps: int = Field(5, gt=0, description="transitions per environment in one A2C segment")
     gamma: float = Field(0.99, ge=0, le=1)
     gae_lambda: float = Field(1.0, ge=0, le=1)
@@ -41,6 +53,30 @@ class A2CSettings(BaseSettings):
     )
     activation_fn: Literal["tanh", "relu"] = "tanh"
     ortho_init: bool = True
+
+    @model_validator(mode="after")
+    def _schedule_has_an_end(self) -> A2CSettings:
+        if self.learning_rate_schedule == "linear" and self.total_timesteps is None:
+            raise ValueError("--learning-rate-schedule linear needs --total-timesteps")
+        return self
+
+    def learning_rate_at(self, transitions: int) -> float:
+        """The learning rate after ``transitions`` transitions, as SB3's schedule gives it for
+        ``progress_remaining = 1 - transitions / total_timesteps``."""
+        if self.learning_rate_schedule == "constant" or self.total_timesteps is None:
+            return self.learning_rate
+        return self.learning_rate * max(0.0, 1.0 - transitions / self.total_timesteps)
+    policy: Literal["auto", "MlpPolicy", "CnnPolicy", "MultiInputPolicy"] = Field(
+        "auto", description="SB3's policy; auto: MultiInputPolicy for Dict, CnnPolicy for images, else Mlp"
+    )
+    use_sde: bool = Field(False, description="Box actions: generalized state-dependent exploration (gSDE)")
+    log_std_init: float = Field(0.0, description="Box actions: initial log standard deviation")
+    normalize_obs: bool = Field(
+        False, description="normalize observations with running statistics (VecNormalize)"
+    )
+    normalize_reward: bool = Field(
+        False, description="scale rewards by the running std of returns (VecNormalize)"
+    )
     seed: int | None = Field(None, description="seed for the initial weights")
 
 

@@ -2,7 +2,8 @@
 
 Keys, all under ``<prefix>:model:<COMPONENT_ID>``:
 
-- ``:checkpoint`` hash: ``policy`` and ``optimizer`` (msgpack state dicts), ``meta`` (counters, pause),
+- ``:checkpoint`` hash: ``policy`` and ``optimizer`` (msgpack state dicts), ``normalization`` (the
+  running statistics of ``--normalize-obs``/``--normalize-reward``), ``meta`` (counters, pause),
   ``version`` (commits so far), ``format`` (:data:`CHECKPOINT_FORMAT`: a checkpoint of another
   format is refused, never misread)
 - ``:memory`` hash: one field per ENV_ID, that environment's :class:`~worker.model.memory.EnvMemory`
@@ -189,6 +190,7 @@ class ModelStore:
             counters=Counters(**meta),
             paused_until=paused_until,
             memory={k.decode(): v for k, v in memory.items()},
+            normalization=checkpoint.get(b"normalization"),
         )
 
     def commit(self, batch: Batch) -> int:
@@ -205,6 +207,7 @@ class ModelStore:
         checkpoint = batch.checkpoint or {}  # as HSET: the fields given replace, the others stay
         held.policy = checkpoint.get("policy", held.policy)
         held.optimizer = checkpoint.get("optimizer", held.optimizer)
+        held.normalization = checkpoint.get("normalization", held.normalization)
         held.memory.update(batch.memory)
         for env in batch.forget:
             held.memory.pop(env, None)
@@ -247,7 +250,8 @@ class ModelStore:
             counters=state.counters,
             paused_until=state.paused_until,
             memory=dict(state.memory),
-            checkpoint={"policy": state.policy, "optimizer": state.optimizer},
+            checkpoint={"policy": state.policy, "optimizer": state.optimizer}
+            | ({"normalization": state.normalization} if state.normalization else {}),
         )
         return self._apply(batch, fence=0, version=state.counters.version)
 

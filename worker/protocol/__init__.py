@@ -8,7 +8,9 @@ and nothing here touches Redis.
 - :mod:`~worker.protocol.encoding`: msgpack or JSON entries, and dead letters;
 - :mod:`~worker.protocol.fields`: the checks every message shares (flags, numbers, arrays, names);
 - :mod:`~worker.protocol.observations`: observations, logits replies, actions;
-- :mod:`~worker.protocol.spaces`: the observation and action spaces models publish for clients;
+- :mod:`~worker.protocol.spaces`: the observation and action spaces models publish for clients, and
+  the form of the distribution each action space is answered with;
+- :mod:`~worker.protocol.values`: observations and actions of every space, binary arrays;
 - :mod:`~worker.protocol.commands`: evolution's GET/SET and their answers, RUN/STOP and status reports.
 """
 
@@ -55,8 +57,9 @@ from worker.protocol.observations import (
     parse_logits_reply,
     parse_observation,
 )
-from worker.protocol.spaces import Spaces
+from worker.protocol.spaces import Family, Spaces, describe_space, space_from, unsupported
 from worker.protocol.streams import Streams, before, split_id
+from worker.protocol.values import binary, parse_action_value, parse_value, wire_value
 
 __all__ = [
     "DATA_FIELD",
@@ -66,6 +69,7 @@ __all__ = [
     "Answer",
     "Command",
     "Encoding",
+    "Family",
     "LogitsReply",
     "NotJson",
     "Observation",
@@ -77,13 +81,16 @@ __all__ = [
     "Streams",
     "action_message",
     "before",
+    "binary",
     "dead_letter",
     "decode_entry",
+    "describe_space",
     "encode_entry",
     "episode_report",
     "get_command",
     "logits_reply",
     "parse_action",
+    "parse_action_value",
     "parse_answer",
     "parse_command",
     "parse_control",
@@ -91,13 +98,17 @@ __all__ = [
     "parse_observation",
     "parse_reply_weights",
     "parse_run_report",
+    "parse_value",
     "parse_weight_vector",
     "run_command",
     "run_failed",
     "run_report",
     "stop_command",
+    "unsupported",
     "set_ack",
     "set_command",
+    "space_from",
     "split_id",
     "weights_reply",
+    "wire_value",
 ]

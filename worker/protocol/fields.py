@@ -81,7 +81,7 @@ def integer(message: Mapping[str, Any], key: str, minimum: int = 0, maximum: int
     return value
 
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def number(message: Mapping[str, Any], key: str) -> float:
@@ -92,7 +92,7 @@ def number(message: Mapping[str, Any], key: str) -> float:
         value = float(value)
     except OverflowError:  # a JSON integer beyond the float range
         raise ProtocolError(f"{key} must be finite, got an integer of {len(str(value))} digits") from None
-    if not abs(value) <= _FLOAT32_MAX:  # NaN fails too; training keeps rewards in float32
+    if not abs(value) <= FLOAT32_MAX:  # NaN fails too; training keeps rewards in float32
         raise ProtocolError(f"{key} must be finite and within float32's range (about ±3.4e38), got {value}")
     return value
 
@@ -125,7 +125,7 @@ def array(message: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.nd
         type(value) is list
         and len(shape) == 1
         and len(value) == shape[0]
-        and all((type(x) is float or type(x) is int) and -_FLOAT32_MAX < x < _FLOAT32_MAX for x in value)
+        and all((type(x) is float or type(x) is int) and -FLOAT32_MAX < x < FLOAT32_MAX for x in value)
     ):
         return np.array(value, dtype=np.float32)
     if isinstance(value, NotJson | str | bytes) or not isinstance(value, list | int | float):

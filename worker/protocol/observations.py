@@ -12,6 +12,8 @@ import numpy as np
 
 from worker.protocol import fields
 from worker.protocol.encoding import Encoding, ProtocolError
+from worker.protocol.spaces import Family, Spaces
+from worker.protocol.values import Value, parse_action_value, parse_value
 
 MAX_ENV_ID_LENGTH = 256
 MAX_REPLY_TO_LENGTH = 128
@@ -31,12 +33,12 @@ class Observation:
 
     entry_id: str
     env_id: str
-    observation: np.ndarray
+    observation: Value
     reward: float | None
-    action: int | None
+    action: int | np.ndarray | None  # an integer for a Discrete space, else an array of the space's
     done: bool
     truncated: bool
-    terminal_observation: np.ndarray | None
+    terminal_observation: Value | None
     deterministic: bool
     encoding: Encoding
     step: int | None = None
@@ -45,19 +47,19 @@ class Observation:
 
 
 def parse_observation(
-    message: Mapping[str, Any], entry_id: str, encoding: Encoding, obs_shape: tuple[int, ...], n_actions: int
+    message: Mapping[str, Any], entry_id: str, encoding: Encoding, spaces: Spaces
 ) -> Observation:
     """Validate an observation message against the model's spaces."""
     if "OBSERVATION" not in message:
         raise ProtocolError("missing OBSERVATION")
-    observation = fields.array(message, "OBSERVATION", obs_shape)
+    observation = parse_value(message["OBSERVATION"], spaces.observation, "OBSERVATION")
     env_id = fields.name(message, "ENV_ID", default="default", max_length=MAX_ENV_ID_LENGTH)
     if ("REWARD" in message) != ("ACTION" in message):
         raise ProtocolError("REWARD and ACTION come together (both describe the previous step)")
     reward = action = None
     if "REWARD" in message:
         reward = fields.number(message, "REWARD")
-        action = _action(message, n_actions)
+        action = parse_action_value(message["ACTION"], spaces.action)
     truncated = fields.flag(message, "TRUNCATED")
     done = fields.flag(message, "DONE") or truncated  # a truncation ends the episode too
     terminal = None
@@ -66,7 +68,7 @@ def parse_observation(
             raise ProtocolError("TRUNCATED needs the REWARD and ACTION of the step it ends")
         if "TERMINAL_OBSERVATION" not in message:
             raise ProtocolError("TRUNCATED needs TERMINAL_OBSERVATION to bootstrap its value")
-        terminal = fields.array(message, "TERMINAL_OBSERVATION", obs_shape)
+        terminal = parse_value(message["TERMINAL_OBSERVATION"], spaces.observation, "TERMINAL_OBSERVATION")
     return Observation(
         entry_id=entry_id,
         env_id=env_id,
@@ -90,16 +92,6 @@ def _reply_to(message: Mapping[str, Any]) -> str | None:
     return fields.name(message, "REPLY_TO", max_length=MAX_REPLY_TO_LENGTH)
 
 
-def _action(message: Mapping[str, Any], n_actions: int) -> int:
-    """ACTION: an integer in ``[0, n_actions)``, or a one-element array of one (as from a vector env)."""
-    action = given = message.get("ACTION")
-    if isinstance(action, list) and len(action) == 1:
-        action = action[0]
-    if type(action) is not int or not 0 <= action < n_actions:
-        raise ProtocolError(f"ACTION must be an integer in [0, {n_actions}), got {fields.describe(given)}")
-    return action
-
-
 def _echo(obs: Observation | LogitsReply) -> dict[str, Any]:
     """What an answer copies from its observation, beside OBS_ID: the optional keys it was given."""
     echo: dict[str, Any] = {}
@@ -110,9 +102,11 @@ def _echo(obs: Observation | LogitsReply) -> dict[str, Any]:
     return echo
 
 
-def logits_reply(obs: Observation, logits: list[float], component_id: str) -> dict[str, Any]:
+def logits_reply(obs: Observation, distribution: dict[str, Any], component_id: str) -> dict[str, Any]:
+    """A model's reply to ``obs``: ``distribution`` is :meth:`Family.fields
+    <worker.protocol.spaces.Family.fields>` of its answer (``LOGITS``, or ``MEAN`` and ``LOG_STD``)."""
     return {
-        "LOGITS": logits,
+        **distribution,
         "COMPONENT_ID": component_id,
         "DETERMINISTIC": obs.deterministic,
         "ENV_ID": obs.env_id,
@@ -123,34 +117,67 @@ def logits_reply(obs: Observation, logits: list[float], component_id: str) -> di
 
 @dataclass(slots=True)
 class LogitsReply:
-    """One model's logits for one observation, as read from ``<prefix>:logits``."""
+    """One model's distribution for one observation, as read from ``<prefix>:logits``."""
 
     obs_id: str
     component_id: str
     env_id: str
-    logits: np.ndarray  # float64: softmax and sampling in double precision
+    family: Family  # the form of the distribution, as the reply's fields tell it
+    params: np.ndarray  # its flat parameters, float64: combining and sampling in double precision
     deterministic: bool
     encoding: Encoding
     step: int | None = None
     reply_to: str | None = None
 
 
-def parse_logits_reply(message: Mapping[str, Any], encoding: Encoding) -> LogitsReply:
-    """Validate a logits reply ``{LOGITS, COMPONENT_ID, ENV_ID, OBS_ID, DETERMINISTIC}``."""
-    logits = message.get("LOGITS")
-    if not isinstance(logits, list) or not logits or any(type(x) not in (int, float) for x in logits):
-        raise ProtocolError(f"LOGITS must be a non-empty list of numbers, got {fields.describe(logits)}")
+def _finite(values: list[Any], key: str) -> np.ndarray:
+    if any(type(x) not in (int, float) for x in values):
+        raise ProtocolError(f"{key} must hold only numbers, got {fields.describe(values)}")
     try:
-        array = np.asarray(logits, dtype=np.float64)
+        array = np.asarray(values, dtype=np.float64)
     except OverflowError:  # a JSON integer beyond the float range
         array = np.array([math.inf])
     if not np.isfinite(array).all():
-        raise ProtocolError("LOGITS must be finite (no NaN or infinity)")
+        raise ProtocolError(f"{key} must be finite (no NaN or infinity)")
+    return array
+
+
+def _distribution(message: Mapping[str, Any]) -> tuple[Family, np.ndarray]:
+    """The family and flat parameters of a reply: ``LOGITS`` (a list of numbers, or one non-empty
+    list per dimension), or ``MEAN`` and ``LOG_STD`` of the same length."""
+    if "MEAN" in message or "LOG_STD" in message:
+        mean, log_std = message.get("MEAN"), message.get("LOG_STD")
+        if (
+            not isinstance(mean, list)
+            or not mean
+            or not isinstance(log_std, list)
+            or len(log_std) != len(mean)
+        ):
+            got = f"{fields.describe(mean)} and {fields.describe(log_std)}"
+            raise ProtocolError(f"MEAN and LOG_STD must be lists of numbers of one length, got {got}")
+        params = np.concatenate([_finite(mean, "MEAN"), _finite(log_std, "LOG_STD")])
+        return Family("gaussian", (len(mean),)), params
+    logits = message.get("LOGITS")
+    if isinstance(logits, list) and logits and all(isinstance(row, list) and row for row in logits):
+        sizes = tuple(len(row) for row in logits)
+        return Family("multi", sizes), _finite([x for row in logits for x in row], "LOGITS")
+    if not isinstance(logits, list) or not logits:
+        raise ProtocolError(
+            "a reply carries LOGITS (a non-empty list of numbers, or one per dimension) or MEAN and"
+            f" LOG_STD; got LOGITS {fields.describe(logits)}"
+        )
+    return Family("categorical", (len(logits),)), _finite(logits, "LOGITS")
+
+
+def parse_logits_reply(message: Mapping[str, Any], encoding: Encoding) -> LogitsReply:
+    """Validate a reply ``{LOGITS | MEAN, LOG_STD; COMPONENT_ID, ENV_ID, OBS_ID, DETERMINISTIC}``."""
+    family, params = _distribution(message)
     return LogitsReply(
         obs_id=fields.name(message, "OBS_ID"),
         component_id=fields.name(message, "COMPONENT_ID"),
         env_id=fields.name(message, "ENV_ID", default="default", max_length=MAX_ENV_ID_LENGTH),
-        logits=array,
+        family=family,
+        params=params,
         deterministic=fields.flag(message, "DETERMINISTIC"),
         encoding=encoding,
         step=fields.integer(message, "STEP", maximum=MAX_STEP),
@@ -158,10 +185,14 @@ def parse_logits_reply(message: Mapping[str, Any], encoding: Encoding) -> Logits
     )
 
 
-def action_message(reply: LogitsReply | Observation, action: int, models: int) -> dict[str, Any]:
+def action_message(reply: LogitsReply | Observation, action: Any, models: int) -> dict[str, Any]:
     """The action for an observation: the aggregator's (``reply`` one of its logits replies,
     ``models`` how many were combined) or a model's own for an observation of its inbox (``models``
-    1). It goes to ``Streams.replies(reply_to)``."""
+    1). It goes to ``Streams.replies(reply_to)``.
+
+    :param action: an integer (Discrete), a list of integers (MultiDiscrete, MultiBinary) or of
+        numbers (Box, flattened)
+    """
     obs_id = reply.obs_id if isinstance(reply, LogitsReply) else reply.entry_id
     return {
         "ACTION": action,
@@ -174,8 +205,8 @@ def action_message(reply: LogitsReply | Observation, action: int, models: int) -
 
 
 def parse_action(
-    message: Mapping[str, Any], n_actions: int, waiting: Container[str]
-) -> tuple[str, int] | None:
+    message: Mapping[str, Any], spaces: Spaces, waiting: Container[str]
+) -> tuple[str, int | np.ndarray] | None:
     """``(OBS_ID, ACTION)`` of an action answering one of the observations in ``waiting``.
 
     An action for another observation (another runner's), or for none, is not this reader's to
@@ -188,4 +219,6 @@ def parse_action(
         return None
     if obs_id not in waiting:
         return None
-    return obs_id, _action(message, n_actions)
+    if "ACTION" not in message:
+        raise ProtocolError("missing ACTION")
+    return obs_id, parse_action_value(message["ACTION"], spaces.action)

@@ -29,11 +29,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import json
 import pstats
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import gymnasium as gym
 import msgpack
@@ -58,6 +61,8 @@ class Result:
     observations: int
     seconds: float
     details: dict[str, int] = field(default_factory=dict)
+    case: str = "vector"  # or "image" (bench.throughput_image)
+    entry_bytes: int = 0  # mean bytes of an observation entry's fields and values
 
     @property
     def rate(self) -> float:
@@ -103,17 +108,25 @@ def observations(n: int, n_envs: int, seed: int = 0) -> list[dict]:
     return messages
 
 
-def prefill(client: redis.Redis, stream: str, messages: list[dict], encoding: Encoding) -> None:
-    """XADD every message (pipelined, untimed), as the environment runners would have published them."""
-    for start in range(0, len(messages), PREFILL_CHUNK):
+def prefill(client: redis.Redis, stream: str, messages: Iterable[dict], encoding: Encoding) -> int:
+    """XADD every message (pipelined, untimed), as the environment runners would have published them;
+    return the bytes of all the entries' fields and values."""
+    total = 0
+    chunks = iter(messages)
+    while chunk := list(itertools.islice(chunks, PREFILL_CHUNK)):
         with client.pipeline(transaction=False) as pipe:
-            for message in messages[start : start + PREFILL_CHUNK]:
-                pipe.xadd(stream, encode_entry(message, encoding))
+            for message in chunk:
+                entry = encode_entry(message, encoding)
+                total += sum(len(k) + len(v) for k, v in entry.items())
+                pipe.xadd(stream, entry)
             pipe.execute()
+    return total
 
 
-def check_replies(client: redis.Redis, streams: Streams, group: str, n: int, contender: str) -> None:
-    """Exactly ``n`` logits replies, the last one well-formed, and nothing pending in ``group``."""
+def check_replies(
+    client: redis.Redis, streams: Streams, group: str, n: int, contender: str, n_logits: int = 2
+) -> None:
+    """Exactly ``n`` logits replies, the last one of ``n_logits`` logits, and nothing pending in ``group``."""
     replies = client.xlen(streams.logits)
     pending = client.xpending(streams.observation, group)["pending"]
     if replies != n or pending:
@@ -122,7 +135,7 @@ def check_replies(client: redis.Redis, streams: Streams, group: str, n: int, con
     logits = (
         msgpack.unpackb(fields[b"data"])["LOGITS"] if b"data" in fields else json.loads(fields[b"LOGITS"])
     )
-    if len(logits) != 2:
+    if len(logits) != n_logits:
         raise SystemExit(f"{contender}: malformed reply {fields!r}")
 
 
@@ -155,21 +168,43 @@ def run_worker(
     profiler: cProfile.Profile | None = None,
     batch_size: int | None = None,
 ) -> Result:
+    settings = worker_settings(url, f"bench-worker-{encoding.value}", f"bench-{encoding.value}", batch_size)
+    n = len(messages)
+    seconds, details, entry_bytes = serve_worker(
+        url, settings, n, lambda client, stream: prefill(client, stream, messages, encoding), profiler
+    )
+    return Result("ModelWorker", encoding, n, seconds, details, entry_bytes=entry_bytes)
+
+
+def worker_settings(
+    url: str, prefix: str, component_id: str, batch_size: int | None = None, **overrides: Any
+) -> ModelSettings:
+    """The worker's default settings (and environment variables), but for these."""
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    return ModelSettings(
+        _cli_parse_args=False, redis_url=url, prefix=prefix, component_id=component_id, **overrides
+    )
+
+
+def serve_worker(
+    url: str,
+    settings: ModelSettings,
+    n: int,
+    fill: Callable[[redis.Redis, str], int],
+    profiler: cProfile.Profile | None = None,
+    n_logits: int = 2,
+) -> tuple[float, dict[str, int], int]:
+    """Start a :class:`ModelWorker` on a flushed database, ``fill`` its observation stream with ``n``
+    entries (untimed; it returns their bytes), time it until all are answered, check the replies;
+    return the seconds, the worker's counters and the mean bytes per entry."""
     client = connect(url)
     client.flushdb()
-    settings = ModelSettings(
-        _cli_parse_args=False,
-        redis_url=url,
-        prefix=f"bench-worker-{encoding.value}",
-        component_id=f"bench-{encoding.value}",
-        **({} if batch_size is None else {"batch_size": batch_size}),
-    )
-    n = len(messages)
     if n > settings.stream_maxlen:
-        raise SystemExit(f"--n-obs {n} exceeds the worker's stream_maxlen {settings.stream_maxlen}")
+        raise SystemExit(f"{n} observations exceed the worker's stream_maxlen {settings.stream_maxlen}")
     worker = ModelWorker(settings, client)
     worker.start()  # groups at '$', lease, first checkpoint
-    prefill(client, worker.streams.observation, messages, encoding)
+    filled = fill(client, worker.streams.observation)
     deadline = time.monotonic() + 600
     if profiler is not None:
         profiler.enable()
@@ -180,7 +215,7 @@ def run_worker(
     seconds = time.perf_counter() - start
     if profiler is not None:
         profiler.disable()
-    check_replies(client, worker.streams, worker.group, n, "worker")
+    check_replies(client, worker.streams, worker.group, n, "worker", n_logits)
     worker.shutdown()
     client.close()
     c = worker.counters
@@ -194,7 +229,7 @@ def run_worker(
         "batch_size": settings.batch_size,
         "torch_threads": torch.get_num_threads(),
     }
-    return Result("ModelWorker", encoding, n, seconds, details)
+    return seconds, details, round(filled / n) if n else 0
 
 
 # --------------------------------------------------------------------------- report
@@ -217,7 +252,7 @@ def table(results: list[Result]) -> str:
 
 def progress(result: Result) -> None:
     print(
-        f"{result.contender} ({result.encoding.value}): {result.observations:,} obs in {result.seconds:.2f}s,"
+        f"{label(result)}: {result.observations:,} obs in {result.seconds:.2f}s,"
         f" {result.rate:,.0f} obs/s, {result.details}",
         file=sys.stderr,
     )
@@ -232,8 +267,22 @@ def hot_spots(profiler: cProfile.Profile, limit: int) -> str:
     return out.getvalue()
 
 
+def label(result: Result) -> str:
+    case = "" if result.case == "vector" else f"{result.case}, "
+    return f"{result.contender} ({case}{result.encoding.value})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from bench import throughput_image  # imports this module: not at the top, where it would be circular
+
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=["vector", "image"],
+        default=["vector", "image"],
+        help="vector: CartPole-v1 against the tutorial port; image: 84x84x3 uint8 (default: both)",
+    )
     parser.add_argument("--n-obs", type=int, default=50_000, help="observations for the worker")
     parser.add_argument(
         "--tutorial-n-obs", type=int, default=5_000, help="observations for the tutorial port"
@@ -253,32 +302,47 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--profile", action="store_true", help="cProfile the worker runs")
     parser.add_argument("--profile-lines", type=int, default=30)
+    throughput_image.add_arguments(parser)
     args = parser.parse_args(argv)
 
     logs.configure("warning")
     encodings = [Encoding.JSON, Encoding.MSGPACK] if args.encoding == "both" else [Encoding(args.encoding)]
-    generated = time.perf_counter()
-    messages = observations(max(args.n_obs, args.tutorial_n_obs), args.envs, args.seed)
-    dones = sum("DONE" in m for m in messages)
-    print(
-        f"workload: {len(messages):,} CartPole-v1 observations from {args.envs} interleaved environments,"
-        f" {dones:,} episode ends (generated in {time.perf_counter() - generated:.1f}s)",
-        file=sys.stderr,
-    )
+    messages: list[dict] = []
+    if "vector" in args.cases:
+        generated = time.perf_counter()
+        messages = observations(max(args.n_obs, args.tutorial_n_obs), args.envs, args.seed)
+        dones = sum("DONE" in m for m in messages)
+        print(
+            f"workload: {len(messages):,} CartPole-v1 observations from {args.envs} interleaved environments,"
+            f" {dones:,} episode ends (generated in {time.perf_counter() - generated:.1f}s)",
+            file=sys.stderr,
+        )
     profiler = cProfile.Profile() if args.profile else None
     results: list[Result] = []
+    images: list[Result] = []
     with embedded_redis() as url:
-        for encoding in encodings:
+        for encoding in encodings if "vector" in args.cases else []:
             tutorial_messages = messages[: args.tutorial_n_obs]
             results.append(run_tutorial(url, tutorial_messages, encoding, args.tutorial_torch_threads))
             progress(results[-1])
             results.append(run_worker(url, messages[: args.n_obs], encoding, profiler, args.batch_size))
             progress(results[-1])
-    print(table(results))
-    print()
-    for r in results:
-        counts = ", ".join(f"{k} {v:,}" for k, v in r.details.items())
-        print(f"- {r.contender} ({r.encoding.value}): {counts}")
+        if "image" in args.cases:
+            images = throughput_image.run_all(url, args, encodings, profiler, progress)
+    if results:
+        print(table(results))
+        print()
+        for r in results:
+            counts = ", ".join(f"{k} {v:,}" for k, v in r.details.items())
+            print(f"- {r.contender} ({r.encoding.value}): {counts}")
+    if images:
+        if results:
+            print()
+        print(throughput_image.table(results + images))
+        print()
+        for r in images:
+            counts = ", ".join(f"{k} {v:,}" for k, v in r.details.items())
+            print(f"- {label(r)}: {counts}")
     if profiler is not None:
         print(hot_spots(profiler, args.profile_lines))
     return 0

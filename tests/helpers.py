@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import msgpack
+import numpy as np
 import redis
 
 from worker.model.loop import ModelWorker
@@ -20,6 +21,15 @@ def xadd(
     else:
         fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in message.items()}
     return client.xadd(stream, fields, id=entry_id).decode()
+
+
+def values(value: Any) -> Any:
+    """An observation as lists, whether it travelled as lists or as a binary array."""
+    if isinstance(value, dict) and set(value) == {"dtype", "shape", "data"}:
+        return np.frombuffer(value["data"], np.dtype(value["dtype"])).reshape(value["shape"]).tolist()
+    if isinstance(value, dict):
+        return {k: values(v) for k, v in value.items()}
+    return value
 
 
 def read(client: redis.Redis, stream: str) -> list[tuple[str, dict[str, Any]]]:

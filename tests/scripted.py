@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.helpers import read
+from tests.helpers import read, values
 from worker.env.runner import EnvRunner, EnvSettings
 from worker.protocol import Encoding, Streams, decode_entry, encode_entry
 
@@ -91,7 +91,7 @@ def alternate(_: Message, step: int) -> int:
 
 def balance(message: Message, _: int) -> int:
     """Push towards where the pole falls: a function of the observation alone."""
-    _, _, angle, angular_velocity = message["OBSERVATION"]
+    _, _, angle, angular_velocity = values(message["OBSERVATION"])
     return int(angle + angular_velocity > 0)
 
 

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from tests.components import aggregator, model, running
-from tests.helpers import read
+from tests.helpers import read, values
 from worker.client import ActionTimeout, AsyncPolicyClient, ModelsUnavailable, PolicyClient
 from worker.client.core import Chain
 
@@ -44,7 +44,7 @@ def test_act_end_and_act_many_in_ensemble_mode(real_redis, settings) -> None:
     assert "REWARD" not in robot[0] and (robot[1]["REWARD"], robot[1]["ACTION"]) == (1.0, first)
     # end() travels with the next observation, as the protocol carries an episode's end.
     assert robot[2]["DONE"] is True and (robot[2]["REWARD"], robot[2]["ACTION"]) == (0.5, second)
-    assert "TRUNCATED" not in robot[2] and robot[2]["OBSERVATION"] == pytest.approx(obs(3))
+    assert "TRUNCATED" not in robot[2] and values(robot[2]["OBSERVATION"]) == pytest.approx(obs(3))
     with pytest.raises(RuntimeError, match="'c1' is closed"):
         client.act("robot-1", OBS)
     # Closed: its reply stream and key are deleted; no action ever went to the shared stream.
@@ -59,7 +59,7 @@ def test_truncation_sends_the_terminal_observation(real_redis, settings) -> None
         client.act("e", obs(1))
         client.close()
     last = read(real_redis, "rl:observation")[-1][1]
-    assert last["TRUNCATED"] is True and last["TERMINAL_OBSERVATION"] == pytest.approx(obs(9))
+    assert last["TRUNCATED"] is True and values(last["TERMINAL_OBSERVATION"]) == pytest.approx(obs(9))
 
 
 def test_bad_observations_are_rejected_in_the_client(real_redis, settings) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.helpers import read, xadd
+from tests.helpers import read, values, xadd
 from tests.scripted import alternate, balance, serve, statuses
 from worker.env.runner import EnvRunner
 
@@ -62,8 +62,9 @@ def test_truncated_episodes_message_chain(real_redis, env_settings, scripted, en
         _, carried = chain[5]
         assert carried["DONE"] is True and carried["TRUNCATED"] is True, env_id
         assert carried["ACTION"] == fake.answers[chain[4][0]] and carried["REWARD"] == 1.0
-        assert len(carried["TERMINAL_OBSERVATION"]) == 4
-        assert carried["TERMINAL_OBSERVATION"] != carried["OBSERVATION"]  # the latter is the reset one
+        assert len(values(carried["TERMINAL_OBSERVATION"])) == 4
+        # The latter is the reset one.
+        assert values(carried["TERMINAL_OBSERVATION"]) != values(carried["OBSERVATION"])
 
 
 def test_termination_is_done_without_truncation(real_redis, env_settings, scripted) -> None:

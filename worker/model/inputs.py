@@ -54,8 +54,8 @@ def stack(values: list[Value]) -> Any:
 def row(batch: Any, i: int) -> Value:
     """Observation ``i`` of a batch (:func:`stack`'s inverse for one)."""
     if isinstance(batch, dict):
-        return {k: v[i] for k, v in batch.items()}
-    return batch[i]
+        return {k: np.asarray(v[i]) for k, v in batch.items()}
+    return np.asarray(batch[i])  # a 0-d array for a Discrete value, never a numpy scalar
 
 
 class Inputs:

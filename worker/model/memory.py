@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from worker.common.distributions import log_prob as log_prob_of
+from worker.common.distributions import log_prob_one
 from worker.model.inputs import Inputs
 from worker.protocol import Family, Observation, binary, split_id
 from worker.protocol.values import Value
@@ -200,7 +200,7 @@ def observe(
             # Time-limit truncation is not a real end: bootstrap as SB3's A2C.collect_rollouts does.
             assert evaluated.terminal_value is not None
             reward += rules.gamma * evaluated.terminal_value
-        log_prob = float(log_prob_of(rules.family, memory.params, np.asarray(obs.action)))
+        log_prob = log_prob_one(rules.family, memory.params, obs.action)
         rollout.append(
             Transition(memory.obs, obs.action, reward, memory.episode_start, memory.value, log_prob)
         )

@@ -1,7 +1,8 @@
 """Saturated throughput of the model worker against the tutorial's one-message-at-a-time handler.
 
-``python -m bench.throughput [--n-obs N] [--tutorial-n-obs M] [--envs 64] [--encoding json|msgpack|both]
-[--batch-size B] [--tutorial-torch-threads T] [--profile]``
+``python -m bench.throughput [--cases vector image] [--n-obs N] [--tutorial-n-obs M] [--envs 64]
+[--encoding json|msgpack|both] [--batch-size B] [--tutorial-torch-threads T] [--profile]
+[--image-n-obs I] [--image-json-n-obs J] [--image-torch-threads T]``
 
 One run starts a private ``redis-server`` (:func:`worker.common.connections.embedded_redis`) and, for every
 encoding and every contender (:mod:`bench.tutorial_port`, then the real
@@ -17,6 +18,13 @@ encoding and every contender (:mod:`bench.tutorial_port`, then the real
 It prints a markdown table (speed-up relative to the tutorial port of the same encoding) and the
 counters of each worker run, which show that it trained while answering. ``--profile`` runs the
 worker contenders under cProfile and prints their hot spots; ``--batch-size`` overrides the worker's.
+
+Then, in the same run and on the same server, the image case (:mod:`bench.throughput_image`; skip it
+with ``--cases vector``, or run it alone with ``--cases image``): the worker alone (the tutorial
+handles vectors only) on 84x84x3 uint8 observations, given its spaces as JSON so that it picks
+SB3's CnnPolicy, as binary arrays in msgpack entries (``--image-n-obs``) and as JSON lists
+(``--image-json-n-obs``, fewer: they parse much more slowly); ``--encoding`` selects these too. A
+second table gives obs/s and bytes per observation entry of every worker run, vector and image.
 
 Each contender runs with its own torch thread count: the tutorial port with torch's default (the
 tutorial sets none; on a small machine that is also its fastest), the worker with its

@@ -2,18 +2,20 @@
 
 The worker is given its spaces as JSON (``gym_env="none"``, :data:`SPACES`), so it picks SB3's
 ``CnnPolicy`` (NatureCNN) by itself, and otherwise runs with its default settings, as in the vector
-case. Its observation stream is pre-filled with ``--image-n-obs`` observations of ``--envs``
-environments interleaved round-robin, in the environment runner's message format (the first
-observation of an environment without REWARD, then REWARD/ACTION, DONE when an episode ended):
-random images from a fixed seed, random actions of 4, a reward of 1 per step and episodes ending
-with probability 1/22 per step (CartPole-v1's mean length under random actions).
+case, but for ``lease_ttl`` (:data:`IMAGE_LEASE_TTL`: the default 5 s is shorter than a batch of 256
+JSON images takes to handle, and the worker could then not commit it). Its observation stream is
+pre-filled with ``--image-n-obs`` observations of ``--envs`` environments interleaved round-robin,
+in the environment runner's message format (the first observation of an environment without
+REWARD, then REWARD/ACTION, DONE when an episode ended): random images from a fixed seed, random
+actions of 4, a reward of 1 per step and episodes ending with probability 1/22 per step
+(CartPole-v1's mean length under random actions).
 
 Each image travels in two forms, the same images in both:
 
 - msgpack entries, the image as a binary array ``{"dtype": "uint8", "shape": [84, 84, 3], "data":
   <bin>}`` (:func:`worker.protocol.values.binary`), about 21 KB per entry;
-- JSON entries, the image as nested lists of numbers, several times larger and much slower to
-  parse, hence fewer of them (``--image-json-n-obs``).
+- JSON entries, the image as nested lists of numbers (about 90 KB per entry: 2.6 digits, a comma
+  and brackets per value), much slower to parse, hence fewer of them (``--image-json-n-obs``).
 
 There is no tutorial port to compare with (the tutorial handles vectors only): the report gives the
 worker's obs/s and bytes per entry next to the vector case's, and its counters (the A2C updates show
@@ -45,9 +47,14 @@ SPACES = json.dumps(
         "action": {"type": "Discrete", "n": N_ACTIONS},
     }
 )
-# Defaults sized for about 30-60 s of image case on a 2-core machine (torch_threads 1).
-IMAGE_N_OBS = 12_000
-IMAGE_JSON_N_OBS = 1_500
+# Defaults sized for about 30-60 s of image case, pre-fills included, on a 2-core machine (torch_threads
+# 1): 1.3-1.8 s per batch of 256 binary images (one forward, one A2C update of the CNN, one commit:
+# about 160-200 obs/s), 20-40 ms to parse each JSON image and as much to make it (about 25 obs/s).
+IMAGE_N_OBS = 4_096
+IMAGE_JSON_N_OBS = 384
+# The worker's lease_ttl (default 5 s) must outlast the handling of one batch, or its commit fails with
+# LOSTLEASE: a batch of 256 JSON images alone takes 5-15 s to parse.
+IMAGE_LEASE_TTL = 60
 WIRE = {Encoding.MSGPACK: "binary array (msgpack bin)", Encoding.JSON: "nested lists (JSON)"}
 
 
@@ -87,7 +94,7 @@ def run_image(
     torch_threads: int | None = None,
 ) -> Result:
     """The worker on ``n`` image observations: binary arrays in msgpack entries, lists in JSON ones."""
-    overrides: dict[str, Any] = {"gym_env": "none", "spaces": SPACES}
+    overrides: dict[str, Any] = {"gym_env": "none", "spaces": SPACES, "lease_ttl": IMAGE_LEASE_TTL}
     if torch_threads is not None:
         overrides["torch_threads"] = torch_threads
     name = f"image-{encoding.value}"
@@ -102,6 +109,7 @@ def run_image(
         profiler,
         n_logits=N_ACTIONS,
     )
+    details["lease_ttl"] = IMAGE_LEASE_TTL
     return Result("ModelWorker", encoding, n, seconds, details, case="image", entry_bytes=entry_bytes)
 
 

@@ -75,6 +75,24 @@ def test_second_worker_waits_for_the_lease_and_a_stale_one_cannot_commit(real_re
     assert len(read(real_redis, "rl:logits")) == 1
 
 
+def test_a_batch_that_outlasts_the_lease_commits_when_nobody_took_it(any_redis, settings) -> None:
+    """A slow batch (images parsed from JSON, a CNN on a busy machine) may take longer than the
+    lease: with no successor, its commit takes the lease back instead of failing for ever."""
+    worker = ModelWorker(settings, any_redis)
+    worker.start()
+    step = worker.learner.step
+
+    def slow(run):  # the lease expires while the batch is handled
+        any_redis.delete("rl:model:m1:lease")
+        return step(run)
+
+    worker.learner.step = slow  # type: ignore[method-assign]
+    xadd(any_redis, "rl:observation", {"OBSERVATION": OBS})
+    assert drain(worker) == 1 and len(read(any_redis, "rl:logits")) == 1
+    assert any_redis.get("rl:model:m1:lease") == worker.consumer.encode()  # held again
+    assert any_redis.xpending("rl:observation", "model:m1")["pending"] == 0
+
+
 def test_a_worker_that_retakes_an_expired_lease_cannot_commit_over_its_successor(any_redis, settings) -> None:
     """The lease alone is not enough: the commit also checks the checkpoint's version."""
     first = ModelWorker(settings, any_redis)

@@ -25,10 +25,6 @@ def wire(env_id: str, observation: Any, space: gym.Space, binary_arrays: bool) -
     """``observation`` as a message carries it (:func:`~worker.protocol.wire_value`): Box values as
     binary arrays in msgpack entries (floats in the space's own type), lists in JSON ones."""
     try:
-        if isinstance(space, gym.spaces.Box) and space.dtype.kind == "f":
-            observation = np.asarray(observation, dtype=np.float64)
-            with np.errstate(over="ignore"):  # too large for the space: the wire's check says so
-                observation = observation.astype(space.dtype) if binary_arrays else observation
         return wire_value(observation, space, binary_arrays)
     except (TypeError, ValueError, KeyError, IndexError) as exc:
         raise ValueError(f"{env_id!r}: OBSERVATION does not fit {space}: {exc}") from None

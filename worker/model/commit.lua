@@ -16,7 +16,10 @@
 -- the commit: any client can name any key. Returns the names of such keys.
 local CHUNK = 1000  -- values per unpack(); even, so field/value pairs are never split
 local token, ttl, version, trim, threshold, group, reply_ttl = unpack(ARGV, 1, 7)
-if redis.call('GET', KEYS[1]) ~= token then
+-- The lease must be ours, or free: one that expired while a long batch was handled (no successor
+-- took it) is taken again here, as the version fence below shows that nobody committed meanwhile.
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= token then
   return redis.error_reply('LOSTLEASE the lease is held by another consumer')
 end
 local expected = redis.call('HMGET', KEYS[2], 'version')[1] or '0'  -- no checkpoint: version 0
@@ -75,7 +78,7 @@ for m = 1, n_messages do
   if not unusable[message[1]] then messages[#messages + 1] = message end
 end
 local denied = deny('HSET', KEYS[2], 'f', 'v') or deny('HSET', KEYS[3], 'f', 'v')
-  or deny('PEXPIRE', KEYS[1], '1') or (forget_last >= forget_first and deny('HDEL', KEYS[3], 'f'))
+  or deny('SET', KEYS[1], token) or (forget_last >= forget_first and deny('HDEL', KEYS[3], 'f'))
   or (policy_last >= policy_first and deny('HSET', KEYS[4], 'f', 'v'))
 for _, ack in ipairs(acks) do denied = denied or deny('XACK', ack[1], group, '0-1') end
 for _, message in ipairs(messages) do denied = denied or deny('XADD', message[1], '*', 'f', 'v') end
@@ -105,7 +108,7 @@ chunked(memory_first, memory_last, 'HSET', KEYS[3])
 chunked(forget_first, forget_last, 'HDEL', KEYS[3])
 chunked(policy_first, policy_last, 'HSET', KEYS[4])
 for _, ack in ipairs(acks) do chunked(ack[2], ack[3], 'XACK', ack[1], group) end
-redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('SET', KEYS[1], token, 'PX', ttl)
 for _, message in ipairs(messages) do
   local stream, first, last = unpack(message)
   redis.call('XADD', stream, trim, '~', threshold, '*', unpack(ARGV, first, last))

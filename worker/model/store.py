@@ -18,8 +18,9 @@ trained and the XACK of its entries must become visible together. A worker kille
 leaves its entries pending and the state as it was, so its successor replays them to the same
 result; a worker killed after it has nothing left to do. Either way no transition is lost or trained
 on twice. The commit is one Lua script (``commit.lua``, beside this module), atomic as a MULTI/EXEC,
-which first checks two fences: the lease (a worker that lost it, paused too long or replaced,
-cannot commit over its successor) and the checkpoint's version (a worker whose state is not the
+which first checks two fences: the lease (a worker replaced by a successor cannot commit over it;
+one whose lease merely expired during a long batch, with no successor, takes it back) and the
+checkpoint's version (a worker whose state is not the
 last commit's, because it took back an expired lease after a successor committed, or because
 redis-py resent this very commit after losing its reply, cannot commit either; it reloads).
 

@@ -166,6 +166,19 @@ def parse_action_value(value: Any, space: gym.Space, key: str = "ACTION") -> int
     return parse_value(value, space, key)  # type: ignore[return-value]
 
 
+def _in_type(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``array`` in the Box's own type where that loses nothing a model would accept (floats to its
+    float type; integers that fit to its integer type), else as it is, for the model to judge."""
+    if dtype.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):  # too large: the model's check says so
+            return array.astype(dtype)
+    if array.dtype.kind in "iu" and array.size:
+        info = np.iinfo(dtype) if dtype.kind in "iu" else None
+        if info is not None and info.min <= array.min() and array.max() <= info.max:
+            return array.astype(dtype)
+    return array
+
+
 def wire_value(value: Any, space: gym.Space, binary_arrays: bool) -> Any:
     """``value`` (as an environment gives it) in the form a message carries for ``space``.
 
@@ -180,6 +193,6 @@ def wire_value(value: Any, space: gym.Space, binary_arrays: bool) -> Any:
     array = np.asarray(value)
     if isinstance(space, gym.spaces.Box):
         if binary_arrays and array.dtype.kind in "biuf":
-            return binary(array)
+            return binary(_in_type(array, space.dtype))
         return array.tolist()
     return array.astype(np.int64).tolist()

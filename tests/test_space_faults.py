@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-import stable_baselines3.common.buffers
 
 from tests.helpers import drain
 from tests.test_spaces import (
@@ -57,14 +56,6 @@ CRASHES: dict[str, tuple[Spec, Spec, dict[str, Any]]] = {
 K, ROUNDS = 3, 8  # environments, rounds of one step each
 
 
-@pytest.fixture
-def fixed_sample_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """SB3's ``RolloutBuffer.get`` draws the order of the samples from numpy's global generator,
-    which no commit holds: the sums of the loss then differ in their last bits between two runs.
-    Fixed here so that all the rest is checked bit for bit (the drift itself: the xfail below)."""
-    monkeypatch.setattr(stable_baselines3.common.buffers.np.random, "permutation", np.arange)
-
-
 def feeder(
     client: redis.Redis, rounds: list[list[dict[str, Any]]], prefix: str
 ) -> Callable[[int, int], None]:
@@ -97,7 +88,6 @@ def assert_same_state(client: redis.Redis, mine: ModelWorker, theirs: ModelWorke
 
 
 @pytest.mark.parametrize("name", list(CRASHES))
-@pytest.mark.usefixtures("fixed_sample_order")
 def test_a_crash_mid_training_resumes_exactly(real_redis, settings, name: str) -> None:
     observation, action, extra = CRASHES[name]
     rounds = episodes(observation, action, ROUNDS, K, seed=5)
@@ -137,16 +127,7 @@ PACED: dict[str, Spec] = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: worker/protocol/values.py binary() packs a 0-d array (a Discrete value in an"
-    " environment's memory) with shape [1] (np.ascontiguousarray makes it 1-d), so it comes back from"
-    " Redis as shape (1,) beside fresh () ones: np.stack in a2c.fill_buffer raises, the batch is"
-    " replayed entry by entry and trains in two updates instead of one",
-)
 @pytest.mark.parametrize("name", list(PACED))
-@pytest.mark.usefixtures("fixed_sample_order")
 def test_environments_at_different_paces_train_across_a_restart_as_without(
     real_redis, settings, name: str
 ) -> None:
@@ -177,13 +158,6 @@ def test_environments_at_different_paces_train_across_a_restart_as_without(
     assert_same_state(real_redis, workers[-1], reference)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: worker/model/a2c.py update() takes SB3's RolloutBuffer.get(), which orders the samples"
-    " by np.random.permutation from numpy's global generator (never seeded nor committed): the loss"
-    " sums in another order in another process, so a resumed worker drifts from an uninterrupted one",
-)
 def test_an_update_does_not_depend_on_numpys_global_generator(real_redis, settings) -> None:
     rounds = episodes(VECTOR, DISCRETE, 5, K, seed=4)
     held = np.random.get_state()

@@ -74,7 +74,10 @@ def update(
     """One gradient step on the whole buffer (A2C.train with batch_size=None), at ``learning_rate``."""
     policy.set_training_mode(True)
     update_learning_rate(policy.optimizer, learning_rate)
-    data = next(buffer.get(batch_size=None))
+    # The whole buffer in its own order: get() draws a permutation from numpy's global generator,
+    # which a resumed worker does not share, and the loss's sums would round differently.
+    next(buffer.get(batch_size=None))  # flattens the buffer's columns
+    data = buffer._get_samples(np.arange(buffer.buffer_size * buffer.n_envs))
     actions = data.actions
     if isinstance(policy.action_space, gym.spaces.Discrete):
         actions = actions.long().flatten()  # as A2C.train: Categorical takes indices

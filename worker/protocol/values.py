@@ -26,9 +26,9 @@ Value = np.ndarray | dict[str, np.ndarray]  # what a parsed observation is
 
 def binary(array: np.ndarray) -> dict[str, Any]:
     """The binary form of ``array`` (msgpack entries only: JSON has no bytes)."""
-    array = np.ascontiguousarray(array)
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    return {"dtype": array.dtype.name, "shape": list(array.shape), "data": little.tobytes()}
+    shape = list(np.shape(array))  # before ascontiguousarray, which makes a 0-d array 1-d
+    little = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+    return {"dtype": array.dtype.name, "shape": shape, "data": little.tobytes()}
 
 
 def _from_binary(value: Mapping[str, Any], key: str) -> np.ndarray:

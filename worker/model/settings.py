@@ -53,6 +53,18 @@ class A2CSettings(BaseSettings):
     )
     activation_fn: Literal["tanh", "relu"] = "tanh"
     ortho_init: bool = True
+    policy: Literal["auto", "MlpPolicy", "CnnPolicy", "MultiInputPolicy"] = Field(
+        "auto", description="SB3's policy; auto: MultiInputPolicy for Dict, CnnPolicy for images, else Mlp"
+    )
+    use_sde: bool = Field(False, description="Box actions: generalized state-dependent exploration (gSDE)")
+    log_std_init: float = Field(0.0, description="Box actions: initial log standard deviation")
+    normalize_obs: bool = Field(
+        False, description="normalize observations with running statistics (VecNormalize)"
+    )
+    normalize_reward: bool = Field(
+        False, description="scale rewards by the running std of returns (VecNormalize)"
+    )
+    seed: int | None = Field(None, description="seed for the initial weights")
 
     @model_validator(mode="after")
     def _schedule_has_an_end(self) -> A2CSettings:
@@ -66,18 +78,6 @@ class A2CSettings(BaseSettings):
         if self.learning_rate_schedule == "constant" or self.total_timesteps is None:
             return self.learning_rate
         return self.learning_rate * max(0.0, 1.0 - transitions / self.total_timesteps)
-    policy: Literal["auto", "MlpPolicy", "CnnPolicy", "MultiInputPolicy"] = Field(
-        "auto", description="SB3's policy; auto: MultiInputPolicy for Dict, CnnPolicy for images, else Mlp"
-    )
-    use_sde: bool = Field(False, description="Box actions: generalized state-dependent exploration (gSDE)")
-    log_std_init: float = Field(0.0, description="Box actions: initial log standard deviation")
-    normalize_obs: bool = Field(
-        False, description="normalize observations with running statistics (VecNormalize)"
-    )
-    normalize_reward: bool = Field(
-        False, description="scale rewards by the running std of returns (VecNormalize)"
-    )
-    seed: int | None = Field(None, description="seed for the initial weights")
 
 
 class ModelSettings(CommonSettings, A2CSettings):

@@ -79,10 +79,6 @@ class Inputs:
         self.ret_rms = RunningMeanStd(shape=()) if normalize_reward else None
         self.changed = False  # the statistics moved since the last :meth:`pack`
 
-    @property
-    def normalizing(self) -> bool:
-        return bool(self.obs_rms) or self.ret_rms is not None
-
     def _items(self, batch: Any) -> dict[str, np.ndarray]:
         return batch if isinstance(batch, dict) else {"": batch}
 

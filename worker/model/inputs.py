@@ -9,9 +9,10 @@
       R_t    = gamma * R_{t-1} + r_t           (per environment; 0 again after an episode ends)
       r'     = clip(r / sqrt(var_R + eps), -clip_reward, clip_reward)
 
-  The statistics take in the training observations (not evaluation ones, nor repeats) before they
-  are normalized, as ``VecNormalize.step_wait`` does for a vector of environments; the returns R_t
-  live in each environment's memory. They are committed with the model's state, so a crash
+  A batch's training observations (not evaluation ones, nor repeats) are taken into the statistics
+  before they are normalized, and its returns before its rewards are scaled, as
+  ``VecNormalize.step_wait`` does with one step of a vector of environments (with the lockstep
+  runner, a batch is one); the returns R_t live in each environment's memory. They are committed with the model's state, so a crash
   changes nothing; evolution's GET and SET leave them alone.
 """
 
@@ -77,6 +78,7 @@ class Inputs:
         ]
         self.obs_rms = {k: RunningMeanStd(shape=subspaces[k].shape) for k in keys} if normalize_obs else {}
         self.ret_rms = RunningMeanStd(shape=()) if normalize_reward else None
+        self._returns: list[float] = []  # discounted returns not yet taken in by ret_rms
         self.changed = False  # the statistics moved since the last :meth:`pack`
 
     def _items(self, batch: Any) -> dict[str, np.ndarray]:
@@ -99,16 +101,26 @@ class Inputs:
             items[key] = VecTransposeImage.transpose_image(items[key])
         return self._rebuild(items, values[0])
 
-    def reward(self, reward: float, ret: float, learn: bool) -> tuple[float, float]:
-        """``(reward to learn from, the environment's discounted return after it)``."""
+    def discount(self, reward: float, ret: float) -> float:
+        """The environment's discounted return after a training ``reward`` (its return so far
+        ``ret``), taken in by the statistics at the next :meth:`scale`."""
         if self.ret_rms is None:
-            return reward, ret
-        if learn:
-            ret = ret * self.gamma + reward
-            self.ret_rms.update(np.array([ret]))
-            self.changed = True
-        scaled = float(np.clip(reward / np.sqrt(self.ret_rms.var + EPSILON), -CLIP, CLIP))
-        return scaled, ret
+            return ret
+        ret = ret * self.gamma + reward
+        self._returns.append(ret)
+        return ret
+
+    def scale(self, rewards: list[float]) -> list[float]:
+        """The rewards of a batch as learned from: the statistics first take in the returns
+        :meth:`discount` gave since the last call, all at once (as ``VecNormalize`` takes in one
+        step of all its environments), then every reward is scaled by them."""
+        if self.ret_rms is None:
+            return rewards
+        if self._returns:
+            self.ret_rms.update(np.array(self._returns))
+            self._returns, self.changed = [], True
+        scaled = np.clip(np.array(rewards) / np.sqrt(self.ret_rms.var + EPSILON), -CLIP, CLIP)
+        return scaled.tolist()
 
     # ----------------------------------------------------------------- persistence
 
@@ -123,6 +135,7 @@ class Inputs:
         """Become the committed statistics (fresh ones for ``None``: none were committed)."""
         fresh = Inputs(self.space, bool(self.obs_rms), self.ret_rms is not None, self.gamma)
         self.obs_rms, self.ret_rms, self.changed = fresh.obs_rms, fresh.ret_rms, False
+        self._returns = []
         if blob is None:
             return
         stored = msgpack.unpackb(blob, raw=False)

@@ -17,7 +17,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from worker.common import logs
 from worker.model import a2c
 from worker.model.inputs import Inputs, row
-from worker.model.memory import EnvMemory, Evaluated, Rules, Segment, find_repeats, observe
+from worker.model.memory import EnvMemory, Evaluated, Rules, Segment, Transition, find_repeats, observe
 from worker.model.policy import (
     evaluate,
     load_weight_vector,
@@ -129,6 +129,7 @@ class Learner:
         next_terminal = n
         latest: dict[str, int] = {}  # env -> index in run of its last observation that was not a repeat
         echoes: dict[int, int | np.ndarray] = {}  # repeat index -> its original's index, or distribution
+        recorded: list[tuple[Transition, float, float]] = []  # (transition, REWARD, bootstrap)
         for i, obs in enumerate(run):
             evaluated = Evaluated(row(batch, i), float(values[i]), params[i])
             if obs.truncated:
@@ -146,8 +147,16 @@ class Learner:
             self.counters.transitions += result.transition
             self.counters.dropped += result.dropped
             self.counters.forgotten += result.forgotten
+            if result.recorded is not None:
+                recorded.append(result.recorded)
             if result.segment is not None:
                 segments.append(result.segment)
+        # The rewards as learned from: scaled by the returns' statistics after this batch's (the
+        # identity without --normalize-reward), plus the bootstrap of a truncation.
+        for (transition, _, bootstrap), reward in zip(
+            recorded, self.inputs.scale([r for _, r, _ in recorded]), strict=True
+        ):
+            transition.reward = reward + bootstrap
         trained = self.train(segments)
         if trained:
             # SB3 acts on the newest observations with the updated policy; so do we. The values of

@@ -144,6 +144,8 @@ class StepResult:
     dropped: int  # transitions of an interrupted rollout that were thrown away
     forgotten: bool  # the memory was older than the TTL: the environment starts afresh
     repeat: bool = False  # a step already seen: the memory was left as it was
+    # The transition recorded, its REWARD and its bootstrap: normalization scales the reward later.
+    recorded: tuple[Transition, float, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +184,7 @@ def observe(
     :param rules: see :class:`Rules`
     :return: the new memory and what happened; for a repeat (:func:`is_repeat`), ``memory`` itself
     """
-    segment, recorded, dropped, forgotten = None, False, 0, False
+    segment, recorded, dropped, forgotten = None, None, 0, False
     seen_ms = split_id(obs.entry_id)[0]
     if memory is not None and seen_ms - memory.seen_ms > rules.ttl_ms:
         # Decided here, by the entry IDs alone, so that what is learned never depends on when a
@@ -195,16 +197,18 @@ def observe(
     usable = memory is not None and (rules.train_deterministic or not memory.deterministic)
     if obs.reward is not None and usable:
         assert memory is not None and obs.action is not None
-        reward, ret = rules.inputs.reward(obs.reward, memory.ret, learn=True)
+        ret = rules.inputs.discount(obs.reward, memory.ret)
+        bootstrap = 0.0
         if obs.truncated:
             # Time-limit truncation is not a real end: bootstrap as SB3's A2C.collect_rollouts does.
             assert evaluated.terminal_value is not None
-            reward += rules.gamma * evaluated.terminal_value
+            bootstrap = rules.gamma * evaluated.terminal_value
         log_prob = log_prob_one(rules.family, memory.params, obs.action)
-        rollout.append(
-            Transition(memory.obs, obs.action, reward, memory.episode_start, memory.value, log_prob)
+        transition = Transition(
+            memory.obs, obs.action, obs.reward + bootstrap, memory.episode_start, memory.value, log_prob
         )
-        recorded = True
+        rollout.append(transition)
+        recorded = (transition, obs.reward, bootstrap)
         if len(rollout) == rules.n_steps:
             segment = Segment(obs.env_id, rollout, last_value=evaluated.value, last_done=obs.done)
             rollout = []
@@ -225,7 +229,7 @@ def observe(
         obs.step,
         0.0 if obs.done else ret,
     )
-    return new, StepResult(recorded, segment, dropped, forgotten)
+    return new, StepResult(recorded is not None, segment, dropped, forgotten, recorded=recorded)
 
 
 def is_repeat(last_step: int | None, obs: Observation) -> bool:

@@ -2,8 +2,8 @@
 
 The worker is given its spaces as JSON (``gym_env="none"``, :data:`SPACES`), so it picks SB3's
 ``CnnPolicy`` (NatureCNN) by itself, and otherwise runs with its default settings, as in the vector
-case, but for ``lease_ttl`` (:data:`IMAGE_LEASE_TTL`: the default 5 s is shorter than a batch of 256
-JSON images takes to handle, and the worker could then not commit it). Its observation stream is
+case (a batch of 256 JSON images takes longer than the default 5 s lease: the commit takes back a
+lease that expired with no successor, so it goes through). Its observation stream is
 pre-filled with ``--image-n-obs`` observations of ``--envs`` environments interleaved round-robin,
 in the environment runner's message format (the first observation of an environment without
 REWARD, then REWARD/ACTION, DONE when an episode ended): random images from a fixed seed, random
@@ -52,9 +52,6 @@ SPACES = json.dumps(
 # about 160-200 obs/s), 20-40 ms to parse each JSON image and as much to make it (about 25 obs/s).
 IMAGE_N_OBS = 4_096
 IMAGE_JSON_N_OBS = 384
-# The worker's lease_ttl (default 5 s) must outlast the handling of one batch, or its commit fails with
-# LOSTLEASE: a batch of 256 JSON images alone takes 5-15 s to parse.
-IMAGE_LEASE_TTL = 60
 WIRE = {Encoding.MSGPACK: "binary array (msgpack bin)", Encoding.JSON: "nested lists (JSON)"}
 
 
@@ -94,7 +91,7 @@ def run_image(
     torch_threads: int | None = None,
 ) -> Result:
     """The worker on ``n`` image observations: binary arrays in msgpack entries, lists in JSON ones."""
-    overrides: dict[str, Any] = {"gym_env": "none", "spaces": SPACES, "lease_ttl": IMAGE_LEASE_TTL}
+    overrides: dict[str, Any] = {"gym_env": "none", "spaces": SPACES}
     if torch_threads is not None:
         overrides["torch_threads"] = torch_threads
     name = f"image-{encoding.value}"
@@ -109,7 +106,6 @@ def run_image(
         profiler,
         n_logits=N_ACTIONS,
     )
-    details["lease_ttl"] = IMAGE_LEASE_TTL
     return Result("ModelWorker", encoding, n, seconds, details, case="image", entry_bytes=entry_bytes)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.common.distributions import decide, log_prob, log_prob_one, softmax
+from worker.common.distributions import decide, log_prob, softmax
 from worker.protocol import Family
 
 FAMILIES = {
@@ -17,21 +17,22 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_one_log_probability(name: str) -> None:
+def test_a_batch_of_log_probabilities_is_each_one(name: str) -> None:
     family, action = FAMILIES[name]
-    params = np.random.default_rng(0).normal(size=family.n_params)
-    assert log_prob_one(family, params, action) == pytest.approx(float(log_prob(family, params, action)))
+    params = np.random.default_rng(0).normal(size=(3, family.n_params))
+    batch = log_prob(family, params, np.stack([action] * 3))
+    assert batch.tolist() == pytest.approx([float(log_prob(family, row, action)) for row in params])
 
 
 def test_categorical_log_probability_is_log_softmax() -> None:
     family, params = Family("categorical", (3,)), np.array([1.0, 2.0, 0.5])
-    assert log_prob_one(family, params, 1) == pytest.approx(np.log(softmax(params)[1]))
+    assert float(log_prob(family, params, np.asarray(1))) == pytest.approx(np.log(softmax(params)[1]))
 
 
 def test_gaussian_log_probability_is_the_normal_density() -> None:
     family, params = Family("gaussian", (1,)), np.array([0.5, np.log(2.0)])
     density = np.exp(-0.5 * ((1.5 - 0.5) / 2.0) ** 2) / (2.0 * np.sqrt(2 * np.pi))
-    assert log_prob_one(family, params, np.array([1.5])) == pytest.approx(np.log(density))
+    assert float(log_prob(family, params, np.array([1.5]))) == pytest.approx(np.log(density))
 
 
 @pytest.mark.parametrize("combine", ["prob", "logits"])

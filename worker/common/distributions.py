@@ -68,27 +68,6 @@ def log_prob(family: Family, params: np.ndarray, actions: np.ndarray) -> np.ndar
     return np.asarray(total)
 
 
-def log_prob_one(family: Family, params: np.ndarray, action: int | np.ndarray) -> float:
-    """:func:`log_prob` of one action under one distribution, in plain Python: a transition is
-    recorded per observation, and numpy's per-call overhead would be most of the work."""
-    values = params.tolist()
-    if family.kind == "gaussian":
-        d = family.sizes[0]
-        total = 0.0
-        for a, mean, log_std in zip(np.reshape(action, -1).tolist(), values[:d], values[d:], strict=True):
-            z = (a - mean) * math.exp(-log_std)
-            total += -0.5 * z * z - log_std - 0.5 * LOG_2PI
-        return total
-    chosen = [int(action)] if family.kind == "categorical" else np.reshape(action, -1).tolist()
-    total, start = 0.0, 0
-    for size, a in zip(family.sizes, chosen, strict=True):
-        logits = values[start : start + size]
-        top = max(logits)
-        total += logits[a] - top - math.log(sum(math.exp(x - top) for x in logits))
-        start += size
-    return total
-
-
 def _choose(probs: np.ndarray, deterministic: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(deterministic, probs.argmax(axis=-1), sample(probs, rng))
 

@@ -12,8 +12,8 @@
   A batch's training observations (not evaluation ones, nor repeats) are taken into the statistics
   before they are normalized, and its returns before its rewards are scaled, as
   ``VecNormalize.step_wait`` does with one step of a vector of environments (with the lockstep
-  runner, a batch is one); the returns R_t live in each environment's memory. They are committed with the model's state, so a crash
-  changes nothing; evolution's GET and SET leave them alone.
+  runner, a batch is one); the returns R_t live in each environment's memory. They are committed
+  with the model's state, so a crash changes nothing; evolution's GET and SET leave them alone.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import numpy as np
 from stable_baselines3.common.buffers import RolloutBuffer
 
 from worker.common import logs
+from worker.common.distributions import log_prob
 from worker.model import a2c
 from worker.model.inputs import Inputs, row
 from worker.model.memory import EnvMemory, Evaluated, Rules, Segment, Transition, find_repeats, observe
@@ -129,7 +130,7 @@ class Learner:
         next_terminal = n
         latest: dict[str, int] = {}  # env -> index in run of its last observation that was not a repeat
         echoes: dict[int, int | np.ndarray] = {}  # repeat index -> its original's index, or distribution
-        recorded: list[tuple[Transition, float, float]] = []  # (transition, REWARD, bootstrap)
+        recorded: list[tuple[Transition, float, float, np.ndarray]] = []  # see StepResult.recorded
         for i, obs in enumerate(run):
             evaluated = Evaluated(row(batch, i), float(values[i]), params[i])
             if obs.truncated:
@@ -151,12 +152,7 @@ class Learner:
                 recorded.append(result.recorded)
             if result.segment is not None:
                 segments.append(result.segment)
-        # The rewards as learned from: scaled by the returns' statistics after this batch's (the
-        # identity without --normalize-reward), plus the bootstrap of a truncation.
-        for (transition, _, bootstrap), reward in zip(
-            recorded, self.inputs.scale([r for _, r, _ in recorded]), strict=True
-        ):
-            transition.reward = reward + bootstrap
+        self._complete(recorded)
         trained = self.train(segments)
         if trained:
             # SB3 acts on the newest observations with the updated policy; so do we. The values of
@@ -169,6 +165,20 @@ class Learner:
         for i, echo in echoes.items():
             answers[i] = answers[echo] if isinstance(echo, int) else echo
         return answers, trained
+
+    def _complete(self, recorded: list[tuple[Transition, float, float, np.ndarray]]) -> None:
+        """Finish a batch's transitions at once: the rewards as learned from (scaled by the returns'
+        statistics after this batch's, the identity without --normalize-reward, plus the bootstrap of
+        a truncation) and log pi(action | obs) under the distribution that was answered."""
+        if not recorded:
+            return
+        rewards = self.inputs.scale([reward for _, reward, _, _ in recorded])
+        params = np.stack([p for *_, p in recorded]).astype(np.float64)
+        flat = [np.reshape(t.action, -1) for t, *_ in recorded]
+        actions = np.concatenate(flat) if self.family.kind == "categorical" else np.stack(flat)
+        log_probs = log_prob(self.family, params, actions).tolist()
+        for (transition, _, bootstrap, _), reward, lp in zip(recorded, rewards, log_probs, strict=True):
+            transition.reward, transition.log_prob = reward + bootstrap, lp
 
     def train(self, segments: list[Segment]) -> bool:
         """One A2C update over ``segments`` unless training is paused; True if the weights changed."""

@@ -15,9 +15,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from worker.common.distributions import log_prob_one
 from worker.model.inputs import Inputs
-from worker.protocol import Family, Observation, binary, split_id
+from worker.protocol import Family, Observation, split_id
 from worker.protocol.values import Value
 
 MEMORY_FORMAT = 3  # the layout of a packed EnvMemory: its first item
@@ -41,7 +40,7 @@ class Transition:
     reward: float  # as learned from (scaled, if the model normalizes rewards)
     episode_start: bool
     value: float
-    log_prob: float
+    log_prob: float  # log pi(action | obs) under the policy that answered obs
 
 
 @dataclass(slots=True)
@@ -59,20 +58,21 @@ class Segment:
 
 
 def _pack(value: Value | Action) -> Any:
+    """An array as ``[dtype, shape, bytes]`` (numpy's own dtype string: cheaper than its name), a
+    Dict observation as a map of those, an integer as itself."""
     if isinstance(value, dict):
-        return {k: binary(v) for k, v in value.items()}
-    return binary(value) if isinstance(value, np.ndarray) else value
+        return {k: _pack(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return [value.dtype.str, value.shape, value.tobytes()]
+    return value
 
 
 def _unpack(packed: Any) -> Any:
-    if isinstance(packed, dict) and "data" not in packed:
-        return {k: _unpack(v) for k, v in packed.items()}
     if isinstance(packed, dict):
-        return (
-            np.frombuffer(packed["data"], np.dtype(packed["dtype"]).newbyteorder("<"))
-            .reshape(packed["shape"])
-            .copy()
-        )
+        return {k: _unpack(v) for k, v in packed.items()}
+    if isinstance(packed, list):
+        dtype, shape, data = packed
+        return np.frombuffer(data, np.dtype(dtype)).reshape(shape).copy()
     return packed
 
 
@@ -100,7 +100,7 @@ class EnvMemory:
                 MEMORY_FORMAT,
                 _pack(self.obs),
                 self.value,
-                binary(self.params.astype("<f4")),
+                _pack(self.params.astype("<f4")),
                 self.episode_start,
                 self.deterministic,
                 self.seen_ms,
@@ -144,8 +144,9 @@ class StepResult:
     dropped: int  # transitions of an interrupted rollout that were thrown away
     forgotten: bool  # the memory was older than the TTL: the environment starts afresh
     repeat: bool = False  # a step already seen: the memory was left as it was
-    # The transition recorded, its REWARD and its bootstrap: normalization scales the reward later.
-    recorded: tuple[Transition, float, float] | None = None
+    # The transition recorded, its REWARD, its bootstrap and the distribution its action was drawn
+    # from: the learner scales the rewards and takes the log-probabilities of a batch at once.
+    recorded: tuple[Transition, float, float, np.ndarray] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,12 +204,11 @@ def observe(
             # Time-limit truncation is not a real end: bootstrap as SB3's A2C.collect_rollouts does.
             assert evaluated.terminal_value is not None
             bootstrap = rules.gamma * evaluated.terminal_value
-        log_prob = log_prob_one(rules.family, memory.params, obs.action)
         transition = Transition(
-            memory.obs, obs.action, obs.reward + bootstrap, memory.episode_start, memory.value, log_prob
+            memory.obs, obs.action, obs.reward + bootstrap, memory.episode_start, memory.value, 0.0
         )
         rollout.append(transition)
-        recorded = (transition, obs.reward, bootstrap)
+        recorded = (transition, obs.reward, bootstrap, memory.params)
         if len(rollout) == rules.n_steps:
             segment = Segment(obs.env_id, rollout, last_value=evaluated.value, last_done=obs.done)
             rollout = []

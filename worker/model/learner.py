@@ -92,7 +92,7 @@ class Learner:
         self.last_buffer: RolloutBuffer | None = None  # what the latest update trained on
         self.ttl_ms = int(settings.memory_ttl * 1000)
         s = settings
-        self.rules = Rules(s.gamma, s.n_steps, s.train_deterministic, self.ttl_ms, self.family, self.inputs)
+        self.rules = Rules(s.gamma, s.n_steps, s.train_deterministic, self.ttl_ms, self.inputs)
         self._swept_below = -1  # the memories older than this (entry-ID ms) are gone
 
     # ----------------------------------------------------------------- acting and learning
@@ -135,7 +135,7 @@ class Learner:
             evaluated = Evaluated(row(batch, i), float(values[i]), params[i])
             if obs.truncated:
                 evaluated.terminal_value, next_terminal = float(values[next_terminal]), next_terminal + 1
-            memory, result = observe(self.memories.get(obs.env_id), obs, evaluated, self.rules)
+            memory, result = observe(self.memories.get(obs.env_id), obs, evaluated, self.rules, repeats[i])
             self.memories[obs.env_id] = memory
             self.counters.observations += 1
             if result.repeat:

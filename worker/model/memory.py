@@ -16,7 +16,7 @@ import msgpack
 import numpy as np
 
 from worker.model.inputs import Inputs
-from worker.protocol import Family, Observation, split_id
+from worker.protocol import Observation, split_id
 from worker.protocol.values import Value
 
 MEMORY_FORMAT = 3  # the layout of a packed EnvMemory: its first item
@@ -139,7 +139,6 @@ def _unpack_vectors(fields: list[Any]) -> EnvMemory:
 class StepResult:
     """What one observation did to its environment's memory."""
 
-    transition: bool  # a transition was recorded
     segment: Segment | None  # the transition completed a segment
     dropped: int  # transitions of an interrupted rollout that were thrown away
     forgotten: bool  # the memory was older than the TTL: the environment starts afresh
@@ -147,6 +146,11 @@ class StepResult:
     # The transition recorded, its REWARD, its bootstrap and the distribution its action was drawn
     # from: the learner scales the rewards and takes the log-probabilities of a batch at once.
     recorded: tuple[Transition, float, float, np.ndarray] | None = None
+
+    @property
+    def transition(self) -> bool:
+        """A transition was recorded."""
+        return self.recorded is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +163,6 @@ class Rules:
     n_steps: int
     train_deterministic: bool
     ttl_ms: int
-    family: Family
     inputs: Inputs
 
 
@@ -175,7 +178,7 @@ class Evaluated:
 
 
 def observe(
-    memory: EnvMemory | None, obs: Observation, evaluated: Evaluated, rules: Rules
+    memory: EnvMemory | None, obs: Observation, evaluated: Evaluated, rules: Rules, repeat: bool
 ) -> tuple[EnvMemory, StepResult]:
     """Advance one environment's memory by one observation.
 
@@ -183,7 +186,8 @@ def observe(
     :param obs: the observation
     :param evaluated: what the current policy made of it
     :param rules: see :class:`Rules`
-    :return: the new memory and what happened; for a repeat (:func:`is_repeat`), ``memory`` itself
+    :param repeat: ``obs`` is a repeat, as :func:`find_repeats` found it for its run
+    :return: the new memory and what happened; for a repeat, ``memory`` itself
     """
     segment, recorded, dropped, forgotten = None, None, 0, False
     seen_ms = split_id(obs.entry_id)[0]
@@ -191,8 +195,9 @@ def observe(
         # Decided here, by the entry IDs alone, so that what is learned never depends on when a
         # sweep ran (batching, restarts): Learner.forget_silent only frees what never comes back.
         dropped, forgotten, memory = len(memory.rollout), True, None
-    if memory is not None and is_repeat(memory.step, obs):
-        return memory, StepResult(False, None, 0, False, repeat=True)
+    if repeat:
+        assert memory is not None  # a repeat has a memory within the TTL: find_repeats saw it
+        return memory, StepResult(None, 0, False, repeat=True)
     rollout = memory.rollout if memory is not None else []
     ret = 0.0
     usable = memory is not None and (rules.train_deterministic or not memory.deterministic)
@@ -204,9 +209,8 @@ def observe(
             # Time-limit truncation is not a real end: bootstrap as SB3's A2C.collect_rollouts does.
             assert evaluated.terminal_value is not None
             bootstrap = rules.gamma * evaluated.terminal_value
-        transition = Transition(
-            memory.obs, obs.action, obs.reward + bootstrap, memory.episode_start, memory.value, 0.0
-        )
+        # Reward and log-probability are the learner's to fill in, for the whole batch at once.
+        transition = Transition(memory.obs, obs.action, 0.0, memory.episode_start, memory.value, 0.0)
         rollout.append(transition)
         recorded = (transition, obs.reward, bootstrap, memory.params)
         if len(rollout) == rules.n_steps:
@@ -229,7 +233,7 @@ def observe(
         obs.step,
         0.0 if obs.done else ret,
     )
-    return new, StepResult(recorded is not None, segment, dropped, forgotten, recorded=recorded)
+    return new, StepResult(segment, dropped, forgotten, recorded=recorded)
 
 
 def is_repeat(last_step: int | None, obs: Observation) -> bool:
@@ -244,8 +248,9 @@ def is_repeat(last_step: int | None, obs: Observation) -> bool:
 
 
 def find_repeats(memories: dict[str, EnvMemory], run: list[Observation], ttl_ms: int) -> list[bool]:
-    """Which observations of ``run`` :func:`observe` will find to be repeats, told before it runs
-    (the statistics of normalization must not take them in)."""
+    """Which observations of ``run`` are repeats (:func:`is_repeat`) of their environment's memory
+    as :func:`observe` will find it, the TTL applied: told before the run is observed, as the
+    statistics of normalization must not take them in."""
     last = {env: (memory.step, memory.seen_ms) for env, memory in memories.items()}
     found = []
     for obs in run:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.protocol import fields
+from worker.protocol import fields, values
 from worker.protocol.encoding import Encoding, ProtocolError
 
 
@@ -53,7 +53,11 @@ def parse_weight_vector(value: Any, n_params: int) -> np.ndarray:
             raise ProtocolError(f"WEIGHTS must hold {n_params} float32 values, got {len(value)} bytes")
         vector = np.frombuffer(value, dtype="<f4")
     else:
-        vector = fields.array({"WEIGHTS": value}, "WEIGHTS", (n_params,)) if isinstance(value, list) else None
+        vector = (
+            values.array(value, (n_params,), np.dtype(np.float32), "WEIGHTS")
+            if isinstance(value, list)
+            else None
+        )
         if vector is None:
             raise ProtocolError(f"WEIGHTS must be a list of {n_params} numbers, got {fields.describe(value)}")
     if not np.isfinite(vector).all():

@@ -1,4 +1,4 @@
-"""Validation of single fields, shared by every message: flags, numbers, arrays, names.
+"""Validation of single fields, shared by every message: flags, numbers, names (arrays: values.py).
 
 Each raises :class:`~worker.protocol.encoding.ProtocolError` with a reason a person can act on, and
 describes a bad value in a bounded number of characters.
@@ -115,31 +115,3 @@ def has_bool(value: Any) -> bool:
         if isinstance(item, list):
             stack.extend(item)
     return False
-
-
-def array(message: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.ndarray:
-    value = message[key]
-    # The common case in one pass: a flat list of finite numbers that fit float32 (a NaN fails the
-    # comparisons). Anything else takes the checks below, which also say what is wrong.
-    if (
-        type(value) is list
-        and len(shape) == 1
-        and len(value) == shape[0]
-        and all((type(x) is float or type(x) is int) and -FLOAT32_MAX < x < FLOAT32_MAX for x in value)
-    ):
-        return np.array(value, dtype=np.float32)
-    if isinstance(value, NotJson | str | bytes) or not isinstance(value, list | int | float):
-        raise ProtocolError(f"{key} must be an array of numbers, got {describe(value)}")
-    try:
-        array = np.asarray(value)
-    except (ValueError, OverflowError) as exc:
-        raise ProtocolError(f"{key} is not a rectangular array of numbers: {exc}") from None
-    if array.dtype.kind not in "iuf" or has_bool(value):  # numpy turns [1, true] into [1, 1]
-        raise ProtocolError(f"{key} must hold only numbers, got {describe(value)}")
-    if array.shape != shape:
-        raise ProtocolError(f"{key} must have shape {list(shape)}, got {list(array.shape)}")
-    with np.errstate(over="ignore"):  # values beyond float32 become inf, rejected just below
-        array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ProtocolError(f"{key} must be finite and within float32's range (about ±3.4e38)")
-    return array

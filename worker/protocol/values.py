@@ -110,6 +110,26 @@ def _integers(value: Any, key: str, shape: tuple[int, ...], below: np.ndarray | 
     return array
 
 
+def array(value: Any, shape: tuple[int, ...], dtype: np.dtype, key: str, flat_ok: bool = False) -> np.ndarray:
+    """A Box's value (a nested list or a binary array) of exactly ``shape`` in ``dtype`` (see
+    :func:`_as_dtype`); ``flat_ok``: also a flat list of all its values.
+
+    :raises ProtocolError: naming the key and what is wrong
+    """
+    if (
+        type(value) is list
+        and dtype == np.float32
+        and len(shape) == 1
+        and len(value) == shape[0]
+        and all(
+            (type(x) is float or type(x) is int) and -fields.FLOAT32_MAX < x < fields.FLOAT32_MAX
+            for x in value
+        )
+    ):  # the common case in one pass: a flat list of finite numbers that fit float32
+        return np.array(value, dtype=np.float32)
+    return _as_dtype(_shaped(_numbers(value, key), shape, key, flat_ok), dtype, key)
+
+
 def parse_value(value: Any, space: gym.Space, key: str) -> Value:
     """``value`` checked against ``space``, as the array the policy takes (a dict of them for a Dict).
 
@@ -119,18 +139,7 @@ def parse_value(value: Any, space: gym.Space, key: str) -> Value:
     :raises ProtocolError: naming the key and what is wrong
     """
     if isinstance(space, gym.spaces.Box):
-        if (
-            type(value) is list
-            and space.dtype == np.float32
-            and len(space.shape) == 1
-            and len(value) == space.shape[0]
-            and all(
-                (type(x) is float or type(x) is int) and -fields.FLOAT32_MAX < x < fields.FLOAT32_MAX
-                for x in value
-            )
-        ):  # the common case in one pass: a flat list of finite numbers that fit float32
-            return np.array(value, dtype=np.float32)
-        return _as_dtype(_shaped(_numbers(value, key), space.shape, key), space.dtype, key)
+        return array(value, space.shape, space.dtype, key)
     if isinstance(space, gym.spaces.Discrete):
         item = value[0] if isinstance(value, list) and len(value) == 1 else value  # as from a vector env
         if type(item) is not int or not 0 <= item < space.n:
@@ -161,8 +170,7 @@ def parse_action_value(value: Any, space: gym.Space, key: str = "ACTION") -> int
     if isinstance(space, gym.spaces.Discrete):
         return int(parse_value(value, space, key))
     if isinstance(space, gym.spaces.Box):
-        array = _shaped(_numbers(value, key), space.shape, key, flat_ok=True)
-        return _as_dtype(array, np.dtype(np.float32), key)
+        return array(value, space.shape, np.dtype(np.float32), key, flat_ok=True)
     return parse_value(value, space, key)  # type: ignore[return-value]
 
 

@@ -3,7 +3,7 @@
 ``python -m bench.clients [--clients 1 8 64] [--modes ensemble direct local shared] [--seconds 5]
 [--warmup 1]``
 
-One run starts a private ``redis-server`` (:func:`worker.common.connections.embedded_redis`), one
+One run starts a private ``redis-server`` (:func:`worker.common.servers.embedded_redis`), one
 model worker (``python -m worker model --component-id bench-m --publish-weights-every 1 --seed 0``)
 and the aggregator (``python -m worker aggregator``) as subprocesses, waits until the model is live
 in the registry and the aggregator's group exists, then, for every mode and every client count N,
@@ -64,8 +64,9 @@ from redis.asyncio.connection import Connection
 from worker.aggregator import GROUP as AGGREGATOR_GROUP
 from worker.client import ActionTimeout, AsyncPolicyClient
 from worker.common import logs
-from worker.common.connections import connect, embedded_redis
+from worker.common.connections import connect
 from worker.common.registry import live_models
+from worker.common.servers import embedded_redis
 from worker.control.demo import Swarm
 from worker.protocol import Streams
 

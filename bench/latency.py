@@ -35,7 +35,8 @@ from typing import Any
 import redis
 
 from bench.parity import sb3_a2c
-from worker.common.connections import connect, embedded_redis
+from worker.common.connections import connect
+from worker.common.servers import embedded_redis
 from worker.control.demo import Swarm
 from worker.control.train import run_episodes, wait_for_loop, wait_for_models
 from worker.protocol import Streams

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from worker.common.connections import embedded_redis
+from worker.common.servers import embedded_redis
 from worker.protocol import Encoding, Streams, encode_entry
 
 COMPONENT = "mem-1"

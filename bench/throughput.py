@@ -4,7 +4,7 @@
 [--encoding json|msgpack|both] [--batch-size B] [--tutorial-torch-threads T] [--profile]
 [--image-n-obs I] [--image-json-n-obs J] [--image-torch-threads T]``
 
-One run starts a private ``redis-server`` (:func:`worker.common.connections.embedded_redis`) and, for every
+One run starts a private ``redis-server`` (:func:`worker.common.servers.embedded_redis`) and, for every
 encoding and every contender (:mod:`bench.tutorial_port`, then the real
 :class:`worker.model.loop.ModelWorker` in-process with its default settings and a component ID):
 
@@ -54,7 +54,8 @@ import torch
 
 from bench import tutorial_port
 from worker.common import logs
-from worker.common.connections import connect, embedded_redis
+from worker.common.connections import connect
+from worker.common.servers import embedded_redis
 from worker.model.loop import ModelWorker
 from worker.model.settings import ModelSettings
 from worker.protocol import Encoding, Streams, encode_entry

@@ -10,7 +10,7 @@ import fakeredis
 import pytest
 import redis
 
-from worker.common.connections import embedded_redis
+from worker.common.servers import embedded_redis
 from worker.model.settings import ModelSettings
 
 pytest_plugins = ["tests.scripted"]  # the environment runner's fixtures: env_settings, scripted

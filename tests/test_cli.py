@@ -11,7 +11,7 @@ import time
 import pytest
 
 from worker.cli import main
-from worker.common.connections import free_port
+from worker.common.servers import free_port
 
 
 def test_control_alone_prints_the_usage_and_runs_nothing(capsys) -> None:

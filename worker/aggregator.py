@@ -68,7 +68,7 @@ import redis
 from pydantic import Field
 
 from worker.common import logs, lua
-from worker.common.connections import ensure_group
+from worker.common.connections import ensure_group, server_time
 from worker.common.distributions import decide
 from worker.common.serve import Service
 from worker.common.settings import CommonSettings
@@ -237,12 +237,11 @@ class Aggregator(Service):
         return self._decide()
 
     def _refresh_live(self) -> None:
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.zrangebyscore(self.streams.registry, time.time() - self.settings.registry_max_age, "+inf")
-            (seconds, micros), members = pipe.execute()
+        now = server_time(self.redis, self.streams.registry)  # the clock of the entry IDs
+        since = time.time() - self.settings.registry_max_age
+        members = self.redis.zrangebyscore(self.streams.registry, since, "+inf")
         self.live = {m.decode() if isinstance(m, bytes) else m for m in members}
-        self._live_at, self._view_ms = time.monotonic(), seconds * 1000 + micros // 1000
+        self._live_at, self._view_ms = time.monotonic(), int(now * 1000)
 
     def _collect(self, items: list[tuple[bytes, dict[bytes, bytes] | None]]) -> bool:
         """File each reply under its observation; reject bad ones, drop late and duplicate ones.

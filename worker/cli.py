@@ -7,8 +7,10 @@ pay for importing torch.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,13 +51,27 @@ def _announce(settings: Any) -> None:
 
 def serve(settings: Any, service: str) -> int:
     """Build the long-running component ``service`` (``module:Class``) and serve until stopped."""
-    from worker.common.connections import connect
-
-    client = connect(settings.redis_url)
+    client = connect_when_up(settings)
     _announce(settings)
     with mendable():
         _resolve(service)(settings, client).serve()
     return 0
+
+
+def connect_when_up(settings: CommonSettings) -> redis.Redis:
+    """A server's client, once its Redis answers: a cluster's client must reach a node to be made
+    (a single server's connects on first use, and the serve loop rides out its outages)."""
+    from redis.backoff import EqualJitterBackoff
+
+    backoff = EqualJitterBackoff(cap=5.0, base=0.1)
+    for attempt in itertools.count():
+        try:
+            return settings.connect()
+        except OUTAGE as exc:
+            if attempt == 0:
+                logs.get(__name__).warning("redis unavailable, retrying", error=str(exc))
+            time.sleep(backoff.compute(attempt))
+    raise AssertionError("unreachable")
 
 
 def run_model(settings: Any) -> int:
@@ -142,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = CliApp.run(settings_class, cli_args=rest)
     except ValidationError as exc:
         for error in exc.errors():
+            if not error["loc"]:  # a rule across options: its message names them
+                print(f"error: {error.get('ctx', {}).get('error', error['msg'])}", file=sys.stderr)
+                continue
             where = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
             print(f"error: {where}: {error['msg']} (got {error.get('input')!r})", file=sys.stderr)
         return 2

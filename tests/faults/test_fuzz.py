@@ -51,7 +51,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from worker.common.connections import embedded_redis
+from worker.common.servers import embedded_redis
 from worker.model.loop import ModelWorker
 from worker.model.policy import make_policy, unpack_state, weights_as_vector
 from worker.model.settings import ModelSettings

@@ -29,8 +29,9 @@ from tests.helpers import read
 from tests.scripted import ScriptedAggregator
 from worker.aggregator import Aggregator, AggregatorSettings
 from worker.common import logs
-from worker.common.connections import connect, embedded_redis
+from worker.common.connections import connect
 from worker.common.serve import Outages, Service, is_outage
+from worker.common.servers import embedded_redis
 from worker.control.train import run_episodes, wait_for_loop, wait_for_models
 from worker.env.runner import EnvRunner, EnvSettings
 from worker.model.loop import ModelWorker

@@ -26,7 +26,7 @@ import redis
 from tests.components import aggregator, model, running
 from tests.helpers import read, xadd
 from worker.client import PolicyClient
-from worker.common.connections import embedded_redis, free_port
+from worker.common.servers import embedded_redis, free_port
 from worker.model.learner import Counters
 from worker.model.settings import ModelSettings
 from worker.model.store import Batch, CommitRefused, ModelStore

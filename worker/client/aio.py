@@ -24,7 +24,7 @@ from worker.client.errors import ActionTimeout
 from worker.client.local import REFRESHED
 from worker.common import logs
 from worker.common.registry import LIVE_MAX_AGE
-from worker.common.serve import is_outage
+from worker.common.serve import REDIS_ERRORS, is_outage
 from worker.protocol import Spaces
 
 T = TypeVar("T")
@@ -140,7 +140,7 @@ class AsyncPolicyClient:
                 await self._flush(time.monotonic() + self.core.timeout)
             kept = () if not self.core.trim_replies else (self.core.replies,)  # kept for auditing
             await self.redis.delete(self.core.client_key, *kept)
-        except (redis.RedisError, ActionTimeout):
+        except (*REDIS_ERRORS, ActionTimeout):
             pass  # the stream and the key expire by themselves
         finally:
             if self._owned:
@@ -202,7 +202,7 @@ class AsyncPolicyClient:
                 reply = await self.redis.xread({core.replies: core.cursor}, count=1000, block=self.block_ms)
                 failures, self._outage = 0, None
                 self._served()
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 if not is_outage(exc):
                     raise
                 failures, self._outage = failures + 1, exc
@@ -295,7 +295,7 @@ class AsyncPolicyClient:
         while True:
             try:
                 result = await call()
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 if not is_outage(exc):
                     raise
                 failures += 1

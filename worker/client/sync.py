@@ -17,7 +17,7 @@ from worker.client.local import REFRESHED
 from worker.common import logs
 from worker.common.connections import connect, last_id
 from worker.common.registry import live_models
-from worker.common.serve import Outages, is_outage
+from worker.common.serve import REDIS_ERRORS, Outages, is_outage
 from worker.protocol import Spaces
 
 T = TypeVar("T")
@@ -160,7 +160,7 @@ class PolicyClient:
                 self._flush(time.monotonic() + self.core.timeout)
             kept = () if not self.core.trim_replies else (self.core.replies,)  # kept for auditing
             self.redis.delete(self.core.client_key, *kept)
-        except (redis.RedisError, ActionTimeout):
+        except (*REDIS_ERRORS, ActionTimeout):
             pass  # the stream and the key expire by themselves
         finally:
             if self._owned:
@@ -297,7 +297,7 @@ class PolicyClient:
         while True:
             try:
                 result = call()
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 if not is_outage(exc):
                     raise
                 self._outage, self._outage_at = exc, time.monotonic()

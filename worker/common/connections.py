@@ -1,15 +1,9 @@
-"""Redis connections: clients from a URL, consumer groups, and an embedded server for demos and tests."""
+"""Redis connections: clients from a URL (one server or a Redis Cluster), consumer groups."""
 
 from __future__ import annotations
 
-import shutil
-import socket
 import ssl
-import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -40,7 +34,7 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def connect(url: str, **kwargs) -> redis.Redis:
+def connect(url: str, cluster: bool = False, **kwargs: Any) -> redis.Redis:
     """A client for ``url`` (``redis://``, ``rediss://`` for TLS, ``unix://``; AUTH in the URL).
 
     TLS options are query parameters of the URL, passed to redis-py's ``SSLConnection``:
@@ -51,15 +45,56 @@ def connect(url: str, **kwargs) -> redis.Redis:
     is ridden out; the worker loop handles longer outages itself. Wrong credentials or a server
     certificate that does not verify raise :class:`RedisAccessError` here, at once: they are not
     outages. An unreachable server is not an error yet (the caller's retries deal with it).
+
+    :param cluster: ``url`` names one node of a Redis Cluster: the client (a
+        :class:`redis.RedisCluster`, typed as its ``redis.Redis`` API) discovers the others, follows
+        ``MOVED`` and ``ASK``, and refreshes its map of the slots when a node fails (its retries
+        cover ``TRYAGAIN`` and ``CLUSTERDOWN`` too)
     """
     kwargs.setdefault("retry", Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5))
-    kwargs.setdefault("retry_on_error", [redis.ConnectionError, redis.TimeoutError])
     kwargs.setdefault("health_check_interval", 30)
     # A frozen server or a half-open connection must not block a "timed" wait forever; every
     # blocking read here blocks for at most 30 s (the block_ms settings' bound).
     kwargs.setdefault("socket_timeout", 60)
-    check_access(url, **kwargs)
+    check_access(url, **{k: v for k, v in kwargs.items() if k != "retry"})
+    if cluster:
+        try:
+            return redis.RedisCluster.from_url(url, **kwargs)  # type: ignore[return-value]
+        except redis.exceptions.RedisClusterException as exc:
+            if "not enabled" in str(exc):
+                raise RedisAccessError(
+                    f"error: Redis at {redacted(url)} is not a cluster node: drop --cluster (REDIS_CLUSTER)"
+                ) from None
+            unreachable = f"no node of the Redis Cluster at {redacted(url)} answers: {exc}"
+            raise redis.ConnectionError(unreachable) from exc
+    kwargs.setdefault("retry_on_error", [redis.ConnectionError, redis.TimeoutError])
     return redis.Redis.from_url(url, **kwargs)
+
+
+def hash_tagged(prefix: str) -> bool:
+    """Whether every key under ``prefix`` hashes to one Redis Cluster slot: it holds a ``{tag}``.
+
+    Redis hashes only the text between a key's first ``{`` and the next ``}`` when it is not empty;
+    a swarm's keys all begin with its prefix, so a tag there puts them all in the tag's slot.
+    """
+    start = prefix.find("{")
+    return start >= 0 and prefix.find("}", start + 2) > start
+
+
+def swarm_prefix(prefix: str | None, cluster: bool) -> str:
+    """The prefix a swarm's keys get: ``prefix``, or by default ``rl`` (``{rl}`` on a cluster).
+
+    :raises ValueError: on a cluster, a prefix without a hash tag (one line saying what to use)
+    """
+    if prefix is None:
+        return "{rl}" if cluster else "rl"
+    if cluster and not hash_tagged(prefix):
+        tag = prefix.strip("{}") or "rl"
+        raise ValueError(
+            f"in cluster mode the prefix must hold a hash tag, so that a swarm's keys share one slot"
+            f" (its scripts touch several at once): use --prefix '{{{tag}}}' (STREAM_PREFIX), not {prefix!r}"
+        )
+    return prefix
 
 
 def check_access(url: str, **kwargs) -> None:
@@ -81,6 +116,17 @@ def check_access(url: str, **kwargs) -> None:
         pass  # e.g. NOPERM for PING: the user may run without it; its own commands will tell
     finally:
         probe.close()
+
+
+# TIME of the server holding KEYS[1]. A cluster client sends a TIME without a key to any node, not
+# the one whose clock stamps the swarm's entry IDs.
+CLOCK = "return redis.call('TIME')"
+
+
+def server_time(client: redis.Redis, key: str) -> float:
+    """Seconds since the epoch on the clock of the server holding ``key`` (its entry IDs' clock)."""
+    seconds, micros = client.eval(CLOCK, 1, key)
+    return int(seconds) + int(micros) / 1e6
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str, start: str = "$") -> bool:
@@ -108,58 +154,3 @@ def last_id(client: redis.Redis, stream: str) -> str:
             raise  # BUSY, TRYAGAIN, ...: an outage, not a stream that does not exist
         return "0-0"  # no such stream yet: everything added later is new
     return text(value)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def embedded_redis(appendonly: bool = False, extra: tuple[str, ...] = ()) -> Iterator[str]:
-    """Start a private ``redis-server`` on a free loopback port; yield its URL; stop it after.
-
-    :param appendonly: keep an AOF (for restart tests); otherwise nothing touches the disk
-    """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not on PATH (Debian: apt-get install redis-server)")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="rl-redis-")
-    args = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--dir",
-        workdir,
-        "--appendonly",
-        "yes" if appendonly else "no",
-        *extra,
-    ]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start: {' '.join(args)}") from None
-                time.sleep(0.02)
-        client.close()
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        shutil.rmtree(workdir, ignore_errors=True)

@@ -45,7 +45,11 @@ OUTAGE = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
+    redis.exceptions.RedisClusterUnreachableError,  # no node of a cluster answers
 )
+# What a Redis command can raise: redis-py raises a cluster it cannot reach at all as a
+# RedisClusterException, which is not a RedisError.
+REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 # Errors redis-py raises as a plain ResponseError: told by their prefix. MISCONF: a failing RDB
 # save stops writes; NOREPLICAS: fewer replicas than min-replicas-to-write.
 OUTAGE_PREFIXES = (
@@ -93,7 +97,8 @@ class ConnectionWatch:
     """Counts (re)connections of a client's pooled connection.
 
     A component is single-threaded, so its client uses one pooled connection, which redis-py
-    reconnects in place after an error. :meth:`attach` registers a connect callback on it (public
+    reconnects in place after an error (a cluster client: one per node, and a new node's first
+    connection counts too, as after a failover). :meth:`attach` registers a connect callback on it (public
     redis-py API); the first connection is not a reconnection. If the client offers no such hook
     (fakeredis, exotic pools), :attr:`available` is False and only errors that escape redis-py's
     retries are noticed, by the serve loop.
@@ -109,6 +114,9 @@ class ConnectionWatch:
         self._attached: list[Any] = []  # keep the connections we hooked, so we hook each once
 
     def attach(self) -> None:
+        if isinstance(self.client, redis.RedisCluster):
+            self._attach_cluster()
+            return
         pool = self.client.connection_pool
         try:
             try:
@@ -127,6 +135,19 @@ class ConnectionWatch:
             pass
         finally:
             pool.release(connection)
+
+    def _attach_cluster(self) -> None:
+        """A cluster client has a pool per node; its hook for every new connection is public."""
+        cluster: Any = self.client
+        previous = cluster.user_on_connect_func
+
+        def counted(connection: Any) -> None:
+            self._on_connect(connection)
+            if previous is not None:
+                previous(connection)
+
+        cluster.user_on_connect_func = counted
+        self.available = True
 
     def _on_connect(self, _connection: Any) -> None:
         self.connects += 1
@@ -178,7 +199,9 @@ class Outages:
             # A server that is a replica now: connect again, to whatever the URL names by then (a
             # DNS name or virtual IP that moved to the new primary), not to the old server. Only
             # idle connections: another thread's command in flight is left alone.
-            self.watch.client.connection_pool.disconnect(inuse_connections=False)
+            pool = getattr(self.watch.client, "connection_pool", None)  # a cluster client follows by itself
+            if pool is not None:
+                pool.disconnect(inuse_connections=False)
         now = time.monotonic()
         if not self.failures and now - self._served >= self.settle:  # not a relapse
             self._since, self.attempts, self._warned = now, 0, -math.inf
@@ -311,7 +334,7 @@ class Service:
             except Interrupted as exc:
                 started = False
                 self.outages.interrupted(exc)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 started = False
                 if is_gone_group(exc):  # start() makes it again, after the last entry read
                     self.log.warning("consumer group gone, making it again", error=str(exc))
@@ -334,7 +357,7 @@ def ride_out(outages: Outages, call: Any, *args: Any, stopping: Any = None, **kw
             result = call(*args, **kwargs)
             outages.ok()
             return result
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             if not is_outage(exc) or (stopping is not None and stopping()):
                 raise
             outages.failed(exc)

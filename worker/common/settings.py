@@ -7,11 +7,14 @@ variable.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+import redis
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
+
+from worker.common.connections import connect, swarm_prefix
 
 
 class SpacesError(ValueError):
@@ -40,7 +43,14 @@ class CommonSettings(BaseSettings):
     prefix: str = Field(
         "rl",
         validation_alias=env_alias("prefix", "stream_prefix"),
-        description="prefix of all streams and keys ('{rl}': one Cluster slot); env STREAM_PREFIX",
+        description="prefix of all streams and keys (default 'rl'; '{rl}' with --cluster, a hash tag: one"
+        " slot); env STREAM_PREFIX",
+    )
+    cluster: bool = Field(
+        False,
+        validation_alias=env_alias("cluster", "redis_cluster"),
+        description="REDIS_URL names a node of a Redis Cluster (the prefix must then be a hash tag,"
+        " '{rl}'); env REDIS_CLUSTER",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_json: bool = Field(False, description="log JSON lines instead of human-readable text")
@@ -51,3 +61,13 @@ class CommonSettings(BaseSettings):
         if url is not None:
             parse_url(url)  # a ValueError for a scheme, port or option redis-py cannot use
         return url
+
+    @model_validator(mode="after")
+    def _prefix_fits_cluster(self) -> CommonSettings:
+        given = self.prefix if "prefix" in self.model_fields_set else None
+        self.prefix = swarm_prefix(given, self.cluster)
+        return self
+
+    def connect(self, **kwargs: Any) -> redis.Redis:
+        """A client for this deployment's Redis (one server or a cluster)."""
+        return connect(self.redis_url, cluster=self.cluster, **kwargs)

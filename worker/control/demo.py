@@ -22,7 +22,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 
 from worker.common import logs
-from worker.common.connections import connect, embedded_redis
+from worker.common.connections import connect
+from worker.common.servers import embedded_cluster, embedded_redis
 from worker.control.train import (
     RoundResult,
     TrainSettings,
@@ -43,7 +44,8 @@ class DemoSettings(TrainSettings):
     redis_url: str | None = Field(  # type: ignore[assignment]
         None,
         validation_alias=AliasChoices("redis_url"),
-        description="Redis to use; unset: start a private redis-server; env REDIS_URL",
+        description="Redis to use; unset: start a private redis-server (with --cluster, a Redis Cluster of"
+        " 3 primaries and 3 replicas); env REDIS_URL",
     )
     models: int = Field(2, gt=0, description="model workers in the swarm")
     n_envs: int = Field(8, gt=0, description="parallel environments")
@@ -61,6 +63,11 @@ class DemoSettings(TrainSettings):
 def redis_for(settings: DemoSettings) -> Iterator[str]:
     if settings.redis_url:
         yield settings.redis_url
+        return
+    if settings.cluster:
+        with embedded_cluster() as cluster:
+            log.info("started a private Redis Cluster", url=cluster.url, nodes=len(cluster.ports))
+            yield cluster.url
         return
     with embedded_redis() as url:
         log.info("started a private redis-server", url=url)
@@ -91,8 +98,8 @@ def model_flags(settings: A2CSettings) -> list[str]:
 class Swarm:
     """The processes of one demo, their logs in one folder, stopped with SIGTERM on exit."""
 
-    def __init__(self, url: str, prefix: str, logdir: Path) -> None:
-        self.env = {**os.environ, "REDIS_URL": url, "STREAM_PREFIX": prefix}
+    def __init__(self, url: str, prefix: str, logdir: Path, cluster: bool = False) -> None:
+        self.env = {**os.environ, "REDIS_URL": url, "STREAM_PREFIX": prefix, "REDIS_CLUSTER": str(cluster)}
         self.logdir = logdir
         self.processes: list[subprocess.Popen] = []
 
@@ -122,8 +129,8 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
     streams = Streams(settings.prefix)
     logdir = Path(tempfile.mkdtemp(prefix="rl-demo-"))
     with redis_for(settings) as url:
-        client = connect(url)
-        swarm, started = Swarm(url, settings.prefix, logdir), time.time()
+        client = connect(url, cluster=settings.cluster)
+        swarm, started = Swarm(url, settings.prefix, logdir, settings.cluster), time.time()
         try:
             for i in range(settings.models):
                 seed = [] if settings.seed is None else ["--seed", str(settings.seed + i)]

@@ -43,9 +43,8 @@ def forget(client: redis.Redis, streams: Streams, component_id: str) -> list[str
 def run_forget(settings: ForgetSettings) -> int:
     """Forget each model that is not live: a live one (a recent heartbeat, or a lease held) would
     only write its state again, so it is refused; stop it first."""
-    from worker.common.connections import connect
 
-    client, streams = connect(settings.redis_url), Streams(settings.prefix)
+    client, streams = settings.connect(), Streams(settings.prefix)
     live = set(live_models(client, streams, settings.registry_max_age))
     busy = [c for c in settings.component_id if c in live or client.exists(streams.model_key(c, "lease"))]
     if busy:

@@ -76,9 +76,9 @@ class StatusSettings(CommonSettings):
 
 
 def run_status(settings: StatusSettings) -> int:
-    from worker.common.connections import connect, redacted
+    from worker.common.connections import redacted
 
-    found = status(connect(settings.redis_url), Streams(settings.prefix))
+    found = status(settings.connect(), Streams(settings.prefix))
     report = {"redis": redacted(settings.redis_url), **found}
     if settings.output == "json":
         print(json.dumps(report, indent=2, default=str))

@@ -275,9 +275,8 @@ def report(curve: list[RoundResult], settings: TrainSettings) -> None:
 
 
 def run_train(settings: TrainSettings) -> int:
-    from worker.common.connections import connect
 
-    client = connect(settings.redis_url)
+    client = settings.connect()
     wait_for_models(client, Streams(settings.prefix), settings.models)
     curve = train_rounds(client, settings)
     report(curve, settings)

@@ -47,7 +47,7 @@ from pydantic import Field
 
 from worker.client import ActionTimeout, PolicyClient, Ticket
 from worker.common import logs, lua
-from worker.common.connections import last_id
+from worker.common.connections import last_id, server_time
 from worker.common.serve import Service
 from worker.common.settings import CommonSettings, SpacesError
 from worker.env.episodes import Progress, Slot
@@ -171,8 +171,8 @@ class EnvRunner(Service):
                 self.control_cursor = last_id(self.redis, self.streams.control)
             else:
                 self.control_cursor = self.resumed_from = finished.decode()
-                seconds, micros = self.redis.time()  # entry IDs are the server's clock
-                self._stale_before_ms = int((seconds + micros / 1e6 - s.resume_window) * 1000)
+                now = server_time(self.redis, key)  # entry IDs are the server's clock
+                self._stale_before_ms = int((now - s.resume_window) * 1000)
         self.redis.hset(key, mapping={"ready": time.time(), "finished": self.control_cursor})  # for control
         resumed = self.resumed_from
         log.info("ready", runner_id=s.runner_id, env=s.gym_env, n_envs=s.n_envs, seed=s.seed, resumed=resumed)

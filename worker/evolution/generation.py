@@ -16,6 +16,7 @@ import redis
 from worker.common import logs, lua
 from worker.common.connections import last_id
 from worker.common.registry import live_models
+from worker.common.serve import REDIS_ERRORS
 from worker.evolution.fitness import EvolutionError, mean_returns
 from worker.evolution.operators import Vectors, ga_step, pbt_step, ranked
 from worker.evolution.settings import EvolutionSettings
@@ -284,11 +285,10 @@ def format_report(report: EvolutionReport) -> str:
 
 def run(settings: EvolutionSettings) -> int:
     """CLI: one generation; 0 if every live model answered and acknowledged, else 1."""
-    from worker.common.connections import connect
 
     try:
-        report = evolve(connect(settings.redis_url), settings)
-    except (EvolutionError, redis.RedisError) as exc:
+        report = evolve(settings.connect(), settings)
+    except (EvolutionError, *REDIS_ERRORS) as exc:
         print(f"evolution failed: {exc}", file=sys.stderr)
         return 1
     print(format_report(report))

@@ -32,7 +32,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from worker.common import logs
 from worker.common.connections import ensure_group, text
-from worker.common.serve import Service
+from worker.common.serve import REDIS_ERRORS, Service
 from worker.model import clients, reclaim
 from worker.model.learner import Counters, Learner
 from worker.model.memory import FORMAT_HINT, EnvMemory, FormatError
@@ -149,7 +149,7 @@ class ModelWorker(Service):
         try:
             self.store.unregister()
             self.store.release(self.consumer)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not release lease", error=str(exc))
         reconnects = self.outages.reconnects
         log.info("stopped", component_id=self.component_id, reconnects=reconnects, **vars(self.counters))
@@ -275,7 +275,7 @@ class ModelWorker(Service):
         """Handle and commit ``entries``; a bug triggered by one entry dead-letters only that entry."""
         try:
             outbox = self._process(entries)
-        except (redis.RedisError, LostLease):
+        except (*REDIS_ERRORS, LostLease):
             raise
         except Exception as exc:
             log.exception("internal error while handling a batch; isolating", size=len(entries))

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from tests.faults.chaos.config import ChaosConfig, Figures
-from worker.common.connections import free_port
+from worker.common.servers import free_port
 from worker.model.store import digest
 from worker.protocol import Streams
 

@@ -1,4 +1,5 @@
-"""Fixtures: a private real redis-server per test session, fakeredis, and worker settings."""
+"""Fixtures: a private real redis-server and a Redis Cluster per test session, fakeredis, and worker
+settings."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import fakeredis
 import pytest
 import redis
 
-from worker.common.servers import embedded_redis
+from worker.common.servers import LocalCluster, embedded_cluster, embedded_redis
 from worker.model.settings import ModelSettings
 
 pytest_plugins = ["tests.scripted"]  # the environment runner's fixtures: env_settings, scripted
@@ -28,6 +29,29 @@ def redis_server_url() -> Iterator[str]:
         pytest.skip("redis-server is not installed")
     with embedded_redis() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A private Redis Cluster (3 primaries, 3 replicas, loopback ports below 55000), started once per
+    test session. Tests use their own hash-tag prefixes; a failover test kills and restarts nodes, so
+    each test waits for :meth:`~LocalCluster.wait_ok` first (the fixture does, between tests).
+    """
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server/redis-cli are missing: the cluster tests must not be skipped in CI")
+        pytest.skip("redis-server is not installed")
+    with embedded_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster(redis_cluster: LocalCluster) -> LocalCluster:
+    """The session's cluster, every node running and every slot served (after a failover test too)."""
+    for port in set(redis_cluster.ports) - set(redis_cluster.running()):
+        redis_cluster.start_node(port)
+    redis_cluster.wait_ok()
+    return redis_cluster
 
 
 @pytest.fixture

@@ -23,12 +23,25 @@ from worker.client.core import PUBLISH, ClientCore, Ticket
 from worker.client.errors import ActionTimeout
 from worker.client.local import REFRESHED
 from worker.common import logs
+from worker.common.connections import after_cluster_error, swarm_prefix
 from worker.common.registry import LIVE_MAX_AGE
 from worker.common.serve import REDIS_ERRORS, is_outage
 from worker.protocol import Spaces
 
 T = TypeVar("T")
 log = logs.get(__name__)
+
+
+def _connect(url: str, cluster: bool) -> aioredis.Redis:
+    """A client with few, short retries inside redis-py: the client rides out outages itself."""
+    options: dict[str, Any] = {
+        "retry": Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2),
+        "socket_connect_timeout": 2,
+        "socket_timeout": 60,
+    }
+    if cluster:
+        return aioredis.RedisCluster.from_url(url, **options)  # type: ignore[return-value]
+    return aioredis.Redis.from_url(url, retry_on_error=[redis.ConnectionError, redis.TimeoutError], **options)
 
 
 class AsyncPolicyClient:
@@ -41,13 +54,14 @@ class AsyncPolicyClient:
             a = await client.act("robot-1", obs, reward=r)
             await client.end("robot-1", obs, reward=r, terminated=True)
 
-    The parameters are :class:`~worker.client.PolicyClient`'s (``url`` may be a redis.asyncio client).
+    The parameters are :class:`~worker.client.PolicyClient`'s (``url`` may be a redis.asyncio client,
+    a ``redis.asyncio.RedisCluster`` among them).
     """
 
     def __init__(
         self,
         url: str | aioredis.Redis = "redis://localhost:6379/0",
-        prefix: str = "rl",
+        prefix: str | None = None,
         timeout: float = 10.0,
         mode: str = "ensemble",
         model: str | None = None,
@@ -62,24 +76,16 @@ class AsyncPolicyClient:
         reply_ttl: float = 3600.0,
         spaces: Spaces | None = None,
         block_ms: int = 1000,
+        cluster: bool = False,
     ) -> None:
+        cluster = cluster or isinstance(url, aioredis.RedisCluster)
         self.core = ClientCore(
-            prefix, timeout, mode, model, client_id, encoding, max_lag, shared_replies, trim_replies,
-            stream_maxlen, reply_ttl, spaces,
+            swarm_prefix(prefix, cluster), timeout, mode, model, client_id, encoding, max_lag,
+            shared_replies, trim_replies, stream_maxlen, reply_ttl, spaces,
         )  # fmt: skip
         self.flush_every, self.block_ms = max(1, flush_every), block_ms
         self._owned = isinstance(url, str)
-        self.redis = (
-            aioredis.Redis.from_url(
-                url,
-                retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2),  # the client rides out
-                socket_connect_timeout=2,
-                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                socket_timeout=60,
-            )
-            if isinstance(url, str)
-            else url
-        )
+        self.redis = url if not isinstance(url, str) else _connect(url, cluster)
         self._publish = self.redis.register_script(PUBLISH)
         self.closed = False
         self._backoff = EqualJitterBackoff(cap=1.0, base=0.02)
@@ -308,6 +314,7 @@ class AsyncPolicyClient:
             return result
 
     def _failed(self, exc: BaseException) -> None:
+        after_cluster_error(self.redis, exc)
         if not self._failing:
             self._failing = True
             log.warning("redis unavailable, retrying", error=str(exc), client_id=self.core.client_id)

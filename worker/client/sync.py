@@ -15,7 +15,7 @@ from worker.client.core import PUBLISH, ClientCore, Ticket
 from worker.client.errors import ActionTimeout
 from worker.client.local import REFRESHED
 from worker.common import logs
-from worker.common.connections import connect, last_id
+from worker.common.connections import connect, last_id, swarm_prefix
 from worker.common.registry import live_models
 from worker.common.serve import REDIS_ERRORS, Outages, is_outage
 from worker.protocol import Spaces
@@ -37,7 +37,8 @@ class PolicyClient:
         a = client.act("robot-1", obs, deterministic=True)  # evaluation: models do not learn from it
 
     :param url: Redis URL (``redis://``, ``rediss://``, ``unix://``), or a redis-py client to use
-    :param prefix: the deployment's prefix (the models' ``--prefix``)
+    :param prefix: the deployment's prefix (the models' ``--prefix``; default ``rl``, ``{rl}`` on a
+        cluster, where it must hold a hash tag)
     :param timeout: seconds to wait for an action (an outage is ridden out within it) before
         :class:`~worker.client.ActionTimeout`, naming the environment and the observation
     :param mode: ``"ensemble"``: the aggregator combines every live model; ``"direct"``: ``model``
@@ -58,12 +59,13 @@ class PolicyClient:
     :param spaces: the spaces, when known (the models' are read from Redis otherwise)
     :param block_ms: longest single blocking read
     :param outages: where outages are counted and logged (default: the client's own)
+    :param cluster: ``url`` names a node of a Redis Cluster (implied by a ``redis.RedisCluster``)
     """
 
     def __init__(
         self,
         url: str | redis.Redis = "redis://localhost:6379/0",
-        prefix: str = "rl",
+        prefix: str | None = None,
         timeout: float = 10.0,
         mode: str = "ensemble",
         model: str | None = None,
@@ -78,17 +80,20 @@ class PolicyClient:
         reply_ttl: float = 3600.0,
         spaces: Spaces | None = None,
         block_ms: int = 1000,
+        cluster: bool = False,
         outages: Outages | None = None,
     ) -> None:
+        cluster = cluster or isinstance(url, redis.RedisCluster)
         self.core = ClientCore(
-            prefix, timeout, mode, model, client_id, encoding, max_lag, shared_replies, trim_replies,
-            stream_maxlen, reply_ttl, spaces,
+            swarm_prefix(prefix, cluster), timeout, mode, model, client_id, encoding, max_lag,
+            shared_replies, trim_replies, stream_maxlen, reply_ttl, spaces,
         )  # fmt: skip
         self.flush_every, self.block_ms = max(1, flush_every), block_ms
         self._owned = isinstance(url, str)
         # Few, short retries inside redis-py: this client rides out outages itself, within its timeout.
         retry = Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2)
-        self.redis = connect(url, retry=retry, socket_connect_timeout=2) if isinstance(url, str) else url
+        own = isinstance(url, str)
+        self.redis = connect(url, cluster, retry=retry, socket_connect_timeout=2) if own else url
         self._publish = self.redis.register_script(PUBLISH)
         self.closed = False
         self._outage: BaseException | None = None  # the last outage met, and when

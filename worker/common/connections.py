@@ -118,6 +118,23 @@ def check_access(url: str, **kwargs) -> None:
         probe.close()
 
 
+def after_cluster_error(client: Any, error: BaseException) -> None:
+    """What a cluster client needs after ``error``: another node to ask where keys lie.
+
+    redis-py asks its *default node* (``COMMAND GETKEYS``) where the keys of a command with movable
+    keys lie (``XREAD``, ``XREADGROUP``) before routing it. With that node dead, such a command fails
+    before redis-py would refresh its slot map, and keeps failing for as long as the node is down:
+    a component that only reads would never see the replica promoted in its place. Any other
+    primary answers ``COMMAND GETKEYS`` as well.
+
+    :param client: a ``redis.Redis``, ``redis.RedisCluster`` or their asyncio twins (only a cluster
+        client is changed)
+    """
+    lost_node = isinstance(error, redis.ConnectionError | redis.TimeoutError)
+    if lost_node and hasattr(client, "replace_default_node"):
+        client.replace_default_node()
+
+
 # TIME of the server holding KEYS[1]. A cluster client sends a TIME without a key to any node, not
 # the one whose clock stamps the swarm's entry IDs.
 CLOCK = "return redis.call('TIME')"

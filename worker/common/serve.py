@@ -34,6 +34,7 @@ from typing import Any
 import redis
 from redis.backoff import EqualJitterBackoff
 
+from worker.common.connections import after_cluster_error
 from worker.protocol import Streams
 
 # Errors redis-py raises as their own classes: ConnectionError covers LOADING (BusyLoadingError),
@@ -195,6 +196,7 @@ class Outages:
 
     def failed(self, error: Exception) -> None:
         """Redis could not serve a step: log the first failure of an outage, then back off."""
+        after_cluster_error(self.watch.client, error)
         if isinstance(error, redis.exceptions.ReadOnlyError) or "replica" in str(error):
             # A server that is a replica now: connect again, to whatever the URL names by then (a
             # DNS name or virtual IP that moved to the new primary), not to the old server. Only

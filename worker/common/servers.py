@@ -134,7 +134,7 @@ class LocalCluster:
         args = [_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
         args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         args += ["--cluster-node-timeout", str(self.node_timeout_ms), "--save", "", "--appendonly", "no"]
-        args += ["--logfile", "redis.log", *self.extra]
+        args += ["--logfile", "redis.log", "--repl-diskless-sync-delay", "0", *self.extra]
         self.processes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_ping(f"redis://127.0.0.1:{port}/0", self.processes[port], args)
 
@@ -153,7 +153,8 @@ class LocalCluster:
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
 
     def wait_ok(self, timeout: float = 60.0) -> None:
-        """Until every running node says ``cluster_state:ok`` and agrees on one primary per shard."""
+        """Until every running node says ``cluster_state:ok`` and agrees on one primary per shard, and
+        every replica is in sync with its primary."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -171,7 +172,20 @@ class LocalCluster:
                 return False
             masters = [n for n in client.cluster("NODES").values() if "master" in n["flags"]]
             live = [n for n in masters if "fail" not in n["flags"] and n["slots"]]
-            return len(live) == self.masters
+            if len(live) != self.masters:
+                return False
+            info = client.info("replication")
+            if info["role"] == "master":  # its replicas are in sync: WAIT counts them
+                online = [v for k, v in info.items() if k.startswith("slave") and v.get("state") == "online"]
+                expected = sum(1 for other in self.running() if self._follows(other, port))
+                return len(online) >= expected
+            return info.get("master_link_status") == "up"
+
+    def _follows(self, port: int, primary: int) -> bool:
+        """Whether the node on ``port`` is a replica of the one on ``primary``."""
+        with self.node(port) as client:
+            info = client.info("replication")
+        return info["role"] == "slave" and info["master_port"] == primary
 
     def running(self) -> list[int]:
         return [port for port, process in self.processes.items() if process.poll() is None]

@@ -1,9 +1,10 @@
 """``python -m worker control status``: live models, stream lengths, consumer-group lag, pending and
-dead entries."""
+dead entries of one swarm (its prefix); with ``--swarms``, a row for every swarm (see swarms.py)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any, Literal
 
 import redis
@@ -48,7 +49,8 @@ def status(client: redis.Redis, streams: Streams) -> dict[str, Any]:
 
 def _counter(key: str, value: str) -> int | str:
     """The info hash's counters and flags as numbers; the rest (the consumer's name) as text."""
-    return int(value) if key in ("version", "updates", "paused", "envs", "reconnects") else value
+    numbers = ("version", "updates", "paused", "envs", "reconnects", "unreplicated")
+    return int(value) if key in numbers else value
 
 
 def print_status(report: dict[str, Any]) -> None:
@@ -73,15 +75,37 @@ class StatusSettings(CommonSettings):
     """``python -m worker control status``: what is running and how far behind it is."""
 
     output: Literal["text", "json"] = Field("text", description="print tables, or JSON for scripts")
+    swarms: bool = Field(
+        False,
+        description="every swarm found on this Redis (every primary of a cluster), one row each: its prefix,"
+        " live models, observations, lag, pending and dead entries (--prefix is not used)",
+    )
 
 
 def run_status(settings: StatusSettings) -> int:
     from worker.common.connections import redacted
 
+    if settings.swarms:
+        return run_swarms(settings)
     found = status(settings.connect(), Streams(settings.prefix))
     report = {"redis": redacted(settings.redis_url), **found}
     if settings.output == "json":
         print(json.dumps(report, indent=2, default=str))
     else:
         print_status(report)
+    return 0
+
+
+def run_swarms(settings: StatusSettings) -> int:
+    """``--swarms``: one row per swarm; in JSON, each with ``live`` (its count of live models)."""
+    from worker.common.connections import redacted
+    from worker.control.swarms import print_swarms, swarms
+
+    rows = swarms(settings.connect())
+    if settings.output == "json":
+        found = [{**asdict(row), "live": len(row.models)} for row in rows]
+        print(json.dumps({"redis": redacted(settings.redis_url), "swarms": found}, indent=2, default=str))
+    else:
+        print(f"redis: {redacted(settings.redis_url)}")
+        print_swarms(rows)
     return 0

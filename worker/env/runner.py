@@ -336,6 +336,9 @@ class EnvRunner(Service):
         Redis was unavailable: then the same steps are sent again (one entry each, see the client)
         until it is back, as an outage is not the models' slowness."""
         client = self.client
+        self._peek_control()  # between steps too: answered at once, a fast run never waits below
+        if self.stopping:
+            raise RunAborted("runner stopping")
         for slot in ready:
             if slot.finish is not None:
                 client.end(slot.env_id, slot.finish[0], slot.finish[1], *slot.finish[2:])

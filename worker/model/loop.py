@@ -37,7 +37,7 @@ from worker.model import clients, reclaim
 from worker.model.learner import Counters, Learner
 from worker.model.memory import FORMAT_HINT, EnvMemory, FormatError
 from worker.model.settings import ModelSettings
-from worker.model.store import Batch, LostLease, ModelStore, digest
+from worker.model.store import Batch, LostLease, ModelStore, ReplicaWait, digest
 from worker.protocol import (
     Command,
     Observation,
@@ -99,7 +99,8 @@ class ModelWorker(Service):
             )
         self.consumer = settings.consumer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.group = Streams.group(self.component_id)
-        store_settings = (settings.lease_ttl, settings.trimming, settings.reply_ttl)
+        wait = ReplicaWait(settings.wait_replicas, settings.wait_timeout_ms)
+        store_settings = (settings.lease_ttl, settings.trimming, settings.reply_ttl, wait)
         self.store = ModelStore(client, self.streams, self.component_id, self.consumer, *store_settings)
         torch.set_num_threads(settings.torch_threads)
         self.learner = Learner(settings)
@@ -223,6 +224,7 @@ class ModelWorker(Service):
                     "paused": int(self.learner.paused()),
                     "envs": len(self.memories),
                     "reconnects": self.outages.reconnects,
+                    "unreplicated": self.store.unreplicated,
                     "spaces": self.spaces.to_json(),
                 }
             )

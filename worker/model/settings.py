@@ -101,6 +101,17 @@ class ModelSettings(CommonSettings, A2CSettings):
         " time; its unfinished rollout is dropped",
     )
     lease_ttl: float = Field(5.0, gt=0, description="seconds a dead worker's lease blocks its successor")
+    wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="after each commit, wait until this many replicas hold it (Redis WAIT), so a"
+        " failover loses fewer commits; 0: do not wait",
+    )
+    wait_timeout_ms: int = Field(
+        1000,
+        gt=0,
+        description="the longest --wait-replicas wait; a commit is counted, never undone, when it runs out",
+    )
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between registry heartbeats")
     claim_idle_ms: int = Field(
         10_000, ge=0, description="reclaim entries pending this long on other consumers"

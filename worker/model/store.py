@@ -54,6 +54,22 @@ MAX_MESSAGE_FIELDS = 1000  # field/value pairs per XADD (one unpack of twice as 
 CHECKPOINT_FORMAT = 1  # the layout of the checkpoint hash and its blobs
 
 
+@dataclass(frozen=True)
+class ReplicaWait:
+    """After each commit, wait until ``replicas`` replicas hold it, at most ``timeout_ms`` (Redis
+    ``WAIT``). Replication is asynchronous: a primary that dies loses the commits it acknowledged
+    but had not sent on, and the replica promoted in its place resumes from before them. Waiting
+    shrinks that window to the commits that timed out, at the price of a round trip to a replica.
+
+    :param replicas: replicas that must acknowledge each commit; 0: do not wait
+    :param timeout_ms: the longest wait; a commit is never undone when it runs out, only counted,
+        and the commits after it wait 1 ms until the replicas catch up
+    """
+
+    replicas: int = 0
+    timeout_ms: int = 1000
+
+
 class LostLease(Interrupted):
     """This worker may no longer commit from its local state: another consumer holds the lease, or
     the stored checkpoint is not the version the local state grew from. Reload."""
@@ -115,8 +131,12 @@ class ModelStore:
         lease_ttl: float = 5.0,
         trim: StreamTrim | None = None,
         reply_ttl: float = 3600.0,
+        wait: ReplicaWait | None = None,
     ) -> None:
         self.redis = client
+        self.wait = wait or ReplicaWait()
+        self.unreplicated = 0  # commits fewer than wait.replicas replicas acknowledged in time
+        self._replicas_behind = False  # the last wait ran out
         self.streams = streams
         self.component_id = component_id
         self.consumer, self.lease_ttl, self.trim = consumer, lease_ttl, trim or StreamTrim()
@@ -223,7 +243,11 @@ class ModelStore:
         if held.policy is None:
             self.committed = stored
             return stored
-        versions = {"stored_version": stored.counters.version, "held_version": held.counters.version}
+        versions = {
+            f"{which}_{counter}": getattr(state.counters, counter)
+            for which, state in (("stored", stored), ("held", held))
+            for counter in ("version", "transitions", "updates")
+        }
         if stored.policy is None:
             log.warning(
                 "the checkpoint is gone (Redis came back empty?): writing back the last commit",
@@ -235,8 +259,9 @@ class ModelStore:
             return held
         if stored.counters.version < held.counters.version:
             log.error(
-                "the checkpoint is older than this worker's last commit (Redis restored from an older"
-                " snapshot?): continuing from it, as the streams went back with it",
+                "the checkpoint is older than this worker's last commit (a failover lost the newest"
+                " writes, or Redis restored an older snapshot): continuing from it, as the streams"
+                " went back with it",
                 component_id=self.component_id,
                 **versions,
             )
@@ -287,7 +312,10 @@ class ModelStore:
         args = [*fixed, *lua.section([streams[stream] for stream in sorted(replies)]), *args]
         keys = [self.lease_key, self.checkpoint_key, self.memory_key, self.policy_key, *streams]
         try:
-            dropped = self._commit_script(keys=keys, args=args, client=self.redis)
+            if self.wait.replicas:
+                dropped = self._commit_and_wait(keys, args)
+            else:
+                dropped = self._commit_script(keys=keys, args=args, client=self.redis)
         except redis.ResponseError as exc:
             if str(exc).startswith(("LOSTLEASE", "STALE")):
                 raise LostLease(f"{self.component_id}: {exc}") from None
@@ -301,6 +329,40 @@ class ModelStore:
                 keys=[key.decode() if isinstance(key, bytes) else key for key in dropped],
             )
         return version
+
+    def _commit_and_wait(self, keys: list[str], args: list[Any]) -> Any:
+        """The commit, then ``WAIT``, on one connection: ``WAIT`` counts the replicas that hold the
+        writes of its own connection. On a cluster, that is a connection to the primary serving
+        the swarm's slot, as the cluster client's map has it."""
+        node: Any = self.redis
+        if isinstance(node, redis.RedisCluster):
+            node = node.get_redis_connection(node.get_node_from_key(keys[0]))
+        # Once a wait ran out (a replica down, or resyncing), later commits wait 1 ms until the
+        # replicas acknowledge again: a primary left without its replica must not slow the loop
+        # to one commit per timeout. Those commits are counted as unreplicated all the same.
+        timeout_ms = 1 if self._replicas_behind else self.wait.timeout_ms
+        with node.pipeline(transaction=False) as pipe:
+            self._commit_script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.wait.replicas, timeout_ms)
+            try:
+                dropped, acknowledged = pipe.execute()
+            except (redis.exceptions.MovedError, redis.exceptions.AskError) as exc:
+                # The slot moved (a failover): nothing was written. The serve loop starts again,
+                # through the cluster client, which follows the MOVED and learns the new map.
+                raise redis.exceptions.TryAgainError(f"the swarm's slot moved: {exc}") from None
+        self._replicas_behind = acknowledged < self.wait.replicas
+        if self._replicas_behind:
+            self.unreplicated += 1
+            if self.unreplicated == 1 or self.unreplicated % 1000 == 0:
+                log.warning(
+                    "commits not acknowledged by --wait-replicas replicas in time",
+                    component_id=self.component_id,
+                    replicas=acknowledged,
+                    wanted=self.wait.replicas,
+                    timeout_ms=self.wait.timeout_ms,
+                    commits=self.unreplicated,
+                )
+        return dropped
 
     # ----------------------------------------------------------------- registry
 

@@ -1,0 +1,313 @@
+"""Failovers under load: what a swarm loses and repeats when the primary holding it dies.
+
+``python -m bench.failover --failovers 5 --wait-replicas 0 1`` starts a private Redis Cluster (3
+primaries, 3 replicas), and for each ``--wait-replicas`` value one swarm on it (a model worker, the
+aggregator, an environment runner of ``--n-envs`` CartPole-v1 environments, all ``--cluster``
+processes), trains, and ``SIGKILL``\\ s the primary serving the swarm's slot ``--failovers`` times,
+each time once the loop runs again and the killed node is back as a replica and in sync.
+
+Replication is asynchronous: a primary acknowledges a write before its replica has it, so the
+writes of its last moments can vanish with it. An observer (its own cluster client, reading the
+swarm's streams as they grow) records every entry it saw; after each failover, the entries of the
+seconds before the kill are compared with what survived on the promoted replica:
+
+- *observations lost*: steps a runner published that are gone (the runner waits, then sends again);
+- *model replies lost*: logits the aggregator may have read, gone with the commit that wrote them;
+- *answered twice*: observations answered again after the failover (their first answer was lost);
+- *actions lost*: decisions the runner may have acted on, gone;
+- *commits rolled back* and *transitions redone*: what the model worker had committed and found
+  gone when it reloaded (its log line), so it learned those transitions again from the survivors.
+
+At the end the loop is drained and the model's committed counters are compared with what the
+surviving observations imply (``tests/faults/chaos/checks.py``): exact means nothing was learned
+twice or lost from the state's point of view, whatever the failovers rolled back. The observer's
+counts are lower bounds: an entry written and lost between two of its reads is not seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.faults.chaos.checks import Observed, entries, expected_counters
+from worker.common.connections import after_cluster_error, connect, last_id, text
+from worker.common.servers import LocalCluster, embedded_cluster
+from worker.control.train import wait_for_loop, wait_for_models
+from worker.model.store import ModelStore
+from worker.protocol import Encoding, Streams, decode_entry, encode_entry
+from worker.protocol.commands import Run, run_command, stop_command
+
+MODEL, RUNNER_ID, N_STEPS = "m1", "r", 5
+
+
+@dataclass
+class Figures:
+    """One case: ``failovers`` kills of the primary, with ``wait_replicas`` on the model's commits."""
+
+    wait_replicas: int
+    failovers: int = 0
+    observations: int = 0  # surviving observations at the end
+    observations_lost: int = 0
+    replies_lost: int = 0
+    answered_twice: int = 0
+    actions_lost: int = 0
+    commits_rolled_back: int = 0
+    transitions_redone: int = 0
+    unreplicated: int = 0  # commits WAIT returned from with fewer replicas than asked
+    resent: int = 0  # times the runner sent its steps again after a whole action timeout
+    downtime: list[float] = field(default_factory=list)  # kill -> the time stamp of the next answer
+    steps_per_second: float = 0.0  # before the first failover
+    counters_exact: bool = False
+    counter_mismatch: str = ""
+    crashed: list[str] = field(default_factory=list)
+    updates_after: int = 0  # A2C updates committed after the last failover
+
+
+class Observer(threading.Thread):
+    """Reads the swarm's streams as they grow and remembers every entry it saw (ID -> OBS_ID)."""
+
+    def __init__(self, url: str, streams: Streams) -> None:
+        super().__init__(daemon=True)
+        self.client = connect(url, cluster=True)
+        self.names = [streams.observation, streams.logits, streams.replies(RUNNER_ID)]
+        self.seen: dict[str, dict[str, str]] = {name: {} for name in self.names}
+        self.cursors = {name: "0-0" for name in self.names}
+        self.halt = threading.Event()
+        self.newest_logits_ms = 0  # the time stamp (entry ID) of the newest model reply seen
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                reply = self.client.xread(self.cursors, count=1000, block=100)
+            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+                after_cluster_error(self.client, exc)
+                time.sleep(0.02)
+                continue
+            for raw, items in reply or []:
+                name = text(raw)
+                for entry_id, fields in items:
+                    eid = text(entry_id)
+                    self.cursors[name] = eid
+                    message = decode_entry(fields, 1 << 24)[0] if fields else {}
+                    self.seen[name][eid] = str(message.get("OBS_ID", ""))
+                    if name == self.names[1]:
+                        self.newest_logits_ms = max(self.newest_logits_ms, _ms(eid))
+
+
+class Swarm:
+    """The swarm's processes (``python -m worker ... --cluster --log-json``), their logs in a folder."""
+
+    def __init__(self, url: str, prefix: str, wait_replicas: int, n_envs: int, logdir: Path) -> None:
+        # Nothing trimmed: the counters are checked against every observation at the end.
+        common = ["--redis-url", url, "--cluster", "--prefix", prefix, "--log-json"]
+        common += ["--stream-maxlen", "10000000"]
+        self.commands = {
+            "model": ["model", "--component-id", MODEL, "--seed", "0", "--lease-ttl", "2"]
+            + ["--wait-replicas", str(wait_replicas), "--n-steps", str(N_STEPS)],
+            "aggregator": ["aggregator"],
+            "runner": ["env", "--runner-id", RUNNER_ID, "--n-envs", str(n_envs), "--seed", "0"]
+            + ["--no-trim-replies", "--action-timeout", "10"],
+        }
+        self.logdir = logdir
+        self.processes: dict[str, subprocess.Popen] = {}
+        for name, args in self.commands.items():
+            log = open(logdir / f"{name}.log", "w")  # noqa: SIM115 - the child keeps it
+            command = [sys.executable, "-m", "worker", *args, *common]
+            self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def crashed(self) -> list[str]:
+        return [name for name, p in self.processes.items() if p.poll() is not None]
+
+    def lines(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in (self.logdir / f"{name}.log").read_text().splitlines():
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return found
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def wait_until(condition: Any, what: str, swarm: Swarm, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if swarm.crashed():
+            raise RuntimeError(f"{swarm.crashed()} exited while waiting for {what}; logs: {swarm.logdir}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}; logs: {swarm.logdir}")
+        time.sleep(0.05)
+
+
+def losses(observer: Observer, client: redis.Redis, kill_ms: int, figures: Figures) -> None:
+    """Compare what the observer saw in the 10 s before the kill with what survived it."""
+    since = kill_ms - 10_000
+    observations, logits, actions = observer.names
+    survived = {n: {text(i): f for i, f in client.xrange(n, min=f"{since}-0")} for n in observer.names}
+
+    seen_now = {name: dict(observer.seen[name]) for name in observer.names}  # (it reads on)
+
+    def lost(name: str) -> int:
+        seen = {i for i in seen_now[name] if since <= _ms(i) <= kill_ms}
+        return len(seen - survived[name].keys())
+
+    figures.observations_lost += lost(observations)
+    figures.replies_lost += lost(logits)
+    figures.actions_lost += lost(actions)
+    # Every model reply since the window began, seen or surviving: two for one observation means
+    # its first answer was lost and it was answered again.
+    replies = {i: obs for i, obs in seen_now[logits].items() if _ms(i) >= since}
+    for i, fields in survived[logits].items():
+        replies.setdefault(i, str(decode_entry(fields, 1 << 24)[0].get("OBS_ID", "")))
+    figures.answered_twice += sum(1 for n in Counter(replies.values()).values() if n > 1)
+
+
+def _ms(entry_id: str) -> int:
+    return int(entry_id.partition("-")[0] or 0)
+
+
+def failover_case(cluster: LocalCluster, wait_replicas: int, failovers: int, n_envs: int) -> Figures:
+    """One swarm on ``cluster``, trained through ``failovers`` kills of its primary."""
+    prefix = f"{{fo{wait_replicas}-{time.monotonic_ns() % 100_000}}}"
+    streams, figures = Streams(prefix), Figures(wait_replicas)
+    client = connect(cluster.url, cluster=True)
+    swarm = Swarm(cluster.url, prefix, wait_replicas, n_envs, Path(tempfile.mkdtemp(prefix="rl-failover-")))
+    observer = Observer(cluster.url, streams)
+    try:
+        wait_for_models(client, streams, 1)
+        wait_for_loop(client, streams, [RUNNER_ID], since=0)
+        observer.start()
+        client.xadd(streams.control, encode_entry(run_command(Run("train", steps=10**9)), Encoding.MSGPACK))
+        wait_until(lambda: len(observer.seen[streams.observation]) > 2000, "training to run", swarm)
+        seen, started = observer.seen[streams.observation], time.monotonic()
+        count = len(seen)
+        time.sleep(5)
+        figures.steps_per_second = (len(seen) - count) / (time.monotonic() - started)
+        for _ in range(failovers):
+            fail_over(cluster, swarm, observer, client, figures)
+            time.sleep(3)  # train on before the next kill
+        updates = int(client.hget(streams.model_key(MODEL, "info"), "updates") or 0)
+        wait_until(
+            lambda: int(client.hget(streams.model_key(MODEL, "info"), "updates") or 0) > updates,
+            "training to go on",
+            swarm,
+        )
+        client.xadd(streams.control, encode_entry(stop_command(), Encoding.MSGPACK))
+        wait_until(lambda: swarm.processes["runner"].poll() is not None, "the runner to stop", swarm)
+        wait_until(lambda: drained(client, streams), "the model to drain its streams", swarm)
+        figures.crashed = [name for name in swarm.crashed() if name != "runner"]
+        _counters(client, streams, figures)
+        figures.updates_after = int(client.hget(streams.model_key(MODEL, "info"), "updates") or 0) - updates
+        _logs(swarm, figures)
+    finally:
+        observer.halt.set()
+        swarm.stop()
+    return figures
+
+
+def fail_over(
+    cluster: LocalCluster, swarm: Swarm, observer: Observer, client: redis.Redis, figures: Figures
+) -> None:
+    """Kill the swarm's primary; once the loop answers again, count the losses; bring the node back."""
+    primary = cluster.master_of(observer.names[0])
+    kill_ms = int(time.time() * 1000)
+    cluster.kill(primary)
+    dead_ms = int(time.time() * 1000)  # what is stamped later comes from the promoted replica
+    cluster.wait_ok()
+    wait_until(lambda: observer.newest_logits_ms > dead_ms, "answers after the failover", swarm)
+    figures.downtime.append((observer.newest_logits_ms - kill_ms) / 1000)
+    losses(observer, client, kill_ms, figures)
+    cluster.start_node(primary)  # back, as a replica of its successor
+    cluster.wait_ok()  # and in sync
+    figures.failovers += 1
+
+
+def drained(client: redis.Redis, streams: Streams) -> bool:
+    """The model read its observation stream to the end and acknowledged all it read."""
+    group = {text(g["name"]): g for g in client.xinfo_groups(streams.observation)}[Streams.group(MODEL)]
+    return not group["pending"] and text(group["last-delivered-id"]) == last_id(client, streams.observation)
+
+
+def _counters(client: redis.Redis, streams: Streams, figures: Figures) -> None:
+    observed = [
+        Observed(m["ENV_ID"], "REWARD" in m, bool(m.get("DETERMINISTIC")))
+        for _, m in entries(client, streams.observation)
+    ]
+    figures.observations = len(observed)
+    expected = expected_counters(observed, N_STEPS)
+    counters = asdict(ModelStore(client, streams, MODEL).load().counters)
+    found = {key: counters[key] for key in expected}
+    found["segments"] = counters["segments"] + counters["discarded"]
+    figures.counters_exact = found == expected
+    if not figures.counters_exact:
+        figures.counter_mismatch = f"{found} != {expected}"
+
+
+def _logs(swarm: Swarm, figures: Figures) -> None:
+    for line in swarm.lines("model"):
+        if line.get("event", "").startswith("the checkpoint is older"):
+            figures.commits_rolled_back += line["held_version"] - line["stored_version"]
+            figures.transitions_redone += line["held_transitions"] - line["stored_transitions"]
+        if line.get("event", "").startswith("commits not acknowledged"):
+            figures.unreplicated = max(figures.unreplicated, line["commits"])
+    figures.resent = sum(
+        line.get("event", "").startswith("redis unavailable for the whole action timeout")
+        for line in swarm.lines("runner")
+    )
+
+
+def table(cases: list[Figures]) -> str:
+    head = (
+        "| WAIT replicas | failovers | steps/s before | downtime s (median) | observations | obs lost"
+        " | model replies lost | answered twice | actions lost | commits rolled back"
+        " | transitions redone | steps re-sent | counters exact | crashes |"
+    )
+    rows = [head, "|" + "---:|" * 14]
+    for f in cases:
+        downtime = statistics.median(f.downtime) if f.downtime else float("nan")
+        rows.append(
+            f"| {f.wait_replicas} | {f.failovers} | {f.steps_per_second:,.0f} | {downtime:.1f}"
+            f" | {f.observations:,} | {f.observations_lost} | {f.replies_lost} | {f.answered_twice}"
+            f" | {f.actions_lost} | {f.commits_rolled_back} | {f.transitions_redone} | {f.resent}"
+            f" | {'yes' if f.counters_exact else 'NO'} | {', '.join(f.crashed) or 'none'} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--failovers", type=int, default=5, help="kills of the swarm's primary per case")
+    parser.add_argument("--wait-replicas", type=int, nargs="+", default=[0, 1], help="one case per value")
+    parser.add_argument("--n-envs", type=int, default=8, help="the runner's environments")
+    args = parser.parse_args()
+    cases = []
+    with embedded_cluster() as cluster:
+        for wait in args.wait_replicas:
+            cases.append(failover_case(cluster, wait, args.failovers, args.n_envs))
+            print(json.dumps(asdict(cases[-1])), flush=True)
+    print(table(cases))
+
+
+if __name__ == "__main__":
+    main()

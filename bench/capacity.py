@@ -8,11 +8,10 @@ environments acting through it) runs on a fresh private ``redis-server``:
 1. while the swarm is ready but has no RUN yet, Redis's CPU over 3 s: what a waiting swarm costs
    (heartbeats, blocking reads that time out);
 2. the swarm steps; after ``--warmup`` seconds, ``CONFIG RESETSTAT`` opens a window of ``--seconds``;
-3. at its end Redis reports what it did in the window: ``INFO commandstats`` (calls and
-   microseconds per command), ``INFO stats`` (``total_net_input_bytes``,
-   ``total_net_output_bytes``) and ``INFO cpu`` (``used_cpu_user + used_cpu_sys`` of the process,
-   and of its main thread), divided by the environment steps of the window (the entries added to
-   ``<prefix>:observation``, one per step).
+3. at its end Redis reports what it did in the window: ``INFO commandstats`` (calls per
+   command), ``INFO stats`` (``total_net_input_bytes``, ``total_net_output_bytes``) and ``INFO cpu``
+   (``used_cpu_user + used_cpu_sys`` of the process, and of its main thread), divided by the
+   environment steps of the window (the entries added to ``<prefix>:observation``, one per step).
 
 Redis runs every command on its main thread, so one node carries at most 1 / (Redis CPU seconds per
 step) environment steps per second; the last column prints it. The bench fits each per-step figure
@@ -22,8 +21,8 @@ per-model part each model's reads, replies and commits. docs/scaling.md builds o
 Counted as Redis counts them: a command run by a script (``EVALSHA``) or inside ``MULTI``/``EXEC`` is
 counted under its own name as well as the script or the ``EXEC``. The bench's own ``INFO``,
 ``CONFIG RESETSTAT`` and two ``XINFO STREAM`` are left out (their few hundred bytes are not). The
-figures are per step at this batch size: a round of the lockstep runner publishes ``--n-envs``
-observations at once, and most commands are per round, not per step.
+figures are per step at this round size: a round of the lockstep runner publishes ``--n-envs``
+observations at once, and many commands are per round, not per step (compare ``--n-envs 64``).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from bench.cluster import go, steps_so_far, swarms, warm_up
+from bench.cluster import cpu_seconds, go, machine_busy, steps_so_far, swarms, warm_up
 from worker.common.servers import embedded_redis
 from worker.protocol import Streams
 
@@ -52,12 +51,13 @@ class Cost:
     steps: int
     seconds: float
     calls: dict[str, int]  # by command, as INFO commandstats names them
-    usec: int  # time Redis spent executing commands (commandstats' sum)
     net_in: int
     net_out: int
     cpu: float  # redis-server's CPU seconds, all threads
     cpu_main: float  # of its main thread, the one that runs commands
     idle: float  # fraction of a core Redis used while the swarm waited (no RUN yet)
+    python: float  # CPU seconds of the swarm's processes (models, aggregator, runner)
+    others: float  # CPU seconds of everything else on the machine (a shared machine's noise)
 
     @property
     def commands(self) -> int:
@@ -96,7 +96,9 @@ def measure_cost(models: int, args: argparse.Namespace) -> Cost:
         server.config_resetstat()
         cpu0, main0 = redis_cpu(server.info("cpu"))
         steps0, t0 = steps_so_far(server, streams), time.perf_counter()
+        python0, machine0 = sum(map(cpu_seconds, loop.pids.values())), machine_busy()
         time.sleep(args.seconds)
+        python1, machine1 = sum(map(cpu_seconds, loop.pids.values())), machine_busy()
         steps1, t1 = steps_so_far(server, streams), time.perf_counter()
         info = server.info("all")
         loop.check()
@@ -109,12 +111,13 @@ def measure_cost(models: int, args: argparse.Namespace) -> Cost:
         steps=steps1 - steps0,
         seconds=t1 - t0,
         calls={k: v["calls"] for k, v in stats.items() if v["calls"]},
-        usec=sum(v["usec"] for v in stats.values()),
         net_in=info["total_net_input_bytes"],
         net_out=info["total_net_output_bytes"],
         cpu=cpu1 - cpu0,
         cpu_main=main1 - main0,
         idle=idle,
+        python=python1 - python0,
+        others=(machine1 - machine0) - (python1 - python0) - (cpu1 - cpu0),
     )
 
 
@@ -144,13 +147,16 @@ def report_costs(costs: list[Cost], n_envs: int) -> None:
             f" | {net / c.models:,.0f} |"
         )
     print("\nRedis's CPU (Redis runs commands on one thread: one node carries 1 / CPU per step):\n")
-    header = "| models | Redis CPU µs/step | main thread | in commands | waiting swarm, % of a core"
-    print(header + " | steps/s one node carries |")
-    print("|" + "---:|" * 6)
+    header = "| models | Redis CPU µs/step | of it, main thread | waiting swarm, % of a core"
+    print(header + " | steps/s one node carries | Python CPU µs/step | others' CPU, % of a core |")
+    print("|" + "---:|" * 7)
     for c in costs:
-        cpu, main, usec = c.per_step(c.cpu) * us, c.per_step(c.cpu_main) * us, c.per_step(c.usec)
-        carried = c.steps / c.cpu
-        print(f"| {c.models} | {cpu:.1f} | {main:.1f} | {usec:.1f} | {100 * c.idle:.1f} | {carried:,.0f} |")
+        cpu, main, carried = c.per_step(c.cpu) * us, c.per_step(c.cpu_main) * us, c.steps / c.cpu
+        python, others = c.per_step(c.python) * us, 100 * c.others / c.seconds
+        print(
+            f"| {c.models} | {cpu:.1f} | {main:.1f} | {100 * c.idle:.1f} | {carried:,.0f} | {python:,.0f}"
+            f" | {others:.0f} |"
+        )
     names = sorted({n for c in costs for n in c.calls}, key=lambda n: -costs[-1].calls.get(n, 0))
     print("\nCommands per environment step, by command (INFO commandstats):\n")
     print("| command | " + " | ".join(f"{c.models} model(s)" for c in costs) + " |")

@@ -19,8 +19,10 @@ Each swarm gets one RUN of a practically endless number of steps; once every swa
 added to each swarm's ``<prefix>:observation`` during the window (``XINFO STREAM``'s
 ``entries-added``: one entry per step, trimming aside); CPU is ``utime + stime`` of
 ``/proc/<pid>/stat`` over the window, in percent of one core, for every process: the components and
-every ``redis-server`` node. So the reader sees what limits the loop (on a 2-core machine, the
-Python processes) and what the cluster adds (its nodes' own CPU: replication, the cluster bus).
+every ``redis-server`` node; and the whole machine's (``/proc/stat``), so that other work on a
+shared machine shows. So the reader sees what limits the loop and what the cluster adds (the
+replicas' CPU, the cluster client's extra work). A swarm's components run in series (the runner
+waits for each round's actions), so one swarm keeps about one core busy; more swarms fill the rest.
 
 ``--capacity`` measures instead what one environment step costs Redis (commands, bytes, CPU), for
 one swarm of 1, 2 and 8 models (``--models``): see :mod:`bench.capacity` and docs/scaling.md.
@@ -220,6 +222,8 @@ def run_case(case: str, url: str, cluster: LocalCluster | None, args: argparse.N
     served = {
         p: f":{cluster.master_of(Streams(p).observation)}" if cluster else "the one node" for p in prefixes
     }
+    if len(set(served.values())) < len(prefixes):
+        print(f"{case}: the swarms share primaries: {served}", file=sys.stderr)
     nodes = redis_nodes(url, cluster, served)
     print(f"{case}: starting {len(prefixes)} swarm(s)", file=sys.stderr)
     with swarms(url, prefixes, cluster is not None, 1, args.n_envs) as loop:
@@ -245,6 +249,8 @@ def redis_nodes(url: str, cluster: LocalCluster | None, served: dict[str, str]) 
             label = f"redis :{port} primary" + (f" of {', '.join(mine)}" if mine else "")
         else:
             label = f"redis :{port} replica of :{role['master_port']}"
+        if port == cluster.ports[0]:
+            label += " (in the URL)"  # the cluster clients' default node
         nodes[label] = process.pid
     return nodes
 

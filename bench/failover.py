@@ -1,10 +1,14 @@
 """Failovers under load: what a swarm loses and repeats when the primary holding it dies.
 
-``python -m bench.failover --failovers 5 --wait-replicas 0 1`` starts a private Redis Cluster (3
-primaries, 3 replicas), and for each ``--wait-replicas`` value one swarm on it (a model worker, the
-aggregator, an environment runner of ``--n-envs`` CartPole-v1 environments, all ``--cluster``
-processes), trains, and ``SIGKILL``\\ s the primary serving the swarm's slot ``--failovers`` times,
-each time once the loop runs again and the killed node is back as a replica and in sync.
+``python -m bench.failover --failovers 5 --wait-replicas 0 1 --replica-lag-ms 0 3000`` starts a
+private Redis Cluster (3 primaries, 3 replicas), and for each pair of values one swarm on it (a model
+worker with that ``--wait-replicas``, the aggregator, an environment runner of ``--n-envs``
+CartPole-v1 environments, all ``--cluster`` processes), trains, and ``SIGKILL``\\ s the primary
+serving the swarm's slot ``--failovers`` times, each time once the loop runs again and the killed
+node is back as a replica and in sync. With a replica lag, the replica is paused (``SIGSTOP``) that
+long before each kill and resumed after it: a replica behind, as over a slow or congested network.
+On one machine's loopback a replica otherwise gets every write within microseconds, and a kill
+loses nothing to measure.
 
 Replication is asynchronous: a primary acknowledges a write before its replica has it, so the
 writes of its last moments can vanish with it. An observer (its own cluster client, reading the
@@ -57,6 +61,8 @@ class Figures:
     """One case: ``failovers`` kills of the primary, with ``wait_replicas`` on the model's commits."""
 
     wait_replicas: int
+    wait_timeout_ms: int = 1000
+    replica_lag_ms: int = 0  # the replica is paused this long before each kill
     failovers: int = 0
     observations: int = 0  # surviving observations at the end
     observations_lost: int = 0
@@ -109,13 +115,14 @@ class Observer(threading.Thread):
 class Swarm:
     """The swarm's processes (``python -m worker ... --cluster --log-json``), their logs in a folder."""
 
-    def __init__(self, url: str, prefix: str, wait_replicas: int, n_envs: int, logdir: Path) -> None:
+    def __init__(self, url: str, prefix: str, figures: Figures, n_envs: int, logdir: Path) -> None:
         # Nothing trimmed: the counters are checked against every observation at the end.
         common = ["--redis-url", url, "--cluster", "--prefix", prefix, "--log-json"]
         common += ["--stream-maxlen", "10000000"]
         self.commands = {
             "model": ["model", "--component-id", MODEL, "--seed", "0", "--lease-ttl", "2"]
-            + ["--wait-replicas", str(wait_replicas), "--n-steps", str(N_STEPS)],
+            + ["--wait-replicas", str(figures.wait_replicas), "--n-steps", str(N_STEPS)]
+            + ["--wait-timeout-ms", str(figures.wait_timeout_ms)],
             "aggregator": ["aggregator"],
             "runner": ["env", "--runner-id", RUNNER_ID, "--n-envs", str(n_envs), "--seed", "0"]
             + ["--no-trim-replies", "--action-timeout", "10"],
@@ -187,12 +194,24 @@ def _ms(entry_id: str) -> int:
     return int(entry_id.partition("-")[0] or 0)
 
 
-def failover_case(cluster: LocalCluster, wait_replicas: int, failovers: int, n_envs: int) -> Figures:
-    """One swarm on ``cluster``, trained through ``failovers`` kills of its primary."""
+def failover_case(
+    cluster: LocalCluster,
+    wait_replicas: int,
+    failovers: int,
+    n_envs: int,
+    replica_lag_ms: int = 0,
+    wait_timeout_ms: int = 1000,
+) -> Figures:
+    """One swarm on ``cluster``, trained through ``failovers`` kills of its primary.
+
+    :param wait_replicas: the model's ``--wait-replicas``
+    :param replica_lag_ms: pause the primary's replica this long before each kill (0: no pause)
+    :param wait_timeout_ms: the model's ``--wait-timeout-ms``
+    """
     prefix = f"{{fo{wait_replicas}-{time.monotonic_ns() % 100_000}}}"
-    streams, figures = Streams(prefix), Figures(wait_replicas)
+    streams, figures = Streams(prefix), Figures(wait_replicas, wait_timeout_ms, replica_lag_ms)
     client = connect(cluster.url, cluster=True)
-    swarm = Swarm(cluster.url, prefix, wait_replicas, n_envs, Path(tempfile.mkdtemp(prefix="rl-failover-")))
+    swarm = Swarm(cluster.url, prefix, figures, n_envs, Path(tempfile.mkdtemp(prefix="rl-failover-")))
     observer = Observer(cluster.url, streams)
     try:
         wait_for_models(client, streams, 1)
@@ -231,9 +250,14 @@ def fail_over(
 ) -> None:
     """Kill the swarm's primary; once the loop answers again, count the losses; bring the node back."""
     primary = cluster.master_of(observer.names[0])
+    replica = cluster.replica_of(primary)
+    if figures.replica_lag_ms:  # a replica behind, as over a slow network: the primary's last writes
+        cluster.pause(replica)  # pile up unsent, and die with it
+        time.sleep(figures.replica_lag_ms / 1000)
     kill_ms = int(time.time() * 1000)
     cluster.kill(primary)
     dead_ms = int(time.time() * 1000)  # what is stamped later comes from the promoted replica
+    cluster.resume(replica)
     cluster.wait_ok()
     wait_until(lambda: observer.newest_logits_ms > dead_ms, "answers after the failover", swarm)
     figures.downtime.append((observer.newest_logits_ms - kill_ms) / 1000)
@@ -277,21 +301,30 @@ def _logs(swarm: Swarm, figures: Figures) -> None:
     )
 
 
+COLUMNS = [
+    ("replica behind ms", lambda f: f.replica_lag_ms),
+    ("WAIT replicas", lambda f: f"{f.wait_replicas} ({f.wait_timeout_ms} ms)" if f.wait_replicas else 0),
+    ("failovers", lambda f: f.failovers),
+    ("steps/s before", lambda f: f"{f.steps_per_second:,.0f}"),
+    ("downtime s (median)", lambda f: f"{statistics.median(f.downtime):.1f}" if f.downtime else "-"),
+    ("observations", lambda f: f"{f.observations:,}"),
+    ("obs lost", lambda f: f.observations_lost),
+    ("model replies lost", lambda f: f.replies_lost),
+    ("answered twice", lambda f: f.answered_twice),
+    ("actions lost", lambda f: f.actions_lost),
+    ("commits rolled back", lambda f: f.commits_rolled_back),
+    ("transitions redone", lambda f: f.transitions_redone),
+    ("unreplicated commits", lambda f: f.unreplicated),
+    ("steps re-sent", lambda f: f.resent),
+    ("counters exact", lambda f: "yes" if f.counters_exact else "NO"),
+    ("crashes", lambda f: ", ".join(f.crashed) or "none"),
+]
+
+
 def table(cases: list[Figures]) -> str:
-    head = (
-        "| WAIT replicas | failovers | steps/s before | downtime s (median) | observations | obs lost"
-        " | model replies lost | answered twice | actions lost | commits rolled back"
-        " | transitions redone | steps re-sent | counters exact | crashes |"
-    )
-    rows = [head, "|" + "---:|" * 14]
-    for f in cases:
-        downtime = statistics.median(f.downtime) if f.downtime else float("nan")
-        rows.append(
-            f"| {f.wait_replicas} | {f.failovers} | {f.steps_per_second:,.0f} | {downtime:.1f}"
-            f" | {f.observations:,} | {f.observations_lost} | {f.replies_lost} | {f.answered_twice}"
-            f" | {f.actions_lost} | {f.commits_rolled_back} | {f.transitions_redone} | {f.resent}"
-            f" | {'yes' if f.counters_exact else 'NO'} | {', '.join(f.crashed) or 'none'} |"
-        )
+    """The cases as a Markdown table, one row each."""
+    rows = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
+    rows += ["| " + " | ".join(str(cell(f)) for _, cell in COLUMNS) + " |" for f in cases]
     return "\n".join(rows)
 
 
@@ -300,12 +333,19 @@ def main() -> None:
     parser.add_argument("--failovers", type=int, default=5, help="kills of the swarm's primary per case")
     parser.add_argument("--wait-replicas", type=int, nargs="+", default=[0, 1], help="one case per value")
     parser.add_argument("--n-envs", type=int, default=8, help="the runner's environments")
+    parser.add_argument(
+        "--replica-lag-ms", type=int, nargs="+", default=[0, 3000],
+        help="one case per value: the replica paused this long before each kill (0: a plain kill)",
+    )  # fmt: skip
+    parser.add_argument("--wait-timeout-ms", type=int, default=5000, help="the model's --wait-timeout-ms")
     args = parser.parse_args()
     cases = []
     with embedded_cluster() as cluster:
-        for wait in args.wait_replicas:
-            cases.append(failover_case(cluster, wait, args.failovers, args.n_envs))
-            print(json.dumps(asdict(cases[-1])), flush=True)
+        for lag in args.replica_lag_ms:
+            for wait in args.wait_replicas:
+                case = failover_case(cluster, wait, args.failovers, args.n_envs, lag, args.wait_timeout_ms)
+                cases.append(case)
+                print(json.dumps(asdict(cases[-1])), flush=True)
     print(table(cases))
 
 

@@ -203,6 +203,20 @@ class LocalCluster:
                 continue
         raise RuntimeError(f"no running node knows the slot of {key!r}")
 
+    def replica_of(self, primary: int) -> int:
+        """The port of a running replica of the primary on ``primary``."""
+        for port in self.running():
+            if port != primary and self._follows(port, primary):
+                return port
+        raise RuntimeError(f"no running replica of 127.0.0.1:{primary}")
+
+    def pause(self, port: int) -> None:
+        """``SIGSTOP`` a node: it reads nothing more (its replication falls behind) until :meth:`resume`."""
+        os.kill(self.processes[port].pid, signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        os.kill(self.processes[port].pid, signal.SIGCONT)
+
     def kill(self, port: int) -> None:
         """``SIGKILL`` a node: it writes nothing more, and replies in flight are lost."""
         process = self.processes[port]

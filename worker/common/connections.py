@@ -60,15 +60,30 @@ def connect(url: str, cluster: bool = False, **kwargs: Any) -> redis.Redis:
     if cluster:
         try:
             return redis.RedisCluster.from_url(url, **kwargs)  # type: ignore[return-value]
+        except redis.exceptions.NoPermissionError as exc:  # COMMAND, read once to route commands
+            refused = f"error: Redis at {redacted(url)} refused {exc} (see docs/security.md)"
+            raise RedisAccessError(refused) from None
         except redis.exceptions.RedisClusterException as exc:
-            if "not enabled" in str(exc):
-                raise RedisAccessError(
-                    f"error: Redis at {redacted(url)} is not a cluster node: drop --cluster (REDIS_CLUSTER)"
-                ) from None
+            if "not enabled" in str(exc):  # redis-py says so of any error CLUSTER SLOTS answers
+                raise RedisAccessError(_not_a_cluster(url, **kwargs)) from None
             unreachable = f"no node of the Redis Cluster at {redacted(url)} answers: {exc}"
             raise redis.ConnectionError(unreachable) from exc
     kwargs.setdefault("retry_on_error", [redis.ConnectionError, redis.TimeoutError])
     return redis.Redis.from_url(url, **kwargs)
+
+
+def _not_a_cluster(url: str, **kwargs: Any) -> str:
+    """Why ``CLUSTER SLOTS`` failed at ``url``: not a cluster node, or an ACL user without it."""
+    kwargs = {**kwargs, "retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 5}
+    with redis.Redis.from_url(url, **kwargs) as probe:
+        try:
+            probe.execute_command("CLUSTER", "SLOTS")
+        except redis.exceptions.NoPermissionError as exc:
+            where = f"error: Redis at {redacted(url)} refused CLUSTER SLOTS"
+            return f"{where}: {exc} (grant +cluster|slots, see docs/security.md)"
+        except redis.RedisError:
+            pass
+    return f"error: Redis at {redacted(url)} is not a cluster node: drop --cluster (REDIS_CLUSTER)"
 
 
 def hash_tagged(prefix: str) -> bool:

@@ -345,11 +345,23 @@ class ModelStore:
             self._commit_script(keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self.wait.replicas, timeout_ms)
             try:
-                dropped, acknowledged = pipe.execute()
-            except (redis.exceptions.MovedError, redis.exceptions.AskError) as exc:
-                # The slot moved (a failover): nothing was written. The serve loop starts again,
-                # through the cluster client, which follows the MOVED and learns the new map.
-                raise redis.exceptions.TryAgainError(f"the swarm's slot moved: {exc}") from None
+                dropped, acknowledged = pipe.execute(raise_on_error=False)
+            except redis.exceptions.NoPermissionError as exc:  # SCRIPT EXISTS, before any write
+                raise CommitRefused(f"{self.component_id}: {exc}") from None
+        if isinstance(dropped, redis.exceptions.MovedError | redis.exceptions.AskError):
+            # The slot moved (a failover): nothing was written. The serve loop starts again,
+            # through the cluster client, which follows the MOVED and learns the new map.
+            raise redis.exceptions.TryAgainError(f"the swarm's slot moved: {dropped}")
+        if isinstance(dropped, Exception):
+            raise dropped  # refused before any write, as without the wait
+        if isinstance(acknowledged, Exception):  # the commit stands; only its wait was refused
+            if not self.unreplicated:
+                log.error(
+                    "WAIT refused: commits are not waited for (the ACL user needs +wait)",
+                    component_id=self.component_id,
+                    error=str(acknowledged),
+                )
+            acknowledged = 0
         self._replicas_behind = acknowledged < self.wait.replicas
         if self._replicas_behind:
             self.unreplicated += 1

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
 
 from tests.components import running
+from tests.helpers import read
 from worker.client import PolicyClient
 from worker.common.connections import connect, hash_tagged, swarm_prefix
 from worker.common.servers import LocalCluster
@@ -133,3 +136,46 @@ def test_the_whole_loop_solves_cartpole_on_the_cluster(cluster: LocalCluster) ->
     assert curve and curve[-1].eval_return >= 475, [round(p.eval_return) for p in curve]
     client = connect(cluster.url, cluster=True)
     assert client.xlen("{solve}:dead") == 0
+
+
+@pytest.mark.slow
+def test_three_swarms_run_whole_loops_side_by_side_on_three_primaries(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRIM_REPLIES", "false")  # the runners keep the actions they read, to count them
+    prefixes = ["{a}", "{b}", "{c}"]
+    assert len({cluster.master_of(f"{p}:observation") for p in prefixes}) == 3
+    curves: dict[str, list] = {}
+
+    def train(prefix: str) -> None:
+        settings = DemoSettings(
+            _cli_parse_args=False, redis_url=cluster.url, cluster=True, prefix=prefix, models=1,
+            n_envs=2, rounds=1, steps=600, eval_episodes=2, target=None, seed=1, progress=False,
+            evolve=False,
+        )  # fmt: skip
+        curves[prefix] = train_swarm(settings)
+
+    threads = [threading.Thread(target=train, args=(p,)) for p in prefixes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert sorted(curves) == prefixes and all(len(c) == 1 for c in curves.values())
+    client = connect(cluster.url, cluster=True)
+    for prefix in prefixes:  # each swarm answered each of its own steps once, in its own slot
+        observations = {i for i, _ in read(client, f"{prefix}:observation")}
+        actions = Counter(m["OBS_ID"] for _, m in read(client, f"{prefix}:action:demo"))
+        assert observations and set(actions) == observations and max(actions.values()) == 1
+        assert client.xlen(f"{prefix}:dead") == 0 and curves[prefix][0].train_steps == 600
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_an_embedded_cluster(tmp_path) -> None:
+    done = worker(
+        ["demo", "--cluster", "--rounds", "1", "--steps", "1000", "--eval-episodes", "2", "--target", "1",
+         "--no-progress", "--plot", str(tmp_path / "curve.png"), "--seed", "0"],
+        timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "started a private Redis Cluster" in done.stdout + done.stderr
+    assert "final mean deterministic return" in done.stdout and (tmp_path / "curve.png").exists()

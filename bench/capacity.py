@@ -12,6 +12,8 @@ environments acting through it) runs on a fresh private ``redis-server``:
    command), ``INFO stats`` (``total_net_input_bytes``, ``total_net_output_bytes``) and ``INFO cpu``
    (``used_cpu_user + used_cpu_sys`` of the process, and of its main thread), divided by the
    environment steps of the window (the entries added to ``<prefix>:observation``, one per step).
+   Beside them, from ``/proc``: the CPU of the swarm's processes per step, and what the rest of
+   the machine used (other work on a shared machine).
 
 Redis runs every command on its main thread, so one node carries at most 1 / (Redis CPU seconds per
 step) environment steps per second; the last column prints it. The bench fits each per-step figure

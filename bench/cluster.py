@@ -264,7 +264,7 @@ def report_case(result: CaseResult, n_envs: int) -> None:
         print(f"| `{prefix}` | {result.served_by[prefix]} | {steps:,} | {steps / w.seconds:,.0f} |")
     if len(w.steps) > 1:
         print(f"| all | | {sum(w.steps.values()):,} | {w.rate:,.0f} |")
-    steps = sum(w.steps.values())
+    steps = max(sum(w.steps.values()), 1)
     print("\n| process | CPU, % of one core | CPU µs per environment step |")
     print("|---|---:|---:|")
     python, nodes, others = result.percents()

@@ -68,6 +68,29 @@ def test_status_reads_a_swarm_on_a_cluster(cluster: LocalCluster) -> None:
     assert "live models: 1" in done.stdout and "{st}:observation" in done.stdout
 
 
+def test_stream_reads_go_to_their_slot_without_asking_the_default_node(cluster: LocalCluster) -> None:
+    client = connect(cluster.url, cluster=True)
+    client.xadd("{sr}:s", {"x": 1})
+    client.xgroup_create("{sr}:s", "g", id="0")
+    primary = cluster.master_of("{sr}:s")
+    client.replace_default_node(next(n for n in client.get_primaries() if n.port != primary))
+
+    def calls(command: str) -> dict[int, int]:
+        found = {}
+        for port in cluster.running():
+            with cluster.node(port) as node:
+                found[port] = node.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+        return found
+
+    before = (calls("command|getkeys"), calls("xread"), calls("xreadgroup"))
+    for _ in range(5):
+        assert client.xread({"{sr}:s": "0"}, count=1)
+        client.xreadgroup("g", "c", {"{sr}:s": ">"}, count=1)
+    after = (calls("command|getkeys"), calls("xread"), calls("xreadgroup"))
+    assert after[0] == before[0]  # no COMMAND GETKEYS anywhere
+    assert after[1][primary] - before[1][primary] == 5 and after[2][primary] - before[2][primary] == 5
+
+
 def cluster_model(cluster: LocalCluster, prefix: str, **changes) -> ModelWorker:
     settings = ModelSettings(
         _cli_parse_args=False, redis_url=cluster.url, cluster=True, prefix=prefix, component_id="m1",

@@ -8,7 +8,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import key_slot
 from redis.retry import Retry
+from redis.utils import str_if_bytes
 
 
 class RedisAccessError(SystemExit):
@@ -34,6 +36,31 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+def stream_read_slot(args: tuple[Any, ...], encoder: Any) -> int | None:
+    """The slot of an ``XREAD``/``XREADGROUP`` command's streams (None for any other command, or
+    streams in several slots).
+
+    Their keys follow the keyword ``STREAMS``, where redis-py does not look for them: it asks its
+    default node (``COMMAND GETKEYS``), one more round trip per read, all on the node of the URL.
+    """
+    if str_if_bytes(args[0]).upper() not in ("XREAD", "XREADGROUP"):
+        return None
+    words = [str_if_bytes(a).upper() if isinstance(a, str | bytes) else a for a in args]
+    if "STREAMS" not in words:
+        return None
+    rest = args[words.index("STREAMS") + 1 :]
+    slots = {key_slot(encoder.encode(key)) for key in rest[: len(rest) // 2]}
+    return slots.pop() if len(slots) == 1 else None
+
+
+class Cluster(redis.RedisCluster):
+    """redis-py's cluster client, routing stream reads by their keys (:func:`stream_read_slot`)."""
+
+    def determine_slot(self, *args: Any) -> int | None:
+        slot = stream_read_slot(args, self.encoder)
+        return super().determine_slot(*args) if slot is None else slot
+
+
 def connect(url: str, cluster: bool = False, **kwargs: Any) -> redis.Redis:
     """A client for ``url`` (``redis://``, ``rediss://`` for TLS, ``unix://``; AUTH in the URL).
 
@@ -46,8 +73,8 @@ def connect(url: str, cluster: bool = False, **kwargs: Any) -> redis.Redis:
     certificate that does not verify raise :class:`RedisAccessError` here, at once: they are not
     outages. An unreachable server is not an error yet (the caller's retries deal with it).
 
-    :param cluster: ``url`` names one node of a Redis Cluster: the client (a
-        :class:`redis.RedisCluster`, typed as its ``redis.Redis`` API) discovers the others, follows
+    :param cluster: ``url`` names one node of a Redis Cluster: the client (a :class:`Cluster`, typed
+        as its ``redis.Redis`` API) discovers the others, follows
         ``MOVED`` and ``ASK``, and refreshes its map of the slots when a node fails (its retries
         cover ``TRYAGAIN`` and ``CLUSTERDOWN`` too)
     """
@@ -59,7 +86,7 @@ def connect(url: str, cluster: bool = False, **kwargs: Any) -> redis.Redis:
     check_access(url, **{k: v for k, v in kwargs.items() if k != "retry"})
     if cluster:
         try:
-            return redis.RedisCluster.from_url(url, **kwargs)  # type: ignore[return-value]
+            return Cluster.from_url(url, **kwargs)  # type: ignore[return-value]
         except redis.exceptions.NoPermissionError as exc:  # COMMAND, read once to route commands
             refused = f"error: Redis at {redacted(url)} refused {exc} (see docs/security.md)"
             raise RedisAccessError(refused) from None
@@ -137,10 +164,10 @@ def after_cluster_error(client: Any, error: BaseException) -> None:
     """What a cluster client needs after ``error``: another node to ask where keys lie.
 
     redis-py asks its *default node* (``COMMAND GETKEYS``) where the keys of a command with movable
-    keys lie (``XREAD``, ``XREADGROUP``) before routing it. With that node dead, such a command fails
-    before redis-py would refresh its slot map, and keeps failing for as long as the node is down:
-    a component that only reads would never see the replica promoted in its place. Any other
-    primary answers ``COMMAND GETKEYS`` as well.
+    keys lie (``XREAD`` of the asyncio client; :class:`Cluster` routes stream reads itself) before
+    routing it. With that node dead, such a command fails before redis-py would refresh its slot
+    map, and keeps failing for as long as the node is down: a client that only reads would never
+    see the replica promoted in its place. Any other primary answers ``COMMAND GETKEYS`` as well.
 
     :param client: a ``redis.Redis``, ``redis.RedisCluster`` or their asyncio twins (only a cluster
         client is changed)

@@ -68,7 +68,7 @@ import redis
 from pydantic import Field
 
 from worker.common import logs, lua
-from worker.common.connections import ensure_group, server_time
+from worker.common.connections import ensure_group
 from worker.common.distributions import decide
 from worker.common.serve import Service
 from worker.common.settings import CommonSettings
@@ -89,6 +89,7 @@ from worker.protocol import (
 log = logs.get(__name__)
 
 FLUSH = lua.source(__package__, "aggregator.lua", sections=True)  # a decision's writes, at once
+LIVE = lua.source(__package__, "live.lua")  # the live models and the server's clock, at once
 
 GROUP = "aggregator"
 
@@ -167,6 +168,7 @@ class Aggregator(Service):
         self._acks: list[str] = []  # entries done with (late, duplicate, dead) to ack with the next batch
         self._dead: list[dict] = []
         self._flush_script = client.register_script(FLUSH)
+        self._live_script = client.register_script(LIVE)
         self._read_upto = "$"  # the last reply read: a vanished group is made again after it
 
     # ----------------------------------------------------------------- life cycle
@@ -237,11 +239,10 @@ class Aggregator(Service):
         return self._decide()
 
     def _refresh_live(self) -> None:
-        now = server_time(self.redis, self.streams.registry)  # the clock of the entry IDs
         since = time.time() - self.settings.registry_max_age
-        members = self.redis.zrangebyscore(self.streams.registry, since, "+inf")
+        seconds, micros, members = self._live_script(keys=[self.streams.registry], args=[since])
         self.live = {m.decode() if isinstance(m, bytes) else m for m in members}
-        self._live_at, self._view_ms = time.monotonic(), int(now * 1000)
+        self._live_at, self._view_ms = time.monotonic(), int(seconds) * 1000 + int(micros) // 1000
 
     def _collect(self, items: list[tuple[bytes, dict[bytes, bytes] | None]]) -> bool:
         """File each reply under its observation; reject bad ones, drop late and duplicate ones.

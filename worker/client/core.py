@@ -66,13 +66,27 @@ class Ticket:
     deadline: float  # monotonic
     actions: dict[str, Any] = field(default_factory=dict)  # ENV_ID -> the action to apply
     order: list[str] = field(default_factory=list)  # ENV_IDs as asked
+    taken: set[str] = field(default_factory=set)  # ENV_IDs whose action take() handed out
 
     @property
     def done(self) -> bool:
         return not self.waiting
 
+    @property
+    def spent(self) -> bool:
+        """Every action arrived and was handed out by :meth:`take`."""
+        return not self.waiting and len(self.taken) == len(self.actions)
+
     def result(self) -> dict[str, Any]:
         return {env: self.actions[env] for env in self.order}
+
+    def take(self) -> dict[str, Any]:
+        """The actions that arrived since the last take (ENV_ID -> action, as :meth:`result` gives
+        them), each handed out once: an environment may step on its own action before the others'
+        arrive. :meth:`result` is not changed by it."""
+        new = {env: action for env, action in self.actions.items() if env not in self.taken}
+        self.taken.update(new)
+        return new
 
 
 def default_client_id() -> str:

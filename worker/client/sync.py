@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -218,6 +218,34 @@ class PolicyClient:
             raise core.timed_out(ticket, outage) from outage
         self._read(ticket, max(1, int(min(block_ms or self.block_ms, left * 1000))))
         return ticket.done
+
+    def arrived(self, tickets: Sequence[Ticket], block_ms: int | None = None) -> dict[str, Any]:
+        """The actions that arrived for any of ``tickets`` since the last call, without waiting for
+        a ticket to be complete (ENV_ID -> action, as :meth:`act_many` gives them; each once, see
+        :meth:`Ticket.take`): for environments that step each on its own action.
+
+        Reads the replies once, blocking at most ``block_ms`` (and not past the earliest deadline)
+        while no action is in yet; local mode's tickets are complete when sent and need no read.
+
+        :raises ActionTimeout: a ticket past its deadline with actions missing, as :meth:`collect`
+            raises it (the ticket is given up); the actions that did arrive stay in the tickets
+        """
+        core, held = self.core, [t for t in tickets if not t.done]
+        if held:
+            first = min(held, key=lambda t: t.deadline)
+            left = first.deadline - time.monotonic()
+            ready = any(len(t.taken) < len(t.actions) for t in tickets)
+            block = None if ready or left <= 0 else max(1, int(min(block_ms or self.block_ms, left * 1000)))
+            self._read(first, block)
+            now = time.monotonic()
+            for ticket in held:
+                if not ticket.done and ticket.deadline <= now:
+                    outage = self._outage if self._outage_at > ticket.deadline - core.timeout else None
+                    raise core.timed_out(ticket, outage) from outage
+        actions: dict[str, Any] = {}
+        for ticket in tickets:
+            actions.update(ticket.take())
+        return actions
 
     def _read(self, ticket: Ticket, block: int | None) -> None:
         """One read of the reply stream (``block`` ms at most; ``None``: no wait), filed by ticket."""

@@ -18,6 +18,18 @@ from worker.protocol import episode_report
 
 
 @dataclass
+class Outcome:
+    """What one step of an environment gave (``first``: the next episode's first observation, after
+    the environment was reset because this step ended the episode)."""
+
+    observation: Any
+    reward: float
+    terminated: bool
+    truncated: bool
+    first: Any = None
+
+
+@dataclass
 class Slot:
     """One gymnasium environment and where its chain of steps stands."""
 
@@ -41,15 +53,26 @@ class Slot:
     def step(self, action: Any) -> tuple[float, int] | None:
         """Apply ``action``; ``(return, length)`` if the episode ended (then :attr:`finish` holds its
         last observation, reward and flags, and the next episode's first observation is pending)."""
+        return self.land(self.advance(action))
+
+    def advance(self, action: Any) -> Outcome:
+        """The environment's half of :meth:`step`: it touches the environment alone, never the
+        slot's bookkeeping, so it may run in another thread while the runner reads the slot."""
         obs, reward, terminated, truncated, _ = self.env.step(action)
-        self.ret, self.length, self.waiting = self.ret + float(reward), self.length + 1, False
-        if terminated or truncated:
-            ended = (self.ret, self.length)
-            self.finish = (obs, float(reward), bool(terminated), bool(truncated))
-            self.reset()
-            return ended
-        self.pending, self.reward = obs, float(reward)
-        return None
+        first = self.env.reset()[0] if terminated or truncated else None
+        return Outcome(obs, float(reward), bool(terminated), bool(truncated), first)
+
+    def land(self, outcome: Outcome) -> tuple[float, int] | None:
+        """The bookkeeping's half of :meth:`step`, in the runner's thread: see :meth:`step`."""
+        self.ret, self.length, self.waiting = self.ret + outcome.reward, self.length + 1, False
+        if outcome.first is None:
+            self.pending, self.reward = outcome.observation, outcome.reward
+            return None
+        ended = (self.ret, self.length)
+        self.finish = (outcome.observation, outcome.reward, outcome.terminated, outcome.truncated)
+        self.ret, self.length = 0.0, 0
+        self.pending, self.reward = outcome.first, None
+        return ended
 
 
 @dataclass
@@ -66,17 +89,24 @@ class Progress:
     taken: int = 0
 
     def ready(self, slots: list[Slot]) -> list[Slot]:
-        """The envs to publish next: those still wanted, but not more than the steps left."""
+        """The envs to publish next: those still wanted and not waiting for an action, but not more
+        than the steps left once the steps asked for (the waiting envs') are taken."""
         if self.episodes is not None and len(self.returns) >= self.episodes:
             return []
-        room = len(slots) if self.steps is None else self.steps - self.taken
+        asked = sum(s.waiting for s in slots)
+        room = len(slots) if self.steps is None else self.steps - self.taken - asked
         under_quota = [s for s in slots if self.ended.get(s.env_id, 0) < self.quota.get(s.env_id, math.inf)]
-        return [s for s in under_quota if s.pending is not None][: max(room, 0)]
+        return [s for s in under_quota if s.pending is not None and not s.waiting][: max(room, 0)]
 
     def record(self, slot: Slot, action: Any) -> dict[str, Any] | None:
         """Step ``slot``; the status entry of the episode it ended, if it did."""
+        return self.count(slot, slot.step(action))
+
+    def count(self, slot: Slot, ended: tuple[float, int] | None) -> dict[str, Any] | None:
+        """Count a step of ``slot`` that ended the episode ``ended`` (``(return, length)``) or none;
+        the status entry of that episode."""
         self.taken += 1
-        if (ended := slot.step(action)) is None:
+        if ended is None:
             return None
         self.returns.append(ended[0])
         self.ended[slot.env_id] = self.ended.get(slot.env_id, 0) + 1

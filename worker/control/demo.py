@@ -57,6 +57,10 @@ class DemoSettings(TrainSettings):
         description="how the runner acts: through the aggregator, asking the first model directly,"
         " or with a local copy of its policy",
     )
+    runners: int = Field(1, gt=0, description="environment runner processes, --n-envs environments each")
+    stepping: Literal["lockstep", "async"] = Field(
+        "lockstep", description="how the runners step their environments (python -m worker env --stepping)"
+    )
 
 
 @contextlib.contextmanager
@@ -124,6 +128,11 @@ class Swarm:
                 process.kill()
 
 
+def runner_names(runners: int) -> list[str]:
+    """The runners' IDs: ``demo`` alone, else ``demo-0``, ``demo-1``, ... (each its own ENV_IDs)."""
+    return ["demo"] if runners == 1 else [f"demo-{k}" for k in range(runners)]
+
+
 def train_swarm(settings: DemoSettings) -> list[RoundResult]:
     """Start the swarm, train it in rounds until the target or the budget, stop it; the curve."""
     streams = Streams(settings.prefix)
@@ -138,14 +147,18 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
                     f"model-{i}", "model", "--component-id", f"demo-{i}", *model_flags(settings), *seed
                 )
             swarm.start("aggregator", "aggregator")
-            env_seed = [] if settings.seed is None else ["--seed", str(settings.seed)]
             mode = ["--mode", settings.mode] + (["--model", "demo-0"] if settings.mode != "ensemble" else [])
             runner = ["--gym-env", str(settings.gym_env), "--n-envs", str(settings.n_envs)]
-            runner += ["--runner-id", "demo", *mode, *env_seed]
-            swarm.start("env", "env", *runner)
+            runner += [*mode, "--stepping", settings.stepping]
+            runner_ids = runner_names(settings.runners)
+            for k, runner_id in enumerate(runner_ids):
+                # A runner's envs take seeds seed ... seed + 2 * n_envs - 1: the next runner's follow.
+                first = None if settings.seed is None else settings.seed + 2 * k * settings.n_envs
+                seed = [] if first is None else ["--seed", str(first)]
+                swarm.start(runner_id, "env", *runner, "--runner-id", runner_id, *seed)
             print(f"logs of the swarm: {logdir}", flush=True)
             wait_for_models(client, streams, settings.models)
-            wait_for_loop(client, streams, ["demo"], since=started)
+            wait_for_loop(client, streams, runner_ids, since=started)
             swarm.check()
             return train_rounds(client, settings.model_copy(update={"redis_url": url}))
         finally:

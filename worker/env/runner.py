@@ -14,9 +14,14 @@ again (its report is the new attempt's), and commands sent while it was down are
 older than ``--resume-window``. On the first start of an ID only commands sent after it count.
 
 A run asks its :class:`~worker.client.PolicyClient` (``--mode``: the ensemble, one model directly,
-or a local copy of one model's policy) for the actions of all its environments at once, a round at
-a time, passing each step's reward and each episode's end (stable-baselines3's semantics: a time
-limit is a truncation); the client speaks the protocol.
+or a local copy of one model's policy) for its environments' actions, passing each step's reward and
+each episode's end (stable-baselines3's semantics: a time limit is a truncation); the client speaks
+the protocol. :mod:`worker.env.stepping` steps them: in lockstep, a round of all of them at a time,
+or each as soon as its own action arrives (``--stepping async``).
+
+Every runner obeys every RUN, so several runners (each with its own ``--runner-id``, hence its own
+ENV_IDs, reply stream and key) serve one swarm: each plays the run on its own environments and
+reports it; control waits for as many reports as it was told runners (``--runners``).
 
 Training environments (``<runner_id>-<k>``) carry over between runs: once a run's target is reached
 no new observation is published, but the actions already asked for are applied, and each resulting
@@ -39,18 +44,20 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import gymnasium as gym
 import redis
-from pydantic import Field
 
-from worker.client import ActionTimeout, PolicyClient, Ticket
+from worker.client import PolicyClient
 from worker.common import logs, lua
 from worker.common.connections import last_id, server_time
 from worker.common.serve import Service
-from worker.common.settings import CommonSettings, SpacesError
+from worker.common.settings import SpacesError
+from worker.env.cost import StepCost
 from worker.env.episodes import Progress, Slot
+from worker.env.settings import EnvSettings
+from worker.env.stepping import CONTROL_PEEK, RunAborted, Stepping
 from worker.protocol import (
     Encoding,
     ProtocolError,
@@ -68,47 +75,6 @@ from worker.protocol import (
 log = logs.get(__name__)
 
 PUBLISH = lua.source(__package__, "publish.lua")  # status reports, at once and once
-CONTROL_PEEK = 0.5  # seconds between two looks for a STOP while waiting for actions
-
-
-class EnvSettings(CommonSettings):
-    """``python -m worker env``: one environment runner."""
-
-    gym_env: str = Field("CartPole-v1", description="gymnasium env id (any space SB3's A2C takes)")
-    n_envs: int = Field(4, gt=0, description="training environments (and as many evaluation ones)")
-    runner_id: str = Field("env", min_length=1, description="prefix of this runner's ENV_IDs")
-    seed: int | None = Field(None, description="seed of the environments' first reset")
-    max_episode_steps: int | None = Field(None, gt=0, description="time limit (default: the env's own)")
-    action_timeout: float = Field(30.0, gt=0, description="seconds to wait for an action before aborting")
-    mode: Literal["ensemble", "direct", "local"] = Field(
-        "ensemble",
-        description="who acts: the aggregator over every live model, one --model directly, or a local"
-        " copy of --model's policy (it learns from the steps streamed to it)",
-    )
-    model: str | None = Field(None, description="the model's COMPONENT_ID, for --mode direct or local")
-    max_lag: int = Field(
-        0,
-        ge=0,
-        description="--mode local: most steps the model may not have learned from yet; 0: each round"
-        " waits for the model to learn from the last, so every step is taken with the newest weights,"
-        " as in SB3",
-    )
-    trim_replies: bool = Field(True, description="trim the runner's reply stream as actions are read")
-    encoding: Literal["msgpack", "json"] = Field("msgpack", description="encoding of the observations")
-    block_ms: int = Field(1000, gt=0, le=30_000, description="longest blocking XREAD")
-    max_entry_bytes: int = Field(1 << 20, gt=0, description="larger control entries are dead-lettered")
-    stream_maxlen: int = Field(100_000, gt=0, description="approximate MAXLEN of the streams written")
-    resume_window: float = Field(
-        600.0,
-        gt=0,
-        description="after a restart, commands older than this many seconds are skipped, not obeyed:"
-        " their sender has given up (control's --run-timeout)",
-    )
-
-
-class RunAborted(RuntimeError):
-    """A run cannot finish: an action timed out or the runner is stopping."""
-
 
 class EnvRunner(Service):
     """Training and evaluation environments of one runner, and the control loop that runs them.
@@ -131,6 +97,8 @@ class EnvRunner(Service):
 
         def make(name: str, k: int, deterministic: bool) -> Slot:
             env = gym.make(s.gym_env, max_episode_steps=s.max_episode_steps)
+            if s.step_cost_ms > 0:
+                env = StepCost(env, s.step_cost_ms, s.step_cost_kind)
             return Slot(name, env, deterministic, None if s.seed is None else s.seed + k)
 
         self.train = [make(f"{s.runner_id}-{k}", k, False) for k in range(s.n_envs)]
@@ -148,12 +116,14 @@ class EnvRunner(Service):
             client_id=s.runner_id,
             encoding=s.encoding,
             max_lag=s.max_lag,
-            flush_every=1,  # a round is one flush: the model's batch holds one step of each env
+            flush_every=1,  # a publish is one flush: the model's batch holds the envs published together
             trim_replies=s.trim_replies,
             stream_maxlen=s.stream_maxlen,
             spaces=None if s.mode == "local" else spaces,
             outages=self.outages,  # counted and logged as the runner's own
         )
+        stopping = lambda: self.stopping  # noqa: E731
+        self.stepping = Stepping(self.client, s.stepping, s.threads, self._peek_control, stopping)
 
     # ----------------------------------------------------------------- control loop
 
@@ -175,7 +145,15 @@ class EnvRunner(Service):
                 self._stale_before_ms = int((now - s.resume_window) * 1000)
         self.redis.hset(key, mapping={"ready": time.time(), "finished": self.control_cursor})  # for control
         resumed = self.resumed_from
-        log.info("ready", runner_id=s.runner_id, env=s.gym_env, n_envs=s.n_envs, seed=s.seed, resumed=resumed)
+        log.info(
+            "ready",
+            runner_id=s.runner_id,
+            env=s.gym_env,
+            n_envs=s.n_envs,
+            seed=s.seed,
+            stepping=s.stepping,
+            resumed=resumed,
+        )
 
     def step(self) -> None:
         """Obey the commands sent since the last one finished; a run rides out outages inside it."""
@@ -207,6 +185,7 @@ class EnvRunner(Service):
         self.redis.hset(key, "finished", self.control_cursor or entry_id)
 
     def shutdown(self) -> None:
+        self.stepping.close()
         self.client.close()
         log.info("stopped", runner_id=self.settings.runner_id)
 
@@ -283,30 +262,20 @@ class EnvRunner(Service):
         progress = Progress(run_id, runner_id, episodes, steps, quota)
         # A STOP sent from now on aborts the run; commands queued before it wait their turn in serve().
         self._control_peek = self.ride_out(last_id, self.redis, self.streams.control)
-        statuses: list[dict[str, Any]] = []
         log.info("run", run_id=run_id, episodes=episodes, steps=steps, deterministic=deterministic)
+        publish = lambda statuses: self.ride_out(self._publish, statuses, encoding)  # noqa: E731
         try:
-            # Lockstep: a round publishes every env's observation at once and waits for all the
-            # actions, so each model batch holds one step of each env.
-            while ready := progress.ready(slots):
-                if self.stopping:
-                    raise RunAborted("runner stopping")
-                if statuses:
-                    self.ride_out(self._publish, statuses, encoding)  # idempotent: by its name
-                    statuses = []
-                actions = self._act(ready, deterministic)
-                statuses = [
-                    e for slot in ready if (e := progress.record(slot, actions[slot.env_id])) is not None
-                ]
+            self.stepping.play(progress, slots, deterministic, publish)
         except RunAborted as exc:
             self._break_outstanding(slots)
             log.warning("run aborted", run_id=run_id, error=str(exc))
             report = run_failed(run_id, runner_id, str(exc))
             self._advance(command_id)
-            self.ride_out(self._publish, statuses + [report], encoding)
+            self.ride_out(self._publish, self._unsent() + [report], encoding)
             return report
         except BaseException:  # the serve loop starts the runner again: no chain can continue
             self._break_outstanding(slots)
+            self._unsent()  # the run is run again from its start: its episodes are not reported
             raise
         for slot in self.eval:
             slot.pending = None  # evaluation envs never carry over
@@ -315,7 +284,7 @@ class EnvRunner(Service):
             run_id, runner_id, episodes=len(progress.returns), steps=progress.taken, returns=kept
         )
         self._advance(command_id)
-        self.ride_out(self._publish, statuses + [report], encoding)
+        self.ride_out(self._publish, self._unsent() + [report], encoding)
         log.info("run done", **{k.lower(): v for k, v in report.items() if k not in ("EVENT", "RETURNS")})
         return report
 
@@ -330,38 +299,10 @@ class EnvRunner(Service):
         self._publish_script(keys=keys, args=args, client=self.redis)
         self._round += 1
 
-    def _act(self, ready: list[Slot], deterministic: bool) -> dict[str, Any]:
-        """The actions for the pending observations of ``ready``, asked for at once. A STOP on the
-        control stream, looked for while waiting, aborts the run; so does no action in time, unless
-        Redis was unavailable: then the same steps are sent again (one entry each, see the client)
-        until it is back, as an outage is not the models' slowness."""
-        client = self.client
-        self._peek_control()  # between steps too: answered at once, a fast run never waits below
-        if self.stopping:
-            raise RunAborted("runner stopping")
-        for slot in ready:
-            if slot.finish is not None:
-                client.end(slot.env_id, slot.finish[0], slot.finish[1], *slot.finish[2:])
-                slot.finish = None
-        observations = {slot.env_id: slot.pending for slot in ready}
-        rewards = {slot.env_id: slot.reward for slot in ready if slot.reward is not None}
-        for slot in ready:
-            slot.waiting = True
-        while True:
-            try:
-                ticket: Ticket = client.send(observations, rewards, deterministic)
-                while not client.collect(ticket, block_ms=int(CONTROL_PEEK * 1000)):
-                    self._peek_control()
-                    if self.stopping:
-                        raise RunAborted("runner stopping")
-                return ticket.result()
-            except ActionTimeout as exc:
-                if not isinstance(exc.__cause__, redis.RedisError) or self.stopping:
-                    raise RunAborted(str(exc)) from None
-                log.warning(
-                    "redis unavailable for the whole action timeout: sending the steps again",
-                    runner_id=self.settings.runner_id,
-                )
+    def _unsent(self) -> list[dict[str, Any]]:
+        """The episode reports the run's steps left unpublished (they go with its report)."""
+        unsent, self.stepping.unsent = self.stepping.unsent, []
+        return unsent
 
     def _peek_control(self) -> None:
         """A STOP sent during the run stops the runner at once; other commands wait for serve()."""

@@ -16,8 +16,8 @@ import redis
 from tests import components
 from tests.chains import answered_once, delivered, learned_once
 from tests.faults.chaos.checks import drained
-from tests.helpers import read
-from tests.scripted import Message, alternate, balance, failing, statuses
+from tests.helpers import read, xadd
+from tests.scripted import Message, alternate, balance, failing, serve, statuses
 from worker.client import ActionTimeout, PolicyClient
 from worker.env import StepCost
 from worker.env.runner import EnvRunner
@@ -156,6 +156,44 @@ def test_an_outage_longer_than_the_action_timeout_resends_only_the_unanswered(
     assert len(fake.seen) == 10
     observations, actions = answered_once(real_redis, "env")
     assert sum(delivered(observations, actions).values()) == 10 - 2  # every step after the first
+
+
+def test_async_action_timeout_aborts_and_a_stop_ends_the_run(real_redis, async_settings, scripted) -> None:
+    """An unanswered env aborts the run once its action times out, while the others kept stepping;
+    its chain starts afresh in the next run. A STOP during an async run aborts it at once."""
+    runner = EnvRunner(async_settings.model_copy(update={"action_timeout": 0.5}), real_redis)
+    fake = scripted(lambda message, step: None if message["ENV_ID"] == "env-2" and step == 3 else step % 2)
+    report = runner.run("r1", steps=400)
+    assert "env-2" in report["ERROR"] and statuses(real_redis)[-1] == report
+    per_env = Counter(m["ENV_ID"] for _, m in fake.seen)
+    assert per_env["env-2"] == 4 and per_env["env-0"] > 4  # the others did not wait for env-2
+    assert not any(slot.waiting for slot in runner.train)
+    n = len(fake.seen)
+    assert runner.run("r2", steps=8)["STEPS"] == 8
+    restarted = {m["ENV_ID"]: m for _, m in reversed(fake.seen[n:])}
+    assert "REWARD" not in restarted["env-2"]  # an env stepped but not yet published carries on
+    delivered(fake.seen, fake.answers)  # and its chain is whole
+
+    fake.policy = lambda message, step: None  # nothing answers: the run waits
+    runner = EnvRunner(async_settings.model_copy(update={"action_timeout": 60.0}), real_redis)
+    runner.start()
+    xadd(real_redis, "rl:control", {"CMD": "RUN", "RUN_ID": "stuck", "STEPS": 100})
+    n = len(fake.seen)
+
+    def stop_when_waiting() -> None:
+        while len(fake.seen) < n + 4:
+            time.sleep(0.01)
+        xadd(real_redis, "rl:control", {"CMD": "STOP"})
+
+    threading.Thread(target=stop_when_waiting, daemon=True).start()
+    started = time.monotonic()
+    serve(runner)
+    assert time.monotonic() - started < 3 and statuses(real_redis)[-1] == {
+        "EVENT": "run",
+        "RUN_ID": "stuck",
+        "RUNNER_ID": "env",
+        "ERROR": "runner stopping",
+    }
 
 
 def test_models_answer_every_async_step_and_learn_each_once(real_redis, settings, async_settings) -> None:

@@ -225,7 +225,9 @@ class TrainSettings(EvolutionSettings):
     rounds: int = Field(10, gt=0, description="training rounds (stop earlier once --target is reached)")
     models: int = Field(1, gt=0, description="wait until this many models are live before the first round")
     episodes: int | None = Field(None, gt=0, description="training episodes per round (per runner)")
-    steps: int | None = Field(10_000, gt=0, description="or: training environment steps per round")
+    steps: int | None = Field(
+        10_000, gt=0, description="or: training environment steps per round (per runner)"
+    )
     eval_episodes: int = Field(20, gt=0, description="deterministic evaluation episodes per round")
     runners: int = Field(1, gt=0, description="environment runners that answer each run")
     run_timeout: float = Field(600.0, gt=0, description="seconds a run may take")

@@ -76,6 +76,7 @@ log = logs.get(__name__)
 
 PUBLISH = lua.source(__package__, "publish.lua")  # status reports, at once and once
 
+
 class EnvRunner(Service):
     """Training and evaluation environments of one runner, and the control loop that runs them.
 

@@ -1,0 +1,221 @@
+"""The whole loop against in-process stable-baselines3 on environments that cost time to step.
+
+``python -m bench.loop [--costs 0:none 1:wait 1:cpu 10:wait] [--seeds 0 1 2 3 4] [--seeds-slow 0 1 2]
+[--n-envs 32] [--systems swarm dummy subproc] [--steps-per-round 10000] [--rounds 10] [--quick]``
+
+Real environments cost far more than CartPole's 13 µs per step: a physics simulator 0.1 to 10 ms
+of CPU, a remote game or robot milliseconds of waiting. Every environment here is CartPole-v1
+wrapped in :class:`worker.env.cost.StepCost` (``cost_ms`` of CPU work or of waiting per step), on
+every side, training and evaluation alike. For each cost and seed, three systems train the same
+A2C (:mod:`bench.hyperparams`' CartPole-v1 settings, ``--n-envs`` environments) until the mean
+deterministic return over 20 episodes reaches 475, evaluated every ``--steps-per-round`` steps:
+
+- **swarm**: one model worker and the aggregator, and the environments on runner processes
+  stepping asynchronously (each environment steps as soon as its own action arrives): one runner
+  with a thread per environment when the cost is waiting (the waits overlap), two runners when it
+  is CPU work (one per core), one runner in lockstep with no cost;
+- **dummy**: SB3's ``A2C`` on a ``DummyVecEnv`` (the environments stepped one after the other);
+- **subproc**: SB3's ``A2C`` on a ``SubprocVecEnv`` (one process per environment).
+
+It prints, per cost and system, the environment steps and the training wall-clock to solve
+(median and range over the seeds; evaluations excluded), and the ratio of medians to ``dummy``.
+A seed that does not solve within ``--rounds`` rounds counts its whole budget (marked).
+``--quick`` runs a small form (costs 0 and 1 ms waiting, seeds 0 and 1, 5 rounds of 8,000) that a
+test runs end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from stable_baselines3 import A2C
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+
+from bench.hyperparams import SPECS
+from bench.parity import RoundEvaluation, Run
+from worker.common import logs
+from worker.control.demo import DemoSettings, train_swarm
+from worker.control.train import RoundResult
+from worker.env.cost import StepCost
+
+SPEC = SPECS["CartPole-v1"]
+SYSTEMS = ("swarm", "dummy", "subproc")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What each environment step costs: ``ms`` of ``kind`` (``none``: nothing added)."""
+
+    ms: float
+    kind: str
+
+    @classmethod
+    def parse(cls, text: str) -> Cost:
+        ms, _, kind = text.partition(":")
+        return cls(float(ms), kind or ("none" if float(ms) == 0 else "wait"))
+
+    def __str__(self) -> str:
+        return "no cost" if self.ms == 0 else f"{self.ms:g} ms {self.kind}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One seed of one system: steps and training seconds to solve (or the whole budget)."""
+
+    system: str
+    seed: int
+    solved: bool
+    steps: int
+    train_seconds: float
+
+
+def outcome(system: str, seed: int, curve: list[RoundResult]) -> Outcome:
+    solved = next((p for p in curve if p.eval_return >= SPEC.target), None)  # type: ignore[operator]
+    last = solved or curve[-1]
+    return Outcome(system, seed, solved is not None, last.train_steps, last.train_seconds)
+
+
+def sb3_curve(seed: int, run: Run, cost: Cost, vec_env_cls: type[VecEnv]) -> list[RoundResult]:
+    """SB3's A2C on ``run.n_envs`` costly environments in a ``vec_env_cls``, evaluated each round."""
+    torch.set_num_threads(1)
+    wrapper = {} if cost.ms == 0 else {"wrapper_class": StepCost, "wrapper_kwargs": cost_kwargs(cost)}
+    env = make_vec_env(SPEC.env_id, n_envs=run.n_envs, seed=seed, vec_env_cls=vec_env_cls, **wrapper)
+    eval_env = make_vec_env(SPEC.env_id, n_envs=1, seed=seed + 10_000, **wrapper)
+    try:
+        model = A2C("MlpPolicy", env, seed=seed, device="cpu", **SPEC.sb3_kwargs())
+        callback = RoundEvaluation(eval_env, run, SPEC.target)
+        model.learn(run.steps, callback=callback)
+        return callback.curve
+    finally:
+        env.close()
+        eval_env.close()
+
+
+def cost_kwargs(cost: Cost) -> dict:
+    return {"cost_ms": cost.ms, "kind": cost.kind}
+
+
+@contextmanager
+def runner_environment(cost: Cost) -> Iterator[None]:
+    """The runners read their step cost from the environment (``STEP_COST_MS``, ``STEP_COST_KIND``)."""
+    saved = {k: os.environ.get(k) for k in ("STEP_COST_MS", "STEP_COST_KIND")}
+    os.environ["STEP_COST_MS"] = str(cost.ms)
+    if cost.ms:
+        os.environ["STEP_COST_KIND"] = cost.kind
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def swarm_layout(cost: Cost, n_envs: int) -> tuple[int, str]:
+    """Runner processes and their stepping for ``cost`` (see the module docstring)."""
+    if cost.ms == 0:
+        return 1, "lockstep"
+    return (2, "async") if cost.kind == "cpu" and n_envs % 2 == 0 else (1, "async")
+
+
+def swarm_curve(seed: int, run: Run, cost: Cost) -> list[RoundResult]:
+    runners, stepping = swarm_layout(cost, run.n_envs)
+    settings = DemoSettings(
+        _cli_parse_args=False,
+        **SPEC.worker_settings(run.steps),
+        models=1,
+        evolve=False,
+        seed=seed,
+        n_envs=run.n_envs // runners,
+        runners=runners,
+        stepping=stepping,
+        steps=run.steps_per_round,
+        rounds=run.rounds,
+        eval_episodes=run.eval_episodes,
+        target=SPEC.target,
+        progress=False,
+        plot=None,
+    )
+    with runner_environment(cost):
+        return train_swarm(settings)
+
+
+def curve_of(system: str) -> Callable[[int, Run, Cost], list[RoundResult]]:
+    if system == "swarm":
+        return swarm_curve
+    vec_env_cls = DummyVecEnv if system == "dummy" else SubprocVecEnv
+    return lambda seed, run, cost: sb3_curve(seed, run, cost, vec_env_cls)
+
+
+def summary(cost: Cost, outcomes: list[Outcome], systems: list[str]) -> list[str]:
+    """Rows of the table for one cost: per system, median and range of steps and seconds."""
+    rows = []
+    medians: dict[str, float] = {}
+    for system in systems:
+        mine = [o for o in outcomes if o.system == system]
+        if not mine:
+            continue
+        seconds = [o.train_seconds for o in mine]
+        steps = [o.steps for o in mine]
+        medians[system] = statistics.median(seconds)
+        unsolved = sum(not o.solved for o in mine)
+        rows.append(
+            (system, len(mine), unsolved, statistics.median(steps), min(steps), max(steps), medians[system],
+             min(seconds), max(seconds))
+        )  # fmt: skip
+    lines = []
+    for system, n, unsolved, steps, low, high, secs, s_low, s_high in rows:
+        ratio = secs / medians["dummy"] if medians.get("dummy") else math.nan
+        mark = f" ({unsolved} not solved)" if unsolved else ""
+        lines.append(
+            f"| {cost} | {system} | {n}{mark} | {steps:,.0f} [{low:,}, {high:,}] | {secs:.1f} [{s_low:.1f},"
+            f" {s_high:.1f}] | {ratio:.2f}x |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--costs", nargs="+", default=["0", "1:wait", "1:cpu", "10:wait"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds-slow", type=int, nargs="+", default=[0, 1, 2], help="for costs of 10 ms+")
+    parser.add_argument("--n-envs", type=int, default=32)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--steps-per-round", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="the small form a test runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.costs, args.seeds, args.seeds_slow = ["0", "1:wait"], [0, 1], [0]
+        args.steps_per_round, args.rounds, args.n_envs = 8_000, 5, 16
+    logs.configure("warning", False)
+    run = Run(SPEC, args.n_envs, args.steps_per_round, args.rounds, eval_episodes=20)
+    lines = [
+        "| step cost | system | seeds | env steps to solve: median [range] | training s to solve: median"
+        " [range] | wall-clock vs dummy |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for cost in map(Cost.parse, args.costs):
+        seeds = args.seeds_slow if cost.ms >= 10 else args.seeds
+        outcomes = []
+        for seed in seeds:
+            for system in args.systems:
+                result = outcome(system, seed, curve_of(system)(seed, run, cost))
+                outcomes.append(result)
+                print(f"{cost}, {system}, seed {seed}: {result}", flush=True)
+        lines += summary(cost, outcomes, args.systems)
+        print("\n".join(lines), flush=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ every side, training and evaluation alike. For each cost and seed, three systems
 A2C (:mod:`bench.hyperparams`' CartPole-v1 settings, ``--n-envs`` environments) until the mean
 deterministic return over 20 episodes reaches 475, evaluated every ``--steps-per-round`` steps:
 
-- **swarm**: one model worker and the aggregator, and the environments on runner processes
+- **swarm**: one model worker (answering the runners directly), and the environments on runner processes
   stepping asynchronously (each environment steps as soon as its own action arrives): one runner
   with a thread per environment when the cost is waiting (the waits overlap), two runners when it
   is CPU work (one per core), one runner in lockstep with no cost;
@@ -48,6 +48,7 @@ from worker.env.cost import StepCost
 
 SPEC = SPECS["CartPole-v1"]
 SYSTEMS = ("swarm", "dummy", "subproc")
+MODE = "direct"  # one model answers its runners itself: two hops a step, not the ensemble's three
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def swarm_curve(seed: int, run: Run, cost: Cost) -> list[RoundResult]:
         _cli_parse_args=False,
         **SPEC.worker_settings(run.steps),
         models=1,
+        mode=MODE,
         evolve=False,
         seed=seed,
         n_envs=run.n_envs // runners,

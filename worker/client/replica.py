@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.common.distributions import choose
+from worker.common.distributions import decide
 from worker.model.inputs import Inputs
 from worker.model.policy import evaluate, load_weight_vector, policy_from_spec
 from worker.protocol import Spaces, parse_value
@@ -39,4 +39,6 @@ class LocalPolicy:
         values = [parse_value(o, self.spaces.observation, "OBSERVATION") for o in observations]
         batch = self.inputs.policy_batch(values, [False] * len(values))
         params, _ = evaluate(self.policy, self.family, batch)
-        return [choose(self.family, row.astype(np.float64), deterministic, self.rng) for row in params]
+        flags = np.full(len(values), deterministic)
+        actions, _ = decide(self.family, params.astype(np.float64)[:, None, :], flags, "prob", self.rng)
+        return actions

@@ -118,9 +118,3 @@ def shares(log_likelihoods: np.ndarray) -> np.ndarray:
     ok = np.isfinite(top)
     weights = np.where(ok, np.exp(safe - np.where(ok, top, 0.0)), 1.0)
     return weights / weights.sum(axis=-1, keepdims=True)
-
-
-def choose(family: Family, params: np.ndarray, deterministic: bool, rng: np.random.Generator) -> int | list:
-    """One model's action for one observation (``params``: its flat distribution)."""
-    actions, _ = decide(family, params[None, None, :], np.array([deterministic]), "prob", rng)
-    return actions[0]

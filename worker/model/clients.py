@@ -2,7 +2,7 @@
 
 - An observation of the model's inbox (``<prefix>:model:<id>:observation``, a *direct* client's)
   is answered with an action, chosen from the logits the model would otherwise have replied (after
-  the batch's update), on the client's reply stream (:func:`answer`).
+  the batch's update), on the client's reply stream (:func:`replies`).
 - A *local* client acts with a copy of the policy: the hash ``<prefix>:model:<id>:policy``
   holds the network's description, its weights and how many updates they are from, and the newest
   inbox entry the model committed (:class:`Publisher`). The loop writes what :meth:`Publisher.fields`
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from worker.common.distributions import choose
+from worker.common.distributions import decide
 from worker.model.learner import Learner
 from worker.model.policy import policy_spec
 from worker.model.settings import ModelSettings
@@ -33,32 +33,43 @@ from worker.protocol import (
 POLICY_FORMAT = 1  # the layout of the policy hash: its ``format`` field
 
 
-def answer(
-    obs: Observation,
+def replies(
+    run: list[tuple[Observation, bool]],
     family: Family,
-    params: np.ndarray,
-    from_inbox: bool,
+    answers: np.ndarray,
     component_id: str,
     streams: Streams,
     rng: np.random.Generator,
-) -> tuple[str, dict] | None:
-    """The reply to ``obs`` as (stream, entry fields), or ``None`` when it asked for none (ANSWER false).
+) -> list[tuple[str, dict]]:
+    """The replies to a run of observations, as (stream, entry fields); none for one that asked for
+    none (ANSWER false). The actions of the inbox's observations are drawn at once, for the batch.
 
-    :param obs: a valid observation
+    :param run: valid observations, each with whether it came from the model's inbox (answered
+        with an action) rather than the shared observation stream (answered with logits)
     :param family: the form of the model's distributions
-    :param params: the distribution for ``obs`` under the weights the batch ends with
-    :param from_inbox: it came from the model's inbox, not the shared observation stream
+    :param answers: the distribution for each observation under the weights the batch ends with
     :param component_id: the model's ID
     :param streams: the deployment's names
     :param rng: the model's generator of samples
     """
-    if not obs.answer:
-        return None
-    if not from_inbox:
-        reply = logits_reply(obs, family.fields(params), component_id)
-        return streams.logits, encode_entry(reply, obs.encoding)
-    action = choose(family, params.astype(np.float64), obs.deterministic, rng)
-    return streams.replies(obs.reply_to), encode_entry(action_message(obs, action, 1), obs.encoding)
+    inbox = [i for i, (obs, from_inbox) in enumerate(run) if from_inbox and obs.answer]
+    actions: list = []
+    if inbox:
+        deterministic = np.array([run[i][0].deterministic for i in inbox])
+        params = answers[inbox].astype(np.float64)[:, None, :]
+        actions, _ = decide(family, params, deterministic, "prob", rng)
+    chosen = dict(zip(inbox, actions, strict=True))
+    found = []
+    for i, (obs, from_inbox) in enumerate(run):
+        if not obs.answer:
+            continue
+        if from_inbox:
+            message = action_message(obs, chosen[i], 1)
+            found.append((streams.replies(obs.reply_to), encode_entry(message, obs.encoding)))
+        else:
+            reply = logits_reply(obs, family.fields(answers[i]), component_id)
+            found.append((streams.logits, encode_entry(reply, obs.encoding)))
+    return found
 
 
 class Publisher:

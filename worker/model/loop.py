@@ -321,12 +321,9 @@ class ModelWorker(Service):
         from the inbox, which is answered with an action); queue the replies."""
         answers, trained = self.learner.step([obs for obs, _ in run])
         outbox.weights_changed |= trained
+        outbox.touched_envs.update(obs.env_id for obs, _ in run)
         family = self.learner.family
-        for (obs, from_inbox), params in zip(run, answers, strict=True):
-            outbox.touched_envs.add(obs.env_id)
-            reply = clients.answer(obs, family, params, from_inbox, self.component_id, self.streams, self.rng)
-            if reply is not None:
-                outbox.messages.append(reply)
+        outbox.messages += clients.replies(run, family, answers, self.component_id, self.streams, self.rng)
 
     def _command(self, command: Command, outbox: Outbox) -> None:
         """GET publishes the weights and pauses training; SET (naming this model) loads and resumes."""

@@ -225,7 +225,9 @@ class PolicyClient:
         :meth:`Ticket.take`): for environments that step each on its own action.
 
         Reads the replies once, blocking at most ``block_ms`` (and not past the earliest deadline)
-        while no action is in yet; local mode's tickets are complete when sent and need no read.
+        while no action is in yet; ``0``: not at all. Local mode's tickets are complete when sent and
+        need no read. A short block is no way to poll: Redis ends a blocking read that times out only
+        at its next tick (``hz``: every 100 ms by default) if nothing else wakes it.
 
         :raises ActionTimeout: a ticket past its deadline with actions missing, as :meth:`collect`
             raises it (the ticket is given up); the actions that did arrive stay in the tickets
@@ -235,7 +237,8 @@ class PolicyClient:
             first = min(held, key=lambda t: t.deadline)
             left = first.deadline - time.monotonic()
             ready = any(len(t.taken) < len(t.actions) for t in tickets)
-            block = None if ready or left <= 0 else max(1, int(min(block_ms or self.block_ms, left * 1000)))
+            wait = not ready and left > 0 and block_ms != 0
+            block = max(1, int(min(block_ms or self.block_ms, left * 1000))) if wait else None
             self._read(first, block)
             now = time.monotonic()
             for ticket in held:

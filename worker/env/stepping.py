@@ -14,7 +14,9 @@ several are ready. A slow answer or a dear step holds up its own environment onl
 Steps run in the runner's thread, or with ``--step-threads`` above 1 in a pool (:class:`Steps`), so
 that steps that wait (a remote game, a robot) overlap; CPU work gains nothing from threads (the GIL
 lets one run at a time), more runner processes use more cores. While steps run in the pool and
-actions are awaited, the runner alternates short reads (:data:`POLL_MS`) with looks at the pool.
+actions are awaited, the runner alternates reads that do not block with short waits on the pool
+(:data:`POLL`): a short blocking read would end late, as Redis times it out only at its next tick
+(every 100 ms with the default ``hz`` 10) when nothing else wakes it.
 
 Both keep a run's meaning: a target of steps is never exceeded (an observation is published only
 while the steps taken and asked for are fewer), a target of episodes or an evaluation's quotas stop
@@ -39,7 +41,7 @@ from worker.env.episodes import Outcome, Progress, Slot
 log = logs.get(__name__)
 
 CONTROL_PEEK = 0.5  # seconds between two looks for a STOP while waiting for actions
-POLL_MS = 1  # longest read while steps run in the pool: a step done is noticed this late at most
+POLL = 0.0005  # seconds: while steps run in the pool, how often the replies are looked at
 
 Publish = Callable[[list[dict[str, Any]]], None]
 
@@ -171,9 +173,10 @@ class Stepping:
                         return  # the target is reached and every action asked for is applied
                     pause = CONTROL_PEEK
                     continue
-                pause = 0.0
-                block = POLL_MS if self.steps.running else int(CONTROL_PEEK * 1000)
-                actions = self.client.arrived(tickets, block)
+                # While steps run in the pool, look at the replies without blocking, and at the pool
+                # for POLL seconds: Redis ends a short blocking read late (at its next tick).
+                actions = self.client.arrived(tickets, 0 if self.steps.running else int(CONTROL_PEEK * 1000))
+                pause = POLL if self.steps.running and not actions else 0.0
             except ActionTimeout as exc:
                 self._resend_or_abort(exc)
                 actions = {env: action for t in tickets for env, action in t.take().items()}

@@ -31,9 +31,10 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from worker.common import logs
-from worker.common.connections import ensure_group, text
+from worker.common.connections import ensure_group
 from worker.common.serve import REDIS_ERRORS, Service
 from worker.model import clients, reclaim
+from worker.model.batches import Entry, entries_of, linger
 from worker.model.learner import Counters, Learner
 from worker.model.memory import FORMAT_HINT, EnvMemory, FormatError
 from worker.model.settings import ModelSettings
@@ -55,19 +56,6 @@ from worker.protocol import (
 )
 
 log = logs.get(__name__)
-
-Entry = tuple[str, str, dict[bytes, bytes]]  # (stream, entry ID, fields)
-
-
-def _order(entry: Entry, command_stream: str) -> tuple[int, bool, int]:
-    """Order entries of both streams by time; within one millisecond, commands first.
-
-    Sequence numbers count within one stream only, so across streams the millisecond is all
-    the order there is.
-    """
-    ms, seq = split_id(entry[1])
-    return ms, entry[0] != command_stream, seq
-
 
 @dataclass
 class Outbox:
@@ -243,6 +231,7 @@ class ModelWorker(Service):
             self._pending_first = False
             self._suspects.clear()
             entries = self._read(">", min(self.settings.block_ms, int(self.settings.lease_ttl * 1000 / 3)))
+            entries = self._linger(entries)
             if self.outages.reconnected():
                 # redis-py retried the read on a new connection: an earlier attempt may have delivered
                 # entries whose reply was lost. They are pending on us, before these: read them all.
@@ -255,23 +244,17 @@ class ModelWorker(Service):
             self.handle(entries)
         return len(entries)
 
+    def _linger(self, entries: list[Entry]) -> list[Entry]:
+        """Fewer than ``--min-batch`` entries wait up to ``--linger-ms`` for more (:func:`linger`)."""
+        s, sizes = self.settings, (self.settings.min_batch, self.settings.batch_size)
+        more = lambda count: self._read(">", None, count)  # noqa: E731
+        return linger(entries, sizes, s.linger_ms, more, self.streams.evolution)
+
     def _read(self, ids: str, block: int | None, count: int | None = None) -> list[Entry]:
         """XREADGROUP the input streams; ``0`` re-reads our pending entries, ``>`` new ones."""
-        reply = self.redis.xreadgroup(
-            self.group,
-            self.consumer,
-            dict.fromkeys(self._inputs, ids),
-            count=count or self.settings.batch_size,
-            block=block,
-        )
-        entries: list[Entry] = []
-        for stream, items in reply or []:
-            name = text(stream)
-            for entry_id, fields in items:
-                entries.append((name, text(entry_id), fields or {}))  # None if the entry was trimmed
-        # One order across the streams, so a command applies between the observations around it.
-        entries.sort(key=lambda entry: _order(entry, self.streams.evolution))
-        return entries
+        streams, count = dict.fromkeys(self._inputs, ids), count or self.settings.batch_size
+        reply = self.redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
+        return entries_of(reply, self.streams.evolution)
 
     def handle(self, entries: list[Entry]) -> None:
         """Handle and commit ``entries``; a bug triggered by one entry dead-letters only that entry."""

@@ -90,6 +90,15 @@ class ModelSettings(CommonSettings, A2CSettings):
     batch_size: int = Field(
         256, gt=0, le=4096, description="entries read (and forwarded as one batch) per XREADGROUP"
     )
+    min_batch: int = Field(
+        1, gt=0, le=4096, description="a batch of fewer entries waits up to --linger-ms for more"
+    )
+    linger_ms: float = Field(
+        0.0,
+        ge=0,
+        description="longest wait for --min-batch entries (environments that step on their own send"
+        " entries one by one); 0: a batch is what one read returns",
+    )
     block_ms: int = Field(500, gt=0, le=30_000, description="how long one XREADGROUP blocks for new entries")
     max_entry_bytes: int = Field(4 << 20, gt=0, description="larger entries are dead-lettered unread")
     evolution_timeout: float = Field(60.0, gt=0, description="seconds after a GET until training resumes")

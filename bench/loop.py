@@ -140,7 +140,7 @@ def swarm_curve(seed: int, run: Run, cost: Cost) -> list[RoundResult]:
         n_envs=run.n_envs // runners,
         runners=runners,
         stepping=stepping,
-        steps=run.steps_per_round,
+        steps=run.steps_per_round // runners,  # every runner takes a RUN's steps
         rounds=run.rounds,
         eval_episodes=run.eval_episodes,
         target=SPEC.target,

@@ -41,3 +41,13 @@ def test_entries_coming_one_by_one_fill_a_lingering_batch(
     assert (len(polled) == 1) is (min_batch == 4), polled  # one batch, or one per read
     assert worker.counters.version == 1 + len(polled)  # one commit per batch
     assert len(read(real_redis, "rl:logits")) == 4
+
+
+@pytest.mark.parametrize(
+    ("changes", "refusal"),
+    [({"min_batch": 512, "batch_size": 256}, "cannot exceed --batch-size"),
+     ({"linger_ms": 2000.0, "lease_ttl": 5.0}, "under a third of --lease-ttl")],
+)  # fmt: skip
+def test_a_linger_that_cannot_work_is_refused(settings, changes: dict, refusal: str) -> None:
+    with pytest.raises(ValueError, match=refusal):
+        type(settings)(**{**settings.model_dump(), **changes, "_cli_parse_args": False})

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import gymnasium as gym
 import pytest
+import redis
 from stable_baselines3.common.env_util import make_vec_env
 
+from worker.client import ActionTimeout
 from worker.env import StepCost
 from worker.env.runner import EnvRunner
 from worker.env.settings import EnvSettings
+from worker.env.stepping import RunAborted, Stepping
 
 
 def _timed(env: gym.Env, steps: int) -> tuple[float, float]:
@@ -83,3 +87,24 @@ def test_runner_flags_wrap_training_and_evaluation_envs(real_redis, redis_server
 def test_stepping_threads_default(changes: dict, threads: int) -> None:
     settings = EnvSettings(_cli_parse_args=False, n_envs=8, **changes)
     assert settings.threads == threads
+
+
+@pytest.mark.parametrize(
+    ("cause", "resent"),
+    [(redis.ConnectionError("down"), True),
+     (redis.exceptions.RedisClusterUnreachableError("no node answers"), True),  # not a RedisError
+     (redis.ResponseError("WRONGTYPE"), False), (None, False)],
+)  # fmt: skip
+def test_an_action_timeout_in_an_outage_sends_the_steps_again_and_any_other_aborts(cause, resent) -> None:
+    client = SimpleNamespace(client_id="c1")  # all the decision reads of the client
+    stepping = Stepping(client, "async", 1, lambda: None, lambda: False)  # type: ignore[arg-type]
+    timeout = ActionTimeout("no action", "e1")
+    timeout.__cause__ = cause
+    try:
+        if resent:
+            stepping._resend_or_abort(timeout)  # logs, and the caller sends the steps again
+        else:
+            with pytest.raises(RunAborted):
+                stepping._resend_or_abort(timeout)
+    finally:
+        stepping.close()

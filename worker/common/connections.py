@@ -120,7 +120,8 @@ def hash_tagged(prefix: str) -> bool:
     a swarm's keys all begin with its prefix, so a tag there puts them all in the tag's slot.
     """
     start = prefix.find("{")
-    return start >= 0 and prefix.find("}", start + 2) > start
+    end = prefix.find("}", start + 1)
+    return start >= 0 and end > start + 1  # an empty tag ("{}") counts for nothing: Redis hashes the key
 
 
 def swarm_prefix(prefix: str | None, cluster: bool) -> str:

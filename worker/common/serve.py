@@ -46,7 +46,10 @@ OUTAGE = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
-    redis.exceptions.RedisClusterUnreachableError,  # no node of a cluster answers
+    # No node of a cluster answers; a slot missing from the client's map (redis-py retries both).
+    # Older redis-py releases lack the first: their RedisClusterException stands in for it.
+    getattr(redis.exceptions, "RedisClusterUnreachableError", redis.exceptions.RedisClusterException),
+    redis.exceptions.SlotNotCoveredError,
 )
 # What a Redis command can raise: redis-py raises a cluster it cannot reach at all as a
 # RedisClusterException, which is not a RedisError.

@@ -32,10 +32,9 @@ from collections.abc import Callable
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Literal
 
-import redis
-
 from worker.client import ActionTimeout, PolicyClient, Ticket
 from worker.common import logs
+from worker.common.serve import REDIS_ERRORS, is_outage
 from worker.env.episodes import Outcome, Progress, Slot
 
 log = logs.get(__name__)
@@ -219,7 +218,8 @@ class Stepping:
     def _resend_or_abort(self, exc: ActionTimeout) -> None:
         """No action in time aborts the run, unless Redis was unavailable: an outage is not the
         models' slowness, so the steps are sent again until it is back."""
-        if not isinstance(exc.__cause__, redis.RedisError) or self.stopping():
+        cause = exc.__cause__
+        if not (isinstance(cause, REDIS_ERRORS) and is_outage(cause)) or self.stopping():
             raise RunAborted(str(exc)) from None
         log.warning(
             "redis unavailable for the whole action timeout: sending the steps again",

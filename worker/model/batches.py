@@ -66,7 +66,7 @@ def linger(
     if not entries or len(entries) >= min_batch or linger_ms <= 0:
         return entries
     deadline = time.monotonic() + linger_ms / 1000
-    while len(entries) < min_batch and (left := deadline - time.monotonic()) > 0:
+    while len(entries) < min(min_batch, batch_size) and (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, LINGER_POLL))
         entries += read(batch_size - len(entries))
     entries.sort(key=lambda entry: _order(entry, command_stream))

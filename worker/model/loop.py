@@ -252,7 +252,8 @@ class ModelWorker(Service):
 
     def _read(self, ids: str, block: int | None, count: int | None = None) -> list[Entry]:
         """XREADGROUP the input streams; ``0`` re-reads our pending entries, ``>`` new ones."""
-        streams, count = dict.fromkeys(self._inputs, ids), count or self.settings.batch_size
+        count = self.settings.batch_size if count is None else count
+        streams = dict.fromkeys(self._inputs, ids)
         reply = self.redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
         return entries_of(reply, self.streams.evolution)
 

@@ -149,6 +149,14 @@ class ModelSettings(CommonSettings, A2CSettings):
     )
     torch_threads: int = Field(1, gt=0, description="torch intra-op threads (small nets run best on one)")
 
+    @model_validator(mode="after")
+    def _lingering_fits(self) -> ModelSettings:
+        if self.min_batch > self.batch_size:
+            raise ValueError(f"--min-batch ({self.min_batch}) cannot exceed --batch-size ({self.batch_size})")
+        if self.linger_ms >= self.lease_ttl * 1000 / 3:  # the lease is renewed between batches
+            raise ValueError(f"--linger-ms must stay under a third of --lease-ttl ({self.lease_ttl} s)")
+        return self
+
     @property
     def trimming(self) -> StreamTrim:
         """The trimming of every stream this worker writes (logits, weights, dead)."""

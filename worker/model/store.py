@@ -63,7 +63,7 @@ class ReplicaWait:
 
     :param replicas: replicas that must acknowledge each commit; 0: do not wait
     :param timeout_ms: the longest wait; a commit is never undone when it runs out, only counted,
-        and the commits after it wait 1 ms until the replicas catch up
+        and the commits after it are not waited for (one a second looks whether the replicas caught up)
     """
 
     replicas: int = 0
@@ -137,6 +137,7 @@ class ModelStore:
         self.wait = wait or ReplicaWait()
         self.unreplicated = 0  # commits fewer than wait.replicas replicas acknowledged in time
         self._replicas_behind = False  # the last wait ran out
+        self._probed = 0.0  # monotonic time of the last wait
         self.streams = streams
         self.component_id = component_id
         self.consumer, self.lease_ttl, self.trim = consumer, lease_ttl, trim or StreamTrim()
@@ -337,9 +338,15 @@ class ModelStore:
         node: Any = self.redis
         if isinstance(node, redis.RedisCluster):
             node = node.get_redis_connection(node.get_node_from_key(keys[0]))
-        # Once a wait ran out (a replica down, or resyncing), later commits wait 1 ms until the
-        # replicas acknowledge again: a primary left without its replica must not slow the loop
-        # to one commit per timeout. Those commits are counted as unreplicated all the same.
+        # Once a wait ran out (a replica down, or resyncing), later commits do not wait, and one a
+        # second asks again (1 ms, which Redis ends only at its next tick, up to 100 ms later): a
+        # primary left without its replica must not slow the loop to one commit per timeout.
+        # Commits not waited for are counted as unreplicated.
+        probe = not self._replicas_behind or time.monotonic() - self._probed >= 1.0
+        if not probe:
+            self.unreplicated += 1
+            return self._commit_script(keys=keys, args=args, client=self.redis)
+        self._probed = time.monotonic()
         timeout_ms = 1 if self._replicas_behind else self.wait.timeout_ms
         with node.pipeline(transaction=False) as pipe:
             self._commit_script(keys=keys, args=args, client=pipe)

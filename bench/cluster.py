@@ -45,13 +45,13 @@ from pathlib import Path
 
 import redis
 
+from bench.latency import HZ, cpu_seconds
 from worker.common.connections import connect
 from worker.common.servers import LocalCluster, embedded_cluster, embedded_redis
 from worker.control.demo import Swarm
 from worker.control.train import wait_for_loop, wait_for_models
 from worker.protocol import Encoding, Run, Streams, encode_entry, run_command, stop_command
 
-HZ = os.sysconf("SC_CLK_TCK")
 ENDLESS = 10**9  # steps of the RUN each swarm gets: it runs until the swarm is stopped
 RUNNER = "bench"
 CASES = {
@@ -60,12 +60,6 @@ CASES = {
     "cluster3": "3 swarms at once on the Redis Cluster",
 }
 MACHINE = "machine"  # in Window.cpu: every process on the machine, this bench's and others'
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU seconds ``pid`` has used so far: user plus system time from ``/proc/<pid>/stat``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ  # utime, stime
 
 
 def machine_busy() -> float:
@@ -128,8 +122,7 @@ def swarms(url: str, prefixes: list[str], cluster: bool, models: int, n_envs: in
                 swarm.start(f"{tag}-model-{i}", "model", "--component-id", f"{tag}-{i}", "--seed", str(i))
             swarm.start(f"{tag}-aggregator", "aggregator", "--seed", "0")
             swarm.start(f"{tag}-env", "env", "--n-envs", str(n_envs), "--runner-id", RUNNER, "--seed", "0")
-            names = [f"model-{i}" for i in range(models)] + ["aggregator", "env"]
-            loop.pids |= {f"{prefix} {n}": p.pid for n, p in zip(names, swarm.processes, strict=True)}
+            loop.pids |= {f"{prefix} {n.removeprefix(tag + '-')}": p.pid for n, p in swarm.processes.items()}
         print(f"logs: {logdir}", file=sys.stderr)
         wait_ready(loop, models, since)
         yield loop

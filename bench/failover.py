@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,12 +43,12 @@ from typing import Any
 
 import redis
 
-from tests.faults.chaos.checks import Observed, entries, expected_counters
-from worker.common.connections import after_cluster_error, connect, last_id, text
+from tests.faults.chaos.checks import drained, implied_counters
+from worker.common.connections import after_cluster_error, connect, text
 from worker.common.servers import LocalCluster, embedded_cluster
+from worker.control.demo import Swarm as DemoSwarm
 from worker.control.train import wait_for_loop, wait_for_models
-from worker.model.store import ModelStore
-from worker.protocol import Encoding, Streams, decode_entry, encode_entry
+from worker.protocol import Encoding, Streams, decode_entry, encode_entry, split_id
 from worker.protocol.commands import Run, run_command, stop_command
 
 MODEL, RUNNER_ID, N_STEPS = "m1", "r", 5
@@ -109,35 +107,30 @@ class Observer(threading.Thread):
                     message = decode_entry(fields, 1 << 24)[0] if fields else {}
                     self.seen[name][eid] = str(message.get("OBS_ID", ""))
                     if name == self.names[1]:
-                        self.newest_logits_ms = max(self.newest_logits_ms, _ms(eid))
+                        self.newest_logits_ms = max(self.newest_logits_ms, split_id(eid)[0])
 
 
-class Swarm:
-    """The swarm's processes (``python -m worker ... --cluster --log-json``), their logs in a folder."""
+class Swarm(DemoSwarm):
+    """The swarm's processes (``python -m worker ... --log-json`` on the cluster), by name: ``model``,
+    ``aggregator``, ``runner``; their logs in a folder."""
 
     def __init__(self, url: str, prefix: str, figures: Figures, n_envs: int, logdir: Path) -> None:
+        super().__init__(url, prefix, logdir, cluster=True)
         # Nothing trimmed: the counters are checked against every observation at the end.
-        common = ["--redis-url", url, "--cluster", "--prefix", prefix, "--log-json"]
-        common += ["--stream-maxlen", "10000000"]
-        self.commands = {
-            "model": ["model", "--component-id", MODEL, "--seed", "0", "--lease-ttl", "2"]
-            + ["--wait-replicas", str(figures.wait_replicas), "--n-steps", str(N_STEPS)]
-            + ["--wait-timeout-ms", str(figures.wait_timeout_ms)],
-            "aggregator": ["aggregator"],
-            "runner": ["env", "--runner-id", RUNNER_ID, "--n-envs", str(n_envs), "--seed", "0"]
-            + ["--no-trim-replies", "--action-timeout", "10"],
-        }
-        self.logdir = logdir
-        self.processes: dict[str, subprocess.Popen] = {}
-        for name, args in self.commands.items():
-            log = open(logdir / f"{name}.log", "w")  # noqa: SIM115 - the child keeps it
-            command = [sys.executable, "-m", "worker", *args, *common]
-            self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        common = ["--log-json", "--stream-maxlen", "10000000"]
+        model = ["--component-id", MODEL, "--seed", "0", "--lease-ttl", "2", "--n-steps", str(N_STEPS)]
+        wait = figures.wait_replicas, figures.wait_timeout_ms
+        model += ["--wait-replicas", str(wait[0]), "--wait-timeout-ms", str(wait[1])]
+        self.start("model", "model", *model, *common)
+        self.start("aggregator", "aggregator", *common)
+        runner = ["--runner-id", RUNNER_ID, "--n-envs", str(n_envs), "--seed", "0", "--no-trim-replies"]
+        self.start("runner", "env", *runner, "--action-timeout", "10", *common)
 
     def crashed(self) -> list[str]:
         return [name for name, p in self.processes.items() if p.poll() is not None]
 
     def lines(self, name: str) -> list[dict[str, Any]]:
+        """What ``name`` logged, one JSON line each."""
         found = []
         for line in (self.logdir / f"{name}.log").read_text().splitlines():
             try:
@@ -145,16 +138,6 @@ class Swarm:
             except json.JSONDecodeError:
                 continue
         return found
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 def wait_until(condition: Any, what: str, swarm: Swarm, timeout: float = 120.0) -> None:
@@ -176,7 +159,7 @@ def losses(observer: Observer, client: redis.Redis, kill_ms: int, figures: Figur
     seen_now = {name: dict(observer.seen[name]) for name in observer.names}  # (it reads on)
 
     def lost(name: str) -> int:
-        seen = {i for i in seen_now[name] if since <= _ms(i) <= kill_ms}
+        seen = {i for i in seen_now[name] if since <= split_id(i)[0] <= kill_ms}
         return len(seen - survived[name].keys())
 
     figures.observations_lost += lost(observations)
@@ -184,14 +167,10 @@ def losses(observer: Observer, client: redis.Redis, kill_ms: int, figures: Figur
     figures.actions_lost += lost(actions)
     # Every model reply since the window began, seen or surviving: two for one observation means
     # its first answer was lost and it was answered again.
-    replies = {i: obs for i, obs in seen_now[logits].items() if _ms(i) >= since}
+    replies = {i: obs for i, obs in seen_now[logits].items() if split_id(i)[0] >= since}
     for i, fields in survived[logits].items():
         replies.setdefault(i, str(decode_entry(fields, 1 << 24)[0].get("OBS_ID", "")))
     figures.answered_twice += sum(1 for n in Counter(replies.values()).values() if n > 1)
-
-
-def _ms(entry_id: str) -> int:
-    return int(entry_id.partition("-")[0] or 0)
 
 
 def failover_case(
@@ -234,7 +213,7 @@ def failover_case(
         )
         client.xadd(streams.control, encode_entry(stop_command(), Encoding.MSGPACK))
         wait_until(lambda: swarm.processes["runner"].poll() is not None, "the runner to stop", swarm)
-        wait_until(lambda: drained(client, streams), "the model to drain its streams", swarm)
+        wait_until(lambda: drained(client, streams, [MODEL]), "the model to drain its streams", swarm)
         figures.crashed = [name for name in swarm.crashed() if name != "runner"]
         _counters(client, streams, figures)
         figures.updates_after = int(client.hget(streams.model_key(MODEL, "info"), "updates") or 0) - updates
@@ -267,25 +246,12 @@ def fail_over(
     figures.failovers += 1
 
 
-def drained(client: redis.Redis, streams: Streams) -> bool:
-    """The model read its observation stream to the end and acknowledged all it read."""
-    group = {text(g["name"]): g for g in client.xinfo_groups(streams.observation)}[Streams.group(MODEL)]
-    return not group["pending"] and text(group["last-delivered-id"]) == last_id(client, streams.observation)
-
-
 def _counters(client: redis.Redis, streams: Streams, figures: Figures) -> None:
-    observed = [
-        Observed(m["ENV_ID"], "REWARD" in m, bool(m.get("DETERMINISTIC")))
-        for _, m in entries(client, streams.observation)
-    ]
-    figures.observations = len(observed)
-    expected = expected_counters(observed, N_STEPS)
-    counters = asdict(ModelStore(client, streams, MODEL).load().counters)
-    found = {key: counters[key] for key in expected}
-    found["segments"] = counters["segments"] + counters["discarded"]
-    figures.counters_exact = found == expected
+    found, wanted = implied_counters(client, streams, MODEL, N_STEPS)
+    figures.observations = wanted["observations"]
+    figures.counters_exact = found == wanted
     if not figures.counters_exact:
-        figures.counter_mismatch = f"{found} != {expected}"
+        figures.counter_mismatch = f"{found} != {wanted}"
 
 
 def _logs(swarm: Swarm, figures: Figures) -> None:

@@ -127,7 +127,7 @@ def real_loop(url: str, k: int, steps: int) -> tuple[float, dict[str, float]]:
         swarm.start("aggregator", "aggregator", "--seed", "0")
         swarm.start("env", "env", "--n-envs", str(k), "--runner-id", "latency", "--seed", "0")
         client = connect(url)
-        pids = [p.pid for p in swarm.processes] + [int(client.info("server")["process_id"])]
+        pids = [p.pid for p in swarm.processes.values()] + [int(client.info("server")["process_id"])]
         wait_for_models(client, streams, 1)
         wait_for_loop(client, streams, ["latency"], since)
         swarm.check()

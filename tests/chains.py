@@ -11,6 +11,7 @@ import gymnasium as gym
 import numpy as np
 import redis
 
+from tests.faults.chaos.checks import implied_counters
 from tests.helpers import read, values
 from worker.model.store import ModelStore
 from worker.protocol import Streams
@@ -64,23 +65,12 @@ def delivered(observations: list[Entry], actions: dict[str, Any]) -> Counter[str
     return checked
 
 
-def expected_counters(observations: list[Entry], n_steps: int) -> dict[str, int]:
-    """The counters a model that learned from ``observations`` (every observation on the stream, in
-    order) once each must have committed (as ``worker/model/memory.py`` rules)."""
-    from tests.faults.chaos.checks import Observed
-    from tests.faults.chaos.checks import expected_counters as expected
-
-    observed = [Observed(m["ENV_ID"], "REWARD" in m, bool(m.get("DETERMINISTIC"))) for _, m in observations]
-    return expected(observed, n_steps)
-
-
 def learned_once(client: redis.Redis, models: list[str], n_steps: int) -> None:
     """Asserts that each model's committed counters are what the observation stream implies: nothing
     learned twice, nothing missed."""
-    wanted = expected_counters(read(client, "rl:observation"), n_steps)
+    streams = Streams("rl")
     for model in models:
-        counters = ModelStore(client, Streams("rl"), model).load().counters
-        found = {key: getattr(counters, key) for key in wanted}
-        found["segments"] += counters.discarded
+        found, wanted = implied_counters(client, streams, model, n_steps)
         assert found == wanted, model
+        counters = ModelStore(client, streams, model).load().counters
         assert counters.repeats == 0 and counters.dead == 0, model

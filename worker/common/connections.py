@@ -83,7 +83,7 @@ def connect(url: str, cluster: bool = False, **kwargs: Any) -> redis.Redis:
     # A frozen server or a half-open connection must not block a "timed" wait forever; every
     # blocking read here blocks for at most 30 s (the block_ms settings' bound).
     kwargs.setdefault("socket_timeout", 60)
-    check_access(url, **{k: v for k, v in kwargs.items() if k != "retry"})
+    check_access(url, **kwargs)
     if cluster:
         try:
             return Cluster.from_url(url, **kwargs)  # type: ignore[return-value]
@@ -180,12 +180,12 @@ def after_cluster_error(client: Any, error: BaseException) -> None:
 
 # TIME of the server holding KEYS[1]. A cluster client sends a TIME without a key to any node, not
 # the one whose clock stamps the swarm's entry IDs.
-CLOCK = "return redis.call('TIME')"
+_CLOCK = "return redis.call('TIME')"
 
 
 def server_time(client: redis.Redis, key: str) -> float:
     """Seconds since the epoch on the clock of the server holding ``key`` (its entry IDs' clock)."""
-    seconds, micros = client.eval(CLOCK, 1, key)
+    seconds, micros = client.eval(_CLOCK, 1, key)
     return int(seconds) + int(micros) / 1e6
 
 

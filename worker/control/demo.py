@@ -105,23 +105,23 @@ class Swarm:
     def __init__(self, url: str, prefix: str, logdir: Path, cluster: bool = False) -> None:
         self.env = {**os.environ, "REDIS_URL": url, "STREAM_PREFIX": prefix, "REDIS_CLUSTER": str(cluster)}
         self.logdir = logdir
-        self.processes: list[subprocess.Popen] = []
+        self.processes: dict[str, subprocess.Popen] = {}  # by name, as their logs
 
     def start(self, name: str, *args: str) -> None:
         out = open(self.logdir / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
         command = [sys.executable, "-m", "worker", *args]
-        self.processes.append(subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT))
+        self.processes[name] = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
 
     def check(self) -> None:
-        for process in self.processes:
+        for process in self.processes.values():
             if process.poll() is not None:
                 raise RuntimeError(f"{' '.join(process.args[2:])} exited with {process.returncode}")
 
     def stop(self) -> None:
-        for process in self.processes:
+        for process in self.processes.values():
             if process.poll() is None:
                 process.terminate()
-        for process in self.processes:
+        for process in self.processes.values():
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -58,7 +58,8 @@ def linger(
     reads that do not block, between short sleeps: Redis would end a short blocking read late, at
     its next tick (every 100 ms with the default ``hz`` 10) when nothing else wakes it.
 
-    :param sizes: ``(min_batch, batch_size)``: the fewest entries worth a batch, and the most
+    :param sizes: ``(min_batch, batch_size)``: the fewest entries worth a batch, and the most (the
+        settings refuse a ``min_batch`` above ``batch_size``)
     :param read: reads at most the given number of new entries, without blocking
     :param command_stream: the evolution stream (see :func:`entries_of`)
     """
@@ -66,7 +67,7 @@ def linger(
     if not entries or len(entries) >= min_batch or linger_ms <= 0:
         return entries
     deadline = time.monotonic() + linger_ms / 1000
-    while len(entries) < min(min_batch, batch_size) and (left := deadline - time.monotonic()) > 0:
+    while len(entries) < min_batch and (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, LINGER_POLL))
         entries += read(batch_size - len(entries))
     entries.sort(key=lambda entry: _order(entry, command_stream))

@@ -16,6 +16,7 @@ to the last commit in Redis; if Redis lost it (it came back empty), the copy is 
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -246,9 +247,9 @@ class ModelWorker(Service):
 
     def _linger(self, entries: list[Entry]) -> list[Entry]:
         """Fewer than ``--min-batch`` entries wait up to ``--linger-ms`` for more (:func:`linger`)."""
-        s, sizes = self.settings, (self.settings.min_batch, self.settings.batch_size)
-        more = lambda count: self._read(">", None, count)  # noqa: E731
-        return linger(entries, sizes, s.linger_ms, more, self.streams.evolution)
+        s = self.settings
+        more = functools.partial(self._read, ">", None)  # new entries, without blocking
+        return linger(entries, (s.min_batch, s.batch_size), s.linger_ms, more, self.streams.evolution)
 
     def _read(self, ids: str, block: int | None, count: int | None = None) -> list[Entry]:
         """XREADGROUP the input streams; ``0`` re-reads our pending entries, ``>`` new ones."""

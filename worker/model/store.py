@@ -335,9 +335,6 @@ class ModelStore:
         """The commit, then ``WAIT``, on one connection: ``WAIT`` counts the replicas that hold the
         writes of its own connection. On a cluster, that is a connection to the primary serving
         the swarm's slot, as the cluster client's map has it."""
-        node: Any = self.redis
-        if isinstance(node, redis.RedisCluster):
-            node = node.get_redis_connection(node.get_node_from_key(keys[0]))
         # Once a wait ran out (a replica down, or resyncing), later commits do not wait, and one a
         # second asks again (1 ms, which Redis ends only at its next tick, up to 100 ms later): a
         # primary left without its replica must not slow the loop to one commit per timeout.
@@ -348,6 +345,9 @@ class ModelStore:
             return self._commit_script(keys=keys, args=args, client=self.redis)
         self._probed = time.monotonic()
         timeout_ms = 1 if self._replicas_behind else self.wait.timeout_ms
+        node: Any = self.redis
+        if isinstance(node, redis.RedisCluster):
+            node = node.get_redis_connection(node.get_node_from_key(keys[0]))
         with node.pipeline(transaction=False) as pipe:
             self._commit_script(keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self.wait.replicas, timeout_ms)

@@ -68,6 +68,26 @@ def expected_counters(observed: list[Observed], n_steps: int) -> dict[str, int]:
     return {key: counts[key] for key in ("observations", "transitions", "dropped", "segments")}
 
 
+def implied_counters(
+    client: redis.Redis, streams: Streams, model: str, n_steps: int
+) -> tuple[dict[str, int], dict[str, int]]:
+    """``model``'s committed counters beside what every observation on the stream implies
+    (:func:`expected_counters`; segments trained and discarded summed): equal when the model learned
+    from each observation once and missed none.
+
+    :return: ``(found, wanted)``, with the keys of :func:`expected_counters`
+    """
+    observed = [
+        Observed(m["ENV_ID"], "REWARD" in m, bool(m.get("DETERMINISTIC")))
+        for _, m in entries(client, streams.observation)
+    ]
+    wanted = expected_counters(observed, n_steps)
+    counters = asdict(ModelStore(client, streams, model).load().counters)
+    found = {key: counters[key] for key in wanted}
+    found["segments"] = counters["segments"] + counters["discarded"]
+    return found, wanted
+
+
 def drained(client: redis.Redis, streams: Streams, models: list[str]) -> bool:
     """Every group read its stream to the end and acknowledged all it read."""
     wanted = [(streams.logits, AGGREGATOR_GROUP)]

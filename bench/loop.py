@@ -18,7 +18,10 @@ deterministic return over 20 episodes reaches 475, evaluated every ``--steps-per
 - **subproc**: SB3's ``A2C`` on a ``SubprocVecEnv`` (one process per environment).
 
 It prints, per cost and system, the environment steps and the training wall-clock to solve
-(median and range over the seeds; evaluations excluded), and the ratio of medians to ``dummy``.
+(median and range over the seeds; evaluations excluded), the ratio of medians to ``dummy``, and the
+swarm's policy lag: the mean number of updates between the policy that chose an action and the
+update that learned from it (median over the seeds; SB3's is 0: it collects each rollout with one
+policy).
 A seed that does not solve within ``--rounds`` rounds counts its whole budget (marked).
 ``--quick`` runs a small form (costs 0 and 1 ms waiting, seeds 0 and 1, 5 rounds of 8,000) that a
 test runs end to end.
@@ -76,12 +79,15 @@ class Outcome:
     solved: bool
     steps: int
     train_seconds: float
+    lag: float | None = None  # the swarm's mean policy lag over the run (SB3's: 0)
 
 
 def outcome(system: str, seed: int, curve: list[RoundResult]) -> Outcome:
     solved = next((p for p in curve if p.eval_return >= SPEC.target), None)  # type: ignore[operator]
     last = solved or curve[-1]
-    return Outcome(system, seed, solved is not None, last.train_steps, last.train_seconds)
+    lags = [lag["mean"] for lag in curve[-1].policy_lag.values() if "mean" in lag]
+    lag = lags[0] if lags else None
+    return Outcome(system, seed, solved is not None, last.train_steps, last.train_seconds, lag)
 
 
 def sb3_curve(seed: int, run: Run, cost: Cost, vec_env_cls: type[VecEnv]) -> list[RoundResult]:
@@ -170,17 +176,19 @@ def summary(cost: Cost, outcomes: list[Outcome], systems: list[str]) -> list[str
         steps = [o.steps for o in mine]
         medians[system] = statistics.median(seconds)
         unsolved = sum(not o.solved for o in mine)
+        lags = [o.lag for o in mine if o.lag is not None]
+        lag = f"{statistics.median(lags):.2f}" if lags else "0"
         rows.append(
             (system, len(mine), unsolved, statistics.median(steps), min(steps), max(steps), medians[system],
-             min(seconds), max(seconds))
+             min(seconds), max(seconds), lag)
         )  # fmt: skip
     lines = []
-    for system, n, unsolved, steps, low, high, secs, s_low, s_high in rows:
+    for system, n, unsolved, steps, low, high, secs, s_low, s_high, lag in rows:
         ratio = secs / medians["dummy"] if medians.get("dummy") else math.nan
         mark = f" ({unsolved} not solved)" if unsolved else ""
         lines.append(
             f"| {cost} | {system} | {n}{mark} | {steps:,.0f} [{low:,}, {high:,}] | {secs:.1f} [{s_low:.1f},"
-            f" {s_high:.1f}] | {ratio:.2f}x |"
+            f" {s_high:.1f}] | {ratio:.2f}x | {lag} |"
         )
     return lines
 
@@ -203,8 +211,8 @@ def main() -> None:
     run = Run(SPEC, args.n_envs, args.steps_per_round, args.rounds, eval_episodes=20)
     lines = [
         "| step cost | system | seeds | env steps to solve: median [range] | training s to solve: median"
-        " [range] | wall-clock vs dummy |",
-        "|---|---|---:|---:|---:|---:|",
+        " [range] | wall-clock vs dummy | policy lag (mean updates) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for cost in map(Cost.parse, args.costs):
         seeds = args.seeds_slow if cost.ms >= 10 else args.seeds

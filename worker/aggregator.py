@@ -70,6 +70,7 @@ from pydantic import Field
 from worker.common import logs, lua
 from worker.common.connections import ensure_group
 from worker.common.distributions import decide
+from worker.common.draws import Draws
 from worker.common.serve import Service
 from worker.common.settings import CommonSettings
 from worker.protocol import (
@@ -99,7 +100,7 @@ class AggregatorSettings(CommonSettings):
 
     deadline_ms: int = Field(1000, gt=0, description="decide this long after an observation's first reply")
     registry_max_age: float = Field(5.0, gt=0, description="models with an older heartbeat are not awaited")
-    seed: int | None = Field(None, description="seed of the action sampling")
+    seed: int | None = Field(None, description="seed of the actions drawn (with each ENV_ID and STEP)")
     combine: Literal["prob", "logits"] = Field("prob", description="mean of probabilities, or of logits")
     consumer: str = Field("aggregator", min_length=1, description="consumer name in the group")
     block_ms: int = Field(100, gt=0, le=30_000, description="longest blocking XREADGROUP")
@@ -157,7 +158,7 @@ class Aggregator(Service):
 
     def __init__(self, settings: AggregatorSettings, client: redis.Redis) -> None:
         super().__init__(settings, client, log, consumer=settings.consumer)
-        self.rng = np.random.default_rng(settings.seed)
+        self.draws = Draws(settings.seed)
         self.buckets: dict[str, Bucket] = {}
         self.decided: OrderedDict[str, None] = OrderedDict()
         self.live: set[str] = set()
@@ -305,7 +306,8 @@ class Aggregator(Service):
         for (ids, family), members in groups.items():
             params = np.array([[bucket.params[i] for i in ids] for _, bucket in members])  # (n, models, P)
             deterministic = np.array([bucket.first.deterministic for _, bucket in members])
-            chosen, share = decide(family, params, deterministic, self.settings.combine, self.rng)
+            rows = self.draws.rows([b.first.env_id for _, b in members], [b.first.step for _, b in members])
+            chosen, share = decide(family, params, deterministic, self.settings.combine, rows)
             for component_id, value in zip(ids, share.sum(axis=0), strict=True):
                 shares[component_id] += float(value)
             for (_, bucket), action in zip(members, chosen, strict=True):

@@ -379,7 +379,7 @@ class ClientCore:
         """Act on ``built`` with the local copy; the steps join its outbox. A ticket already done."""
         assert self.local is not None
         ticket = Ticket({}, deadline, order=[env for env, _, _ in built])
-        actions = self.local.act([m["OBSERVATION"] for _, _, m in built], deterministic)
+        actions = self.local.act([m for _, _, m in built], deterministic)
         for (env, call, message), action in zip(built, actions, strict=True):
             self.sent(env, call, message)
             self.answered(ticket, env, action)

@@ -47,9 +47,10 @@ class LocalCopy:
             self.policy.set_weights(weights, fields.get(b"normalization"))
             self.published_updates = int(fields.get(b"updates") or 0)
 
-    def act(self, observations: list[Any], deterministic: bool) -> list[Any]:
-        """Actions for observations as messages carry them (checked already)."""
-        return self.policy.act(observations, deterministic)
+    def act(self, messages: list[dict[str, Any]], deterministic: bool) -> list[Any]:
+        """Actions for the steps' messages (checked already)."""
+        keys = [(m["ENV_ID"], m["STEP"]) for m in messages]
+        return self.policy.act([m["OBSERVATION"] for m in messages], deterministic, keys)
 
     def flushed(self, reply: list[Any]) -> bool:
         """The outbox is published (``reply``: the publish script's); True if the model has newer

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from worker.common.draws import Rows
 from worker.protocol import Family
 
 LOG_2PI = math.log(2 * math.pi)
@@ -29,10 +30,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One action per row of ``probs`` (rows sum to 1), by inverting each row's CDF."""
+def sample(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """One action per row of ``probs`` (rows sum to 1), by inverting each row's CDF at ``u`` (n,)."""
     cdf = probs.cumsum(axis=-1)
-    u = rng.random(len(probs))[:, None] * cdf[:, -1:]
+    u = u[:, None] * cdf[:, -1:]
     return np.minimum((cdf <= u).sum(axis=-1), probs.shape[-1] - 1)
 
 
@@ -68,17 +69,18 @@ def log_prob(family: Family, params: np.ndarray, actions: np.ndarray) -> np.ndar
     return np.asarray(total)
 
 
-def _choose(probs: np.ndarray, deterministic: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return np.where(deterministic, probs.argmax(axis=-1), sample(probs, rng))
+def _choose(probs: np.ndarray, deterministic: np.ndarray, draws: Rows) -> np.ndarray:
+    return np.where(deterministic, probs.argmax(axis=-1), sample(probs, draws.uniform(1)[:, 0]))
 
 
 def decide(
-    family: Family, params: np.ndarray, deterministic: np.ndarray, combine: str, rng: np.random.Generator
+    family: Family, params: np.ndarray, deterministic: np.ndarray, combine: str, draws: Rows
 ) -> tuple[list, np.ndarray]:
     """The ensemble's action for each of N observations, and each model's share of it.
 
     :param params: ``(N, M, n_params)``: M models' distributions for N observations
     :param deterministic: ``(N,)``: the observation asks for the most likely action
+    :param draws: the random numbers of the N observations (:meth:`worker.common.draws.Draws.rows`)
     :param combine: ``"prob"`` or ``"logits"`` (see the module)
     :return: the N actions (integers; lists of integers for multi; lists of numbers for gaussian)
         and the ``(N, M)`` shares
@@ -89,12 +91,12 @@ def decide(
         n, m, d = mean.shape
         if combine == "prob":
             center = mean.mean(axis=1)
-            pick = rng.integers(m, size=n)
-            draw = mean[np.arange(n), pick] + std[np.arange(n), pick] * rng.standard_normal((n, d))
+            pick = draws.integers(m)
+            draw = mean[np.arange(n), pick] + std[np.arange(n), pick] * draws.normal(d)
         else:
             precision = std**-2
             center = (precision * mean).sum(axis=1) / precision.sum(axis=1)
-            draw = center + precision.mean(axis=1) ** -0.5 * rng.standard_normal((n, d))
+            draw = center + precision.mean(axis=1) ** -0.5 * draws.normal(d)
         actions = np.where(deterministic[:, None], center, draw)
         chosen = actions[:, None, :]
         result: list = actions.tolist()
@@ -102,7 +104,7 @@ def decide(
         dims = []
         for logits in _split(family, params):
             probs = softmax(logits).mean(axis=1) if combine == "prob" else softmax(logits.mean(axis=1))
-            dims.append(_choose(probs / probs.sum(axis=-1, keepdims=True), deterministic, rng))
+            dims.append(_choose(probs / probs.sum(axis=-1, keepdims=True), deterministic, draws))
         actions = np.stack(dims, axis=-1)
         chosen = actions[:, None, :] if family.kind == "multi" else actions[:, None, 0]
         result = actions[:, 0].tolist() if family.kind == "categorical" else actions.tolist()

@@ -146,7 +146,8 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
                 swarm.start(
                     f"model-{i}", "model", "--component-id", f"demo-{i}", *model_flags(settings), *seed
                 )
-            swarm.start("aggregator", "aggregator")
+            seed = [] if settings.seed is None else ["--seed", str(settings.seed)]
+            swarm.start("aggregator", "aggregator", *seed)
             mode = ["--mode", settings.mode] + (["--model", "demo-0"] if settings.mode != "ensemble" else [])
             runner = ["--gym-env", str(settings.gym_env), "--n-envs", str(settings.n_envs)]
             runner += [*mode, "--stepping", settings.stepping]

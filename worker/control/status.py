@@ -47,9 +47,12 @@ def status(client: redis.Redis, streams: Streams) -> dict[str, Any]:
     return report
 
 
-def _counter(key: str, value: str) -> int | str:
-    """The info hash's counters and flags as numbers; the rest (the consumer's name) as text."""
+def _counter(key: str, value: str) -> int | str | dict:
+    """The info hash's counters and flags as numbers, the policy lag as its summary; the rest (the
+    consumer's name) as text."""
     numbers = ("version", "updates", "paused", "envs", "reconnects", "unreplicated")
+    if key == "policy_lag":
+        return json.loads(value)
     return int(value) if key in numbers else value
 
 

@@ -7,9 +7,10 @@ an evaluation with deterministic actions, then one evolution step; it draws a pr
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ class RoundResult:
     eval_return: float  # mean deterministic return of the evaluation episodes
     train_seconds: float  # wall-clock spent in training runs so far
     seconds: float  # wall-clock since training started, evaluations and evolution included
+    # Per live model, its policy lag so far as of its last heartbeat (Learner.lag's summary).
+    policy_lag: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def run_episodes(
@@ -123,6 +126,16 @@ def wait_for_loop(
         time.sleep(0.05)
 
 
+def policy_lags(client: redis.Redis, streams: Streams) -> dict[str, dict[str, float]]:
+    """Each live model's policy lag, as its last heartbeat reported it."""
+    lags = {}
+    for cid in live_models(client, streams):
+        found = client.hget(streams.model_key(cid, "info"), "policy_lag")
+        if found is not None:
+            lags[cid] = json.loads(found)
+    return lags
+
+
 def wait_for_models(client: redis.Redis, streams: Streams, count: int, timeout: float = 120.0) -> list[str]:
     """Block until ``count`` models heartbeat in the registry."""
     deadline = time.monotonic() + timeout
@@ -173,6 +186,7 @@ def train(
             evaluated["mean_return"],
             train_seconds,
             time.monotonic() - started,
+            policy_lags(client, streams),
         )
         curve.append(point)
         bar.set_postfix(steps=train_steps, train=f"{point.train_return:.1f}", eval=f"{point.eval_return:.1f}")

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from worker.common.distributions import decide
+from worker.common.draws import Draws
 from worker.model.learner import Learner
 from worker.model.policy import policy_spec
 from worker.model.settings import ModelSettings
@@ -39,7 +40,7 @@ def replies(
     answers: np.ndarray,
     component_id: str,
     streams: Streams,
-    rng: np.random.Generator,
+    draws: Draws,
 ) -> list[tuple[str, dict]]:
     """The replies to a run of observations, as (stream, entry fields); none for one that asked for
     none (ANSWER false). The actions of the inbox's observations are drawn at once, for the batch.
@@ -50,14 +51,15 @@ def replies(
     :param answers: the distribution for each observation under the weights the batch ends with
     :param component_id: the model's ID
     :param streams: the deployment's names
-    :param rng: the model's generator of samples
+    :param draws: the model's random numbers
     """
     inbox = [i for i, (obs, from_inbox) in enumerate(run) if from_inbox and obs.answer]
     actions: list = []
     if inbox:
         deterministic = np.array([run[i][0].deterministic for i in inbox])
         params = answers[inbox].astype(np.float64)[:, None, :]
-        actions, _ = decide(family, params, deterministic, "prob", rng)
+        rows = draws.rows([run[i][0].env_id for i in inbox], [run[i][0].step for i in inbox])
+        actions, _ = decide(family, params, deterministic, "prob", rows)
     chosen = dict(zip(inbox, actions, strict=True))
     found = []
     for i, (obs, from_inbox) in enumerate(run):

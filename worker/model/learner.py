@@ -71,6 +71,39 @@ class Snapshot:
     normalization: bytes | None = None
 
 
+class PolicyLag:
+    """How many updates lie between the policy that chose each action and the update that learns
+    from it, over the transitions trained on since the worker started. SB3's A2C collects a rollout
+    with one policy and then updates: its lag is 0. Environments that step on their own complete
+    their segments at different times, so an update may learn from actions older policies chose."""
+
+    CAP = 64  # larger lags are counted as this one
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(self.CAP + 1, dtype=np.int64)
+
+    def add(self, updates: int, segments: list[Segment]) -> None:
+        """Count the lags of ``segments``' transitions, learned from by update ``updates + 1``."""
+        lags = [updates - t.answered_at for s in segments for t in s.transitions if t.answered_at >= 0]
+        if lags:
+            self.counts += np.bincount(np.minimum(lags, self.CAP), minlength=self.CAP + 1)
+
+    def summary(self) -> dict[str, float]:
+        """Transitions counted, mean lag, share with lag 0, 99th percentile and maximum."""
+        n = int(self.counts.sum())
+        if n == 0:
+            return {"transitions": 0}
+        lags = np.arange(self.CAP + 1)
+        p99 = int(np.searchsorted(np.cumsum(self.counts), 0.99 * n))
+        return {
+            "transitions": n,
+            "mean": round(float((lags * self.counts).sum() / n), 3),
+            "zero": round(float(self.counts[0] / n), 4),
+            "p99": p99,
+            "max": int(lags[self.counts > 0].max()),
+        }
+
+
 class Learner:
     """Policy, optimizer, memories and counters of one model.
 
@@ -94,6 +127,7 @@ class Learner:
         s = settings
         self.rules = Rules(s.gamma, s.n_steps, s.train_deterministic, self.ttl_ms, self.inputs)
         self._swept_below = -1  # the memories older than this (entry-ID ms) are gone
+        self.lag = PolicyLag()
 
     # ----------------------------------------------------------------- acting and learning
 
@@ -145,6 +179,7 @@ class Learner:
                     echoes[i] = latest[obs.env_id] if obs.env_id in latest else memory.params.copy()
                 continue
             latest[obs.env_id] = i
+            memory.answered_at = self.counters.updates
             self.counters.transitions += result.transition
             self.counters.dropped += result.dropped
             self.counters.forgotten += result.forgotten
@@ -161,6 +196,7 @@ class Learner:
             for env, i in latest.items():
                 memory = self.memories[env]
                 memory.value, memory.params = float(values[i]), params[i]
+                memory.answered_at = self.counters.updates
         answers = params[:n]
         for i, echo in echoes.items():
             answers[i] = answers[echo] if isinstance(echo, int) else echo
@@ -187,6 +223,7 @@ class Learner:
         if self.paused():
             self.counters.discarded += len(segments)
             return False
+        self.lag.add(self.counters.updates, segments)
         self.last_buffer = a2c.fill_buffer(self.policy, segments, self.settings)
         # SB3 sets the rate from the progress after the rollout: the transitions taken in so far.
         learning_rate = self.settings.learning_rate_at(self.counters.transitions)

@@ -17,6 +17,7 @@ to the last commit in Redis; if Redis lost it (it came back empty), the copy is 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 import time
@@ -25,7 +26,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import redis
 import torch
 from stable_baselines3.common.buffers import RolloutBuffer
@@ -33,6 +33,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from worker.common import logs
 from worker.common.connections import ensure_group
+from worker.common.draws import Draws
 from worker.common.serve import REDIS_ERRORS, Service
 from worker.model import clients, reclaim
 from worker.model.batches import Entry, entries_of, linger
@@ -57,6 +58,7 @@ from worker.protocol import (
 )
 
 log = logs.get(__name__)
+
 
 @dataclass
 class Outbox:
@@ -98,7 +100,7 @@ class ModelWorker(Service):
         # Input streams: observations (shared, then this model's own) and commands.
         self._inputs = (self.streams.observation, self.inbox, self.streams.evolution)
         self.publisher = clients.Publisher(settings, self.learner, self.inbox)
-        self.rng = np.random.default_rng(settings.seed)  # the actions sampled for the inbox
+        self.draws = Draws(settings.seed)  # the actions sampled for the inbox
         self._started = False
         self._pending_first = True
         self._last_heartbeat = 0.0
@@ -214,6 +216,7 @@ class ModelWorker(Service):
                     "envs": len(self.memories),
                     "reconnects": self.outages.reconnects,
                     "unreplicated": self.store.unreplicated,
+                    "policy_lag": json.dumps(self.learner.lag.summary()),
                     "spaces": self.spaces.to_json(),
                 }
             )
@@ -308,7 +311,7 @@ class ModelWorker(Service):
         outbox.weights_changed |= trained
         outbox.touched_envs.update(obs.env_id for obs, _ in run)
         family = self.learner.family
-        outbox.messages += clients.replies(run, family, answers, self.component_id, self.streams, self.rng)
+        outbox.messages += clients.replies(run, family, answers, self.component_id, self.streams, self.draws)
 
     def _command(self, command: Command, outbox: Outbox) -> None:
         """GET publishes the weights and pauses training; SET (naming this model) loads and resumes."""

@@ -41,6 +41,8 @@ class Transition:
     episode_start: bool
     value: float
     log_prob: float  # log pi(action | obs) under the policy that answered obs
+    # The update count of that policy: a measurement (policy lag), not state; -1 once restored.
+    answered_at: int = -1
 
 
 @dataclass(slots=True)
@@ -89,6 +91,7 @@ class EnvMemory:
     rollout: list[Transition] = field(default_factory=list)
     step: int | None = None  # the STEP of ``obs``, if it had one: a step up to it is a repeat
     ret: float = 0.0  # the discounted return so far (reward normalization's R_t)
+    answered_at: int = -1  # the update count of the policy that answered ``obs`` (not stored)
 
     def pack(self) -> bytes:
         rows = [
@@ -210,7 +213,9 @@ def observe(
             assert evaluated.terminal_value is not None
             bootstrap = rules.gamma * evaluated.terminal_value
         # Reward and log-probability are the learner's to fill in, for the whole batch at once.
-        transition = Transition(memory.obs, obs.action, 0.0, memory.episode_start, memory.value, 0.0)
+        transition = Transition(
+            memory.obs, obs.action, 0.0, memory.episode_start, memory.value, 0.0, memory.answered_at
+        )
         rollout.append(transition)
         recorded = (transition, obs.reward, bootstrap, memory.params)
         if len(rollout) == rules.n_steps:

@@ -10,8 +10,10 @@ every side, training and evaluation alike. For each cost and seed, three systems
 A2C (:mod:`bench.hyperparams`' CartPole-v1 settings, ``--n-envs`` environments) until the mean
 deterministic return over 20 episodes reaches 475, evaluated every ``--steps-per-round`` steps:
 
-- **swarm**: one model worker (answering the runners directly), and the environments on runner processes
-  stepping asynchronously (each environment steps as soon as its own action arrives): one runner
+- **swarm**: one model worker (answering the runners directly; one update per ``--n-envs``
+  completed segments, as SB3 updates on a rollout of n_envs segments: ``--segments-per-update``),
+  and the environments on runner processes stepping asynchronously (each environment steps as soon
+  as its own action arrives): one runner
   with a thread per environment when the cost is waiting (the waits overlap), two runners when it
   is CPU work (one per core), one runner in lockstep with no cost;
 - **dummy**: SB3's ``A2C`` on a ``DummyVecEnv`` (the environments stepped one after the other);
@@ -134,11 +136,12 @@ def swarm_layout(cost: Cost, n_envs: int) -> tuple[int, str]:
     return (2, "async") if cost.kind == "cpu" and n_envs % 2 == 0 else (1, "async")
 
 
-def swarm_curve(seed: int, run: Run, cost: Cost) -> list[RoundResult]:
+def swarm_curve(seed: int, run: Run, cost: Cost, segments_per_update: int = 1) -> list[RoundResult]:
     runners, stepping = swarm_layout(cost, run.n_envs)
     settings = DemoSettings(
         _cli_parse_args=False,
         **SPEC.worker_settings(run.steps),
+        segments_per_update=segments_per_update,
         models=1,
         mode=MODE,
         evolve=False,
@@ -157,9 +160,9 @@ def swarm_curve(seed: int, run: Run, cost: Cost) -> list[RoundResult]:
         return train_swarm(settings)
 
 
-def curve_of(system: str) -> Callable[[int, Run, Cost], list[RoundResult]]:
+def curve_of(system: str, segments_per_update: int) -> Callable[[int, Run, Cost], list[RoundResult]]:
     if system == "swarm":
-        return swarm_curve
+        return lambda seed, run, cost: swarm_curve(seed, run, cost, segments_per_update)
     vec_env_cls = DummyVecEnv if system == "dummy" else SubprocVecEnv
     return lambda seed, run, cost: sb3_curve(seed, run, cost, vec_env_cls)
 
@@ -202,6 +205,11 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--steps-per-round", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--segments-per-update",
+        type=int,
+        help="the model's --segments-per-update (default: --n-envs, SB3's update of n_envs segments)",
+    )
     parser.add_argument("--quick", action="store_true", help="the small form a test runs")
     args = parser.parse_args()
     if args.quick:
@@ -219,7 +227,8 @@ def main() -> None:
         outcomes = []
         for seed in seeds:
             for system in args.systems:
-                result = outcome(system, seed, curve_of(system)(seed, run, cost))
+                curve = curve_of(system, args.segments_per_update or args.n_envs)(seed, run, cost)
+                result = outcome(system, seed, curve)
                 outcomes.append(result)
                 print(f"{cost}, {system}, seed {seed}: {result}", flush=True)
         lines += summary(cost, outcomes, args.systems)

@@ -9,7 +9,7 @@ import torch
 
 from tests.helpers import drain, read, xadd
 from worker.model.loop import ModelWorker
-from worker.model.memory import MEMORY_FORMAT, EnvMemory, Transition
+from worker.model.memory import MEMORY_FORMAT, EnvMemory, Segment, Transition
 from worker.model.policy import make_policy, weights_as_vector
 from worker.model.settings import ModelSettings
 
@@ -290,12 +290,20 @@ def test_a_memory_round_trips_with_its_format() -> None:
     obs, log_probs = np.array(OBS, "<f4"), np.log(np.full(2, 0.5, "<f4"))
     rollout = [Transition(obs, 1, 1.0, True, 0.4, -0.7)]
     memory = EnvMemory(obs, 0.5, log_probs, False, False, 1234, rollout, step=17)
+    memory.ready = [Segment("e", [Transition(obs, 0, 2.0, False, 0.1, -0.2)] * 2, 0.3, True)]
     blob = memory.pack()
-    assert msgpack.unpackb(blob)[0] == MEMORY_FORMAT == 3
+    assert msgpack.unpackb(blob)[0] == MEMORY_FORMAT == 4
     back = EnvMemory.unpack(blob)
     assert back.seen_ms == 1234 and back.value == 0.5 and back.rollout[0].log_prob == -0.7
     assert back.step == 17
     np.testing.assert_array_equal(back.rollout[0].obs, obs)
+    [ready] = back.ready
+    assert len(ready.transitions) == 2 and ready.transitions[1].reward == 2.0
+    assert (ready.last_value, ready.last_done) == (0.3, True)
+    format_3 = msgpack.unpackb(blob)[:-1]
+    format_3[0] = 3  # written before segments waited for --segments-per-update: none ready
+    older = EnvMemory.unpack(msgpack.packb(format_3))
+    assert older.ready == [] and older.step == 17 and older.rollout[0].log_prob == -0.7
 
 
 def test_a_memory_of_format_1_still_loads(real_redis, settings: ModelSettings) -> None:
@@ -314,7 +322,7 @@ def test_a_memory_of_format_1_still_loads(real_redis, settings: ModelSettings) -
     drain(worker)
     assert worker.counters.transitions == 1 and len(worker.memories["e"].rollout) == 2
     assert worker.memories["e"].step == 0
-    assert msgpack.unpackb(real_redis.hget("rl:model:m1:memory", "e"))[0] == 3  # written anew as format 3
+    assert msgpack.unpackb(real_redis.hget("rl:model:m1:memory", "e"))[0] == 4  # written anew as format 4
 
 
 def test_a_reward_that_overflows_the_returns_leaves_the_weights_alone(real_redis, settings) -> None:

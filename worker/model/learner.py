@@ -128,6 +128,8 @@ class Learner:
         self.rules = Rules(s.gamma, s.n_steps, s.train_deterministic, self.ttl_ms, self.inputs)
         self._swept_below = -1  # the memories older than this (entry-ID ms) are gone
         self.lag = PolicyLag()
+        self.ready_envs: set[str] = set()  # environments with segments ready (see _take_ready)
+        self.taken_envs: set[str] = set()  # environments whose ready segments were trained on
 
     # ----------------------------------------------------------------- acting and learning
 
@@ -160,7 +162,6 @@ class Learner:
             [o.observation for o in run] + terminal, learn + [False] * len(terminal)
         )
         params, values = self.evaluate(batch)
-        segments: list[Segment] = []
         next_terminal = n
         latest: dict[str, int] = {}  # env -> index in run of its last observation that was not a repeat
         echoes: dict[int, int | np.ndarray] = {}  # repeat index -> its original's index, or distribution
@@ -186,9 +187,10 @@ class Learner:
             if result.recorded is not None:
                 recorded.append(result.recorded)
             if result.segment is not None:
-                segments.append(result.segment)
+                memory.ready.append(result.segment)
+                self.ready_envs.add(obs.env_id)
         self._complete(recorded)
-        trained = self.train(segments)
+        trained = self.train(self._take_ready())
         if trained:
             # SB3 acts on the newest observations with the updated policy; so do we. The values of
             # the segments' last observations above stay those of the old policy, as in SB3.
@@ -215,6 +217,23 @@ class Learner:
         log_probs = log_prob(self.family, params, actions).tolist()
         for (transition, _, bootstrap, _), reward, lp in zip(recorded, rewards, log_probs, strict=True):
             transition.reward, transition.log_prob = reward + bootstrap, lp
+
+    def _take_ready(self) -> list[Segment]:
+        """The segments to train on now: all those ready once there are ``--segments-per-update``
+        (all at once while training is paused, to be discarded), in the order of their environments'
+        IDs, so that an update is the same after a restart; none before. :attr:`ready_envs` keeps
+        the environments whose memories this changes until the commit takes them."""
+        ready = [env for env in self.ready_envs if env in self.memories and self.memories[env].ready]
+        count = sum(len(self.memories[env].ready) for env in ready)
+        if count < self.settings.segments_per_update and not (count and self.paused()):
+            return []
+        segments = []
+        for env in sorted(ready):
+            segments += self.memories[env].ready
+            self.memories[env].ready = []
+        self.taken_envs.update(ready)
+        self.ready_envs.clear()
+        return segments
 
     def train(self, segments: list[Segment]) -> bool:
         """One A2C update over ``segments`` unless training is paused; True if the weights changed."""
@@ -253,7 +272,8 @@ class Learner:
         self._swept_below = below
         silent = [env for env, memory in self.memories.items() if memory.seen_ms < below]
         for env in silent:
-            self.counters.dropped += len(self.memories.pop(env).rollout)
+            memory = self.memories.pop(env)
+            self.counters.dropped += len(memory.rollout) + sum(len(s.transitions) for s in memory.ready)
         self.counters.forgotten += len(silent)
         return silent
 
@@ -293,10 +313,16 @@ class Learner:
         if snapshot.policy is None:
             self.policy = make_policy(self.settings, self.spaces)
             self.counters, self.paused_until, self.memories = Counters(), 0.0, {}
+            self.ready_envs, self.taken_envs = set(), set()
             return False
         self.policy.load_state_dict(unpack_state(snapshot.policy))
         if snapshot.optimizer is not None:
             self.policy.optimizer.load_state_dict(unpack_state(snapshot.optimizer))
         self.counters, self.paused_until = replace(snapshot.counters), snapshot.paused_until
         self.memories = {env: EnvMemory.unpack(blob) for env, blob in snapshot.memory.items()}
+        self.ready_envs = {env for env, memory in self.memories.items() if memory.ready}
+        self.taken_envs = set()
+        for env in self.ready_envs:
+            for segment in self.memories[env].ready:
+                segment.env_id = env
         return True

@@ -346,7 +346,7 @@ class ModelWorker(Service):
         if not outbox.acks and not empty:
             return
         learner = self.learner
-        touched = [env for env in outbox.touched_envs if env in learner.memories]
+        touched = [env for env in outbox.touched_envs | learner.taken_envs if env in learner.memories]
         batch = Batch(
             counters=replace(learner.counters),
             paused_until=learner.paused_until,
@@ -358,6 +358,7 @@ class ModelWorker(Service):
             published=self.publisher.fields(outbox.acks, outbox.weights_loaded),
         )
         learner.counters.version = self.store.commit(batch)
+        learner.taken_envs.clear()
         self.publisher.committed(batch.published)
         for stream, ids in batch.acks.items():  # in stream order; a vanished group is made again after them
             if ids and split_id(ids[-1]) > split_id(self._acked_upto.get(stream, "0-0")):

@@ -19,8 +19,8 @@ from worker.model.inputs import Inputs
 from worker.protocol import Observation, split_id
 from worker.protocol.values import Value
 
-MEMORY_FORMAT = 3  # the layout of a packed EnvMemory: its first item
-READABLE_FORMATS = (1, 2, MEMORY_FORMAT)  # 1 and 2: float32 vectors and discrete actions only
+MEMORY_FORMAT = 4  # the layout of a packed EnvMemory: its first item
+READABLE_FORMATS = (1, 2, 3, MEMORY_FORMAT)  # 1 and 2: float32 vectors and discrete actions only
 
 
 class FormatError(ValueError):
@@ -92,12 +92,13 @@ class EnvMemory:
     step: int | None = None  # the STEP of ``obs``, if it had one: a step up to it is a repeat
     ret: float = 0.0  # the discounted return so far (reward normalization's R_t)
     answered_at: int = -1  # the update count of the policy that answered ``obs`` (not stored)
+    # Segments complete and not trained on yet (--segments-per-update): committed with the memory,
+    # so that a crash neither loses them nor trains on them twice.
+    ready: list[Segment] = field(default_factory=list)
 
     def pack(self) -> bytes:
-        rows = [
-            [_pack(t.obs), _pack(t.action), t.reward, t.episode_start, t.value, t.log_prob]
-            for t in self.rollout
-        ]
+        rows = _rows(self.rollout)
+        ready = [[_rows(s.transitions), s.last_value, s.last_done] for s in self.ready]
         return msgpack.packb(
             [
                 MEMORY_FORMAT,
@@ -110,6 +111,7 @@ class EnvMemory:
                 rows,
                 self.step,
                 self.ret,
+                ready,
             ],
             use_bin_type=True,
         )
@@ -120,11 +122,24 @@ class EnvMemory:
         found = fields[0] if isinstance(fields, list) and fields else None
         if found in (1, 2) and len(fields) == 10 + (found == 2):
             return _unpack_vectors(fields)
-        if found != MEMORY_FORMAT or len(fields) != 10:
+        if not (found == 3 and len(fields) == 10 or found == MEMORY_FORMAT and len(fields) == 11):
             raise FormatError(f"an environment's memory has format {found}, this code reads {MEMORY_FORMAT}")
-        _, obs, value, params, start, deterministic, seen_ms, rows, step, ret = fields
-        rollout = [Transition(_unpack(o), _unpack(a), *rest) for o, a, *rest in rows]
-        return cls(_unpack(obs), value, _unpack(params), start, deterministic, seen_ms, rollout, step, ret)
+        _, obs, value, params, start, deterministic, seen_ms, rows, step, ret, *rest = fields
+        rollout = _transitions(rows)
+        memory = cls(_unpack(obs), value, _unpack(params), start, deterministic, seen_ms, rollout, step, ret)
+        # The environment's ID is the memory's key: the learner fills it in.
+        memory.ready = [Segment("", _transitions(r), v, d) for r, v, d in (rest[0] if rest else [])]
+        return memory
+
+
+def _rows(transitions: list[Transition]) -> list[list[Any]]:
+    return [
+        [_pack(t.obs), _pack(t.action), t.reward, t.episode_start, t.value, t.log_prob] for t in transitions
+    ]
+
+
+def _transitions(rows: list[list[Any]]) -> list[Transition]:
+    return [Transition(_unpack(o), _unpack(a), *rest) for o, a, *rest in rows]
 
 
 def _unpack_vectors(fields: list[Any]) -> EnvMemory:
@@ -197,7 +212,8 @@ def observe(
     if memory is not None and seen_ms - memory.seen_ms > rules.ttl_ms:
         # Decided here, by the entry IDs alone, so that what is learned never depends on when a
         # sweep ran (batching, restarts): Learner.forget_silent only frees what never comes back.
-        dropped, forgotten, memory = len(memory.rollout), True, None
+        dropped, forgotten = len(memory.rollout) + sum(len(s.transitions) for s in memory.ready), True
+        memory = None
     if repeat:
         assert memory is not None  # a repeat has a memory within the TTL: find_repeats saw it
         return memory, StepResult(None, 0, False, repeat=True)
@@ -237,6 +253,7 @@ def observe(
         rollout,
         obs.step,
         0.0 if obs.done else ret,
+        ready=memory.ready if memory is not None else [],
     )
     return new, StepResult(segment, dropped, forgotten, recorded=recorded)
 

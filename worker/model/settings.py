@@ -38,6 +38,12 @@ class A2CSettings(BaseSettings):
         None, gt=0, description="transitions the linear schedule runs over (SB3's total_timesteps)"
     )
     n_steps: int = Field(5, gt=0, description="transitions per environment in one A2C segment")
+    segments_per_update: int = Field(
+        1,
+        gt=0,
+        le=4096,
+        description="train once this many segments are complete (SB3: n_envs); 1: on every batch's",
+    )
     gamma: float = Field(0.99, ge=0, le=1)
     gae_lambda: float = Field(1.0, ge=0, le=1)
     ent_coef: float = Field(0.0, ge=0)

@@ -7,12 +7,23 @@ import sys
 from typing import Any
 
 import structlog
+from tqdm import tqdm
 
 
-def _stderr_logger(*_: Any) -> structlog.PrintLogger:
-    # sys.stderr as it is when a line is logged, not when configure() ran: a caller (pytest's
-    # capture, for one) may have swapped it since, and the old one may be closed.
-    return structlog.PrintLogger(sys.stderr)
+class _LineLogger:
+    """Writes each line to stderr through ``tqdm.write``: a progress bar on the console is lifted
+    for the line and drawn again below it, so the two never share a line (without a bar it is a
+    plain write). stderr is looked up at each line, not when configure() ran: a caller (pytest's
+    capture, for one) may have swapped it since, and the old one may be closed."""
+
+    def msg(self, message: str) -> None:
+        tqdm.write(message, file=sys.stderr)
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = failure = msg
+
+
+def _stderr_logger(*_: Any) -> _LineLogger:
+    return _LineLogger()
 
 
 def configure(level: str = "info", json: bool = False) -> None:

@@ -35,6 +35,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 BASE_SERVICES = ("redis", "worker")  # `docker compose up redis worker`, no profile needed
 SWARM_SERVICES = ("worker-2", "aggregator", "env", "control")
+METRICS_SERVICES = ("prometheus",)  # profile metrics: checked by tests/test_metrics.py
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -105,7 +106,7 @@ def test_redis_and_worker_run_without_a_profile() -> None:
 
 
 def test_every_other_service_is_in_profile_swarm() -> None:
-    others = set(SERVICES) - set(BASE_SERVICES)
+    others = set(SERVICES) - set(BASE_SERVICES) - set(METRICS_SERVICES)
     assert others >= set(SWARM_SERVICES)
     for name in others:
         assert "swarm" in SERVICES[name].get("profiles", []), f"{name!r} is not in profile swarm"

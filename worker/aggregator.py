@@ -71,8 +71,9 @@ from worker.common import logs, lua
 from worker.common.connections import ensure_group
 from worker.common.distributions import decide
 from worker.common.draws import Draws
+from worker.common.metrics import AggregatorMetrics
 from worker.common.serve import Service
-from worker.common.settings import CommonSettings
+from worker.common.settings import ServiceSettings
 from worker.protocol import (
     Encoding,
     Family,
@@ -95,7 +96,7 @@ LIVE = lua.source(__package__, "live.lua")  # the live models and the server's c
 GROUP = "aggregator"
 
 
-class AggregatorSettings(CommonSettings):
+class AggregatorSettings(ServiceSettings):
     """``python -m worker aggregator``: the ensemble's action selection."""
 
     deadline_ms: int = Field(1000, gt=0, description="decide this long after an observation's first reply")
@@ -171,6 +172,7 @@ class Aggregator(Service):
         self._flush_script = client.register_script(FLUSH)
         self._live_script = client.register_script(LIVE)
         self._read_upto = "$"  # the last reply read: a vanished group is made again after it
+        self.metrics: AggregatorMetrics = AggregatorMetrics(settings.consumer, self.outages)
 
     # ----------------------------------------------------------------- life cycle
 
@@ -318,6 +320,7 @@ class Aggregator(Service):
         # If the flush fails, nothing changed here: the same observations are decided next step
         # (and if it had landed after all, that flush finds its entries acknowledged and does nothing).
         self._flush(actions, shares, acks)
+        self.metrics.decided([bucket.params.keys() for _, bucket in due], self.live)
         for obs_id, _ in due:
             del self.buckets[obs_id]
             self.decided[obs_id] = None

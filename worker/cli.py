@@ -122,6 +122,11 @@ COMMANDS: dict[str, Command] = {
         "worker.control.forget:run_forget",
         "delete what stopped models left in Redis: groups, state, registry entry, contribution",
     ),
+    "control export": Command(
+        "worker.control.export:ExportSettings",
+        "worker.control.export:run_export",
+        "write a model's last checkpoint as a stable-baselines3 A2C zip (A2C.load reads it)",
+    ),
     "demo": Command(
         "worker.control.demo:DemoSettings",
         "worker.control.demo:run",

@@ -29,13 +29,16 @@ import math
 import signal
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import EqualJitterBackoff
 
 from worker.common.connections import after_cluster_error
 from worker.protocol import Streams
+
+if TYPE_CHECKING:
+    from worker.common.metrics import ServiceMetrics
 
 # Errors redis-py raises as their own classes: ConnectionError covers LOADING (BusyLoadingError),
 # ClusterDownError covers MASTERDOWN.
@@ -293,6 +296,8 @@ class Service:
     :param context: fields of every outage line (e.g. ``component_id``)
     """
 
+    metrics: ServiceMetrics | None = None  # the component's own; served with --metrics-port
+
     def __init__(self, settings: Any, client: redis.Redis, log: Any, **context: Any) -> None:
         self.settings = settings
         self.streams = Streams(settings.prefix)
@@ -320,7 +325,16 @@ class Service:
         return self._stopping
 
     def serve(self) -> None:
-        """Start and step until stopped, riding out outages; see the module docstring."""
+        """Start and step until stopped, riding out outages (see the module docstring); the
+        component's metrics are served meanwhile if ``--metrics-port`` is given."""
+        exporter = self.metrics.expose(self.settings) if self.metrics is not None else None
+        try:
+            self._serve()
+        finally:
+            if exporter is not None:
+                exporter.close()
+
+    def _serve(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self.stop)

@@ -71,3 +71,20 @@ class CommonSettings(BaseSettings):
     def connect(self, **kwargs: Any) -> redis.Redis:
         """A client for this deployment's Redis (one server or a cluster)."""
         return connect(self.redis_url, cluster=self.cluster, **kwargs)
+
+
+class ServiceSettings(CommonSettings):
+    """Settings of a long-running component (model, aggregator, runner): where it serves its metrics."""
+
+    metrics_port: int | None = Field(
+        None,
+        gt=0,
+        le=65535,
+        description="serve Prometheus metrics on this port (http://HOST:PORT/metrics); off by default",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="address the metrics port binds: loopback by default; 0.0.0.0 to be scraped from"
+        " other hosts or containers",
+    )

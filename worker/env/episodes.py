@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
 from worker.protocol import episode_report
+
+if TYPE_CHECKING:
+    from worker.common.metrics import RunnerMetrics
 
 
 @dataclass
@@ -87,6 +90,7 @@ class Progress:
     returns: list[float] = field(default_factory=list)
     ended: dict[str, int] = field(default_factory=dict)
     taken: int = 0
+    metrics: RunnerMetrics | None = None  # the runner's: every step and episode counted as it lands
 
     def ready(self, slots: list[Slot]) -> list[Slot]:
         """The envs to publish next: those still wanted and not waiting for an action, but not more
@@ -106,6 +110,8 @@ class Progress:
         """Count a step of ``slot`` that ended the episode ``ended`` (``(return, length)``) or none;
         the status entry of that episode."""
         self.taken += 1
+        if self.metrics is not None:
+            self.metrics.stepped(slot.deterministic, ended)
         if ended is None:
             return None
         self.returns.append(ended[0])

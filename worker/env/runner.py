@@ -52,6 +52,7 @@ import redis
 from worker.client import PolicyClient
 from worker.common import logs, lua
 from worker.common.connections import last_id, server_time
+from worker.common.metrics import RunnerMetrics
 from worker.common.serve import Service
 from worker.common.settings import SpacesError
 from worker.env.cost import StepCost
@@ -94,6 +95,7 @@ class EnvRunner(Service):
         self._control_peek = "0-0"  # the last control entry looked at during a run
         self._peeked_at = 0.0
         self._runs_done: deque[str] = deque(maxlen=1000)  # RUN_IDs run: a RUN resent after a lost reply
+        self.metrics: RunnerMetrics = RunnerMetrics(settings.runner_id, self.outages)
         s = settings
 
         def make(name: str, k: int, deterministic: bool) -> Slot:
@@ -260,7 +262,7 @@ class EnvRunner(Service):
         if deterministic and episodes:
             quota = {s.env_id: (episodes + k) // len(slots) for k, s in enumerate(slots)}
         runner_id = self.settings.runner_id
-        progress = Progress(run_id, runner_id, episodes, steps, quota)
+        progress = Progress(run_id, runner_id, episodes, steps, quota, metrics=self.metrics)
         # A STOP sent from now on aborts the run; commands queued before it wait their turn in serve().
         self._control_peek = self.ride_out(last_id, self.redis, self.streams.control)
         log.info("run", run_id=run_id, episodes=episodes, steps=steps, deterministic=deterministic)

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from worker.common.settings import CommonSettings
+from worker.common.settings import ServiceSettings
 
 
-class EnvSettings(CommonSettings):
+class EnvSettings(ServiceSettings):
     """``python -m worker env``: one environment runner."""
 
     gym_env: str = Field("CartPole-v1", description="gymnasium env id (any space SB3's A2C takes)")

@@ -16,6 +16,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 
 from worker.common import logs
 from worker.common.distributions import log_prob
+from worker.control.export import read_policy
 from worker.model import a2c
 from worker.model.inputs import Inputs, row
 from worker.model.memory import EnvMemory, Evaluated, Rules, Segment, Transition, find_repeats, observe
@@ -128,6 +129,12 @@ class Learner:
         self.rules = Rules(s.gamma, s.n_steps, s.train_deterministic, self.ttl_ms, self.inputs)
         self._swept_below = -1  # the memories older than this (entry-ID ms) are gone
         self.lag = PolicyLag()
+        # --init-from: a new model's first weights, read and checked now (a zip that does not fit
+        # stops the start); kept until the model has a checkpoint, which wins.
+        self.initial = read_policy(settings.init_from, settings, self.policy) if settings.init_from else None
+        self._initial_used = False
+        self.last_update: a2c.UpdateStats | None = None  # SB3 logs the last update's losses
+        self.last_learning_rate = settings.learning_rate
         self.ready_envs: set[str] = set()  # environments with segments ready (see _take_ready)
         self.taken_envs: set[str] = set()  # environments whose ready segments were trained on
 
@@ -253,6 +260,7 @@ class Learner:
             return False
         self.counters.updates += 1
         self.counters.segments += stats.segments
+        self.last_update, self.last_learning_rate = stats, learning_rate
         log.debug("update", updates=self.counters.updates, **vars(stats))
         return True
 
@@ -307,14 +315,21 @@ class Learner:
         return fields or None
 
     def restore(self, snapshot: Snapshot) -> bool:
-        """Become the committed state; False (and a fresh policy) when there is none yet."""
+        """Become the committed state; False (and a fresh policy, or --init-from's) when there is none yet."""
         self._swept_below = -1
         self.inputs.restore(snapshot.normalization)
         if snapshot.policy is None:
             self.policy = make_policy(self.settings, self.spaces)
+            if self.initial is not None:
+                self.policy.load_state_dict(self.initial)
+                self._initial_used = True
             self.counters, self.paused_until, self.memories = Counters(), 0.0, {}
             self.ready_envs, self.taken_envs = set(), set()
             return False
+        if self.initial is not None and not self._initial_used:
+            version = snapshot.counters.version
+            log.warning("--init-from not used: the model has a checkpoint, which wins", version=version)
+        self.initial = None
         self.policy.load_state_dict(unpack_state(snapshot.policy))
         if snapshot.optimizer is not None:
             self.policy.optimizer.load_state_dict(unpack_state(snapshot.optimizer))

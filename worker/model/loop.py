@@ -34,6 +34,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from worker.common import logs
 from worker.common.connections import ensure_group
 from worker.common.draws import Draws
+from worker.common.metrics import ModelMetrics
 from worker.common.serve import REDIS_ERRORS, Service
 from worker.model import clients, reclaim
 from worker.model.batches import Entry, entries_of, linger
@@ -70,6 +71,8 @@ class Outbox:
     forgotten_envs: list[str] = field(default_factory=list)
     weights_changed: bool = False
     weights_loaded: bool = False  # by a SET
+    answered: list[str] = field(default_factory=list)  # entry IDs of the observations replied to
+    rejected: list[str] = field(default_factory=list)  # the reasons of the dead letters
 
 
 class ModelWorker(Service):
@@ -107,6 +110,7 @@ class ModelWorker(Service):
         self._suspects: set[str] = set()  # pending entries that may have crashed a predecessor
         self._acked_upto: dict[str, str] = {}  # per input stream, the newest entry ID committed
         self.restored: dict[str, Any] = {}  # what the last load found: see _load
+        self.metrics: ModelMetrics = ModelMetrics(self.component_id, self.outages)
 
     # ----------------------------------------------------------------- life cycle
 
@@ -172,6 +176,7 @@ class ModelWorker(Service):
         self.restored = {"restored": restored, "checkpoint_version": self.counters.version}
         self.restored |= {"policy_sha": digest(held.policy), "optimizer_sha": digest(held.optimizer)}
         self._pending_first = True
+        self.metrics.loaded(self.counters)
 
     def _claim_pending(self, min_idle_ms: int = 0) -> int:
         """Take over entries a dead predecessor read but never committed (we hold the lease).
@@ -206,6 +211,7 @@ class ModelWorker(Service):
         if force or now - self._last_heartbeat >= interval:
             self._last_heartbeat = now
             if self.store.acquire(self.consumer, self.settings.lease_ttl) is not None:
+                self.metrics.lease_losses.inc()
                 raise LostLease("lease taken by another consumer")
             self.store.heartbeat(
                 {
@@ -220,6 +226,7 @@ class ModelWorker(Service):
                     "spaces": self.spaces.to_json(),
                 }
             )
+            self.metrics.heartbeat(self.redis, self.group, self._inputs, len(self.memories))
             if not force:
                 self._claim_pending(self.settings.claim_idle_ms)
 
@@ -310,6 +317,7 @@ class ModelWorker(Service):
         answers, trained = self.learner.step([obs for obs, _ in run])
         outbox.weights_changed |= trained
         outbox.touched_envs.update(obs.env_id for obs, _ in run)
+        outbox.answered += [obs.entry_id for obs, _ in run if obs.answer]
         family = self.learner.family
         outbox.messages += clients.replies(run, family, answers, self.component_id, self.streams, self.draws)
 
@@ -335,6 +343,7 @@ class ModelWorker(Service):
         stream, entry_id, fields = entry
         log.warning("rejected entry", stream=stream, id=entry_id, reason=reason, **history)
         self.counters.dead += 1
+        outbox.rejected.append(reason)
         letter = dead_letter(
             fields, stream, entry_id, reason, self.component_id, self.settings.max_entry_bytes
         )
@@ -357,7 +366,12 @@ class ModelWorker(Service):
             forget=outbox.forgotten_envs,
             published=self.publisher.fields(outbox.acks, outbox.weights_loaded),
         )
-        learner.counters.version = self.store.commit(batch)
+        try:
+            learner.counters.version = self.store.commit(batch)
+        except LostLease:
+            self.metrics.lease_losses.inc()
+            raise
+        self.metrics.committed(batch.acks, outbox.answered, outbox.rejected, batch.counters)
         learner.taken_envs.clear()
         self.publisher.committed(batch.published)
         for stream, ids in batch.acks.items():  # in stream order; a vanished group is made again after them

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings
 
-from worker.common.settings import CommonSettings, env_alias
+from worker.common.settings import CommonSettings, ServiceSettings, env_alias
 from worker.common.trimming import StreamTrim
 
 
@@ -86,11 +87,16 @@ class A2CSettings(BaseSettings):
         return self.learning_rate * max(0.0, 1.0 - transitions / self.total_timesteps)
 
 
-class ModelSettings(CommonSettings, A2CSettings):
+class ModelSettings(ServiceSettings, A2CSettings):
     """``python -m worker model``: one model worker."""
 
     component_id: str | None = Field(
         None, description="this model's ID; it names its state in Redis, so give one to resume after a crash"
+    )
+    init_from: Path | None = Field(
+        None,
+        description="a new model (no checkpoint yet) starts from the weights of this stable-baselines3 A2C"
+        " zip, read without unpickling; its spaces and network must be this model's. A checkpoint wins",
     )
     consumer: str | None = Field(None, description="consumer name in the group (default host:pid:random)")
     batch_size: int = Field(

@@ -141,11 +141,11 @@ def train_swarm(settings: DemoSettings) -> list[RoundResult]:
         client = connect(url, cluster=settings.cluster)
         swarm, started = Swarm(url, settings.prefix, logdir, settings.cluster), time.time()
         try:
+            board = ["--tensorboard-log", settings.tensorboard_log] if settings.tensorboard_log else []
             for i in range(settings.models):
                 seed = [] if settings.seed is None else ["--seed", str(settings.seed + i)]
-                swarm.start(
-                    f"model-{i}", "model", "--component-id", f"demo-{i}", *model_flags(settings), *seed
-                )
+                flags = [*model_flags(settings), *seed, *board]
+                swarm.start(f"model-{i}", "model", "--component-id", f"demo-{i}", *flags)
             seed = [] if settings.seed is None else ["--seed", str(settings.seed)]
             swarm.start("aggregator", "aggregator", *seed)
             mode = ["--mode", settings.mode] + (["--model", "demo-0"] if settings.mode != "ensemble" else [])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from worker.aggregator import GROUP as AGGREGATOR_GROUP
 from worker.common import logs
+from worker.common.board import RoundBoard
 from worker.common.connections import last_id, text
 from worker.common.registry import live_models
 from worker.common.serve import Outages, ride_out
@@ -159,12 +161,14 @@ def train(
     runners: int = 1,
     run_timeout: float = 600.0,
     progress: bool = True,
+    on_round: Callable[[RoundResult], None] | None = None,
 ) -> list[RoundResult]:
     """Rounds of training, evaluation and (if ``evolve`` is given) one evolution step each.
 
     :param evolve: a callable doing one generation (:func:`~worker.evolution.generation.evolve`,
         bound to its settings)
     :param target: stop early once the evaluation's mean return reaches it
+    :param on_round: called with each round's point (``--tensorboard-log``'s writer)
     """
     curve: list[RoundResult] = []
     started, train_steps, train_seconds = time.monotonic(), 0, 0.0
@@ -191,6 +195,8 @@ def train(
         curve.append(point)
         bar.set_postfix(steps=train_steps, train=f"{point.train_return:.1f}", eval=f"{point.eval_return:.1f}")
         log.info("round", **asdict(point))
+        if on_round is not None:
+            on_round(point)
         if target is not None and point.eval_return >= target:
             break
         if evolve is not None and r < rounds:  # the last evaluation stands for the final population
@@ -249,6 +255,11 @@ class TrainSettings(EvolutionSettings):
     target: float | None = Field(None, description="stop once the evaluation's mean return reaches this")
     plot: str | None = Field(None, description="write the learning curve to this PNG")
     progress: bool = Field(True, description="draw a progress bar")
+    tensorboard_log: str | None = Field(
+        None,
+        description="TensorBoard under SB3's names: each round's returns in DIR/control (the demo: each"
+        " model's scalars in DIR/<component ID> too)",
+    )
 
 
 def evolve_through_outages(client: redis.Redis, settings: EvolutionSettings) -> None:
@@ -267,19 +278,25 @@ def train_rounds(client: redis.Redis, settings: TrainSettings) -> list[RoundResu
     if settings.evolve and len(models) > 1:
         evolve = lambda: evolve_through_outages(client, settings)  # noqa: E731
     log.info("training", models=models, evolve=evolve is not None, rounds=settings.rounds)
-    return train(
-        client,
-        streams,
-        rounds=settings.rounds,
-        episodes=settings.episodes,
-        steps=settings.steps if settings.episodes is None else None,
-        eval_episodes=settings.eval_episodes,
-        evolve=evolve,
-        target=settings.target,
-        runners=settings.runners,
-        run_timeout=settings.run_timeout,
-        progress=settings.progress,
-    )
+    board = RoundBoard(settings.tensorboard_log) if settings.tensorboard_log else None
+    try:
+        return train(
+            client,
+            streams,
+            rounds=settings.rounds,
+            episodes=settings.episodes,
+            steps=settings.steps if settings.episodes is None else None,
+            eval_episodes=settings.eval_episodes,
+            evolve=evolve,
+            target=settings.target,
+            runners=settings.runners,
+            run_timeout=settings.run_timeout,
+            progress=settings.progress,
+            on_round=board,
+        )
+    finally:
+        if board is not None:
+            board.close()
 
 
 def report(curve: list[RoundResult], settings: TrainSettings) -> None:

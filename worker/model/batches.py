@@ -1,4 +1,5 @@
-"""A batch's entries: read from the model's input streams, put in one order, lingered for.
+"""A batch's entries: read from the model's input streams, put in one order, lingered for; and
+what handling them produced (:class:`Outbox`), for the commit.
 
 The model reads its three input streams (observations, its inbox, evolution commands) with one
 ``XREADGROUP``; their entries form one batch, in one order across the streams, so that a command
@@ -8,7 +9,9 @@ applies between the observations around it.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from worker.common.connections import text
@@ -72,3 +75,18 @@ def linger(
         entries += read(batch_size - len(entries))
     entries.sort(key=lambda entry: _order(entry, command_stream))
     return entries
+
+
+@dataclass
+class Outbox:
+    """What handling a batch of entries produced, which the model worker's commit makes a
+    :class:`~worker.model.store.Batch`."""
+
+    messages: list[tuple[str, dict]] = field(default_factory=list)
+    acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    touched_envs: set[str] = field(default_factory=set)
+    forgotten_envs: list[str] = field(default_factory=list)
+    weights_changed: bool = False
+    weights_loaded: bool = False  # by a SET
+    answered: list[str] = field(default_factory=list)  # entry IDs of the observations replied to
+    rejected: list[str] = field(default_factory=list)  # the reasons of the dead letters

@@ -22,8 +22,7 @@ import os
 import socket
 import time
 import uuid
-from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -32,12 +31,13 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from worker.common import logs
+from worker.common.board import ModelBoard
 from worker.common.connections import ensure_group
 from worker.common.draws import Draws
 from worker.common.metrics import ModelMetrics
 from worker.common.serve import REDIS_ERRORS, Service
 from worker.model import clients, reclaim
-from worker.model.batches import Entry, entries_of, linger
+from worker.model.batches import Entry, Outbox, entries_of, linger
 from worker.model.learner import Counters, Learner
 from worker.model.memory import FORMAT_HINT, EnvMemory, FormatError
 from worker.model.settings import ModelSettings
@@ -59,20 +59,6 @@ from worker.protocol import (
 )
 
 log = logs.get(__name__)
-
-
-@dataclass
-class Outbox:
-    """What handling a batch of entries produced; :meth:`ModelWorker._commit` makes it a :class:`Batch`."""
-
-    messages: list[tuple[str, dict]] = field(default_factory=list)
-    acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    touched_envs: set[str] = field(default_factory=set)
-    forgotten_envs: list[str] = field(default_factory=list)
-    weights_changed: bool = False
-    weights_loaded: bool = False  # by a SET
-    answered: list[str] = field(default_factory=list)  # entry IDs of the observations replied to
-    rejected: list[str] = field(default_factory=list)  # the reasons of the dead letters
 
 
 class ModelWorker(Service):
@@ -111,6 +97,8 @@ class ModelWorker(Service):
         self._acked_upto: dict[str, str] = {}  # per input stream, the newest entry ID committed
         self.restored: dict[str, Any] = {}  # what the last load found: see _load
         self.metrics: ModelMetrics = ModelMetrics(self.component_id, self.outages)
+        folder = settings.tensorboard_log
+        self.board = ModelBoard(folder, self.component_id) if folder is not None else None
 
     # ----------------------------------------------------------------- life cycle
 
@@ -147,6 +135,9 @@ class ModelWorker(Service):
             self.store.release(self.consumer)
         except REDIS_ERRORS as exc:
             log.warning("could not release lease", error=str(exc))
+        if self.board is not None:
+            self.board.dump(self.counters, self.learner.last_update, self.learner.last_learning_rate)
+            self.board.close()
         reconnects = self.outages.reconnects
         log.info("stopped", component_id=self.component_id, reconnects=reconnects, **vars(self.counters))
 
@@ -227,6 +218,9 @@ class ModelWorker(Service):
                 }
             )
             self.metrics.heartbeat(self.redis, self.group, self._inputs, len(self.memories))
+            if self.board is not None:
+                learner = self.learner
+                self.board.dump(self.counters, learner.last_update, learner.last_learning_rate)
             if not force:
                 self._claim_pending(self.settings.claim_idle_ms)
 
@@ -315,6 +309,8 @@ class ModelWorker(Service):
         """Let the learner answer and learn from a run of observations (each with whether it came
         from the inbox, which is answered with an action); queue the replies."""
         answers, trained = self.learner.step([obs for obs, _ in run])
+        if self.board is not None:
+            self.board.observe([obs for obs, _ in run])
         outbox.weights_changed |= trained
         outbox.touched_envs.update(obs.env_id for obs, _ in run)
         outbox.answered += [obs.entry_id for obs, _ in run if obs.answer]

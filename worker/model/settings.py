@@ -99,6 +99,9 @@ class ModelSettings(ServiceSettings, A2CSettings):
         " zip, read without unpickling; its spaces and network must be this model's. A checkpoint wins",
     )
     consumer: str | None = Field(None, description="consumer name in the group (default host:pid:random)")
+    tensorboard_log: Path | None = Field(
+        None, description="write SB3's scalars (rollout/, train/, time/) to TensorBoard in DIR/<component ID>"
+    )
     batch_size: int = Field(
         256, gt=0, le=4096, description="entries read (and forwarded as one batch) per XREADGROUP"
     )

@@ -165,8 +165,9 @@ def test_no_live_models_is_a_clear_error(fake_redis) -> None:
 
 
 @contextlib.contextmanager
-def models(url: str, *ids: str) -> Iterator[dict[str, ModelWorker]]:
-    """Real model workers, each polling in a thread on its own connection."""
+def models(url: str, *ids: str, **flags: Any) -> Iterator[dict[str, ModelWorker]]:
+    """Real model workers, each polling in a thread on its own connection (``flags``: settings of
+    the models whose IDs start with ``n``)."""
     workers, stop, errors = {}, threading.Event(), []
     for i, cid in enumerate(ids):
         settings = ModelSettings(
@@ -177,6 +178,7 @@ def models(url: str, *ids: str) -> Iterator[dict[str, ModelWorker]]:
             block_ms=20,
             n_steps=2,
             lease_ttl=3.0,
+            **(flags if cid.startswith("n") else {}),
         )
         workers[cid] = ModelWorker(settings, redis.Redis.from_url(url))
         workers[cid].start()

@@ -247,15 +247,26 @@ def decide(
     # Individuals must have one layout; a model of another architecture is resumed, not evolved.
     size = Counter(len(v) for v in own.values()).most_common(1)[0][0]
     vectors = {cid: v for cid, v in own.items() if len(v) == size and np.isfinite(v).all()}
+    if normalizing := [cid for cid in sorted(vectors) if normalizes(client, streams, cid)]:
+        # Weights moved without the observation statistics they were trained with would act on
+        # inputs scaled for another model (and fitness by returns would play them unscaled).
+        log.warning(
+            "not evolved: models with --normalize-obs keep their own weights (evolution does not move"
+            " their statistics)",
+            models=normalizing,
+        )
+        vectors = {cid: v for cid, v in vectors.items() if cid not in normalizing}
     try:
-        if settings.fitness == "contribution":
+        if not vectors:
+            fitness, new, actions = {}, {}, {}
+        elif settings.fitness == "contribution":
             fitness = {cid: generation.shares.get(cid, 0.0) for cid in vectors}
         else:
             seeds = rng.integers(2**31, size=settings.fitness_episodes).tolist()  # the same for every model
             fitness = mean_returns(vectors, settings, seeds)
-        if settings.algorithm == "pbt":
+        if vectors and settings.algorithm == "pbt":
             new, actions = pbt_step(vectors, fitness, settings, rng)
-        else:
+        elif vectors:
             new, actions = ga_step(vectors, fitness, settings, int(rng.integers(2**63)))
     except BaseException:
         log.exception("generation failed: resuming every model with its own weights")
@@ -267,8 +278,16 @@ def decide(
         raise
     for cid in own.keys() - vectors.keys():
         actions[cid] = f"kept: {len(own[cid])} weights, not {size}, or not finite"
+    for cid in normalizing:
+        actions[cid] = "kept: it normalizes its observations"
     outcome = {"algorithm": settings.algorithm, "fitness": fitness, "actions": actions, "missing": missing}
     send_weights(client, streams, generation, {**own, **new}, outcome, settings)
+
+
+def normalizes(client: redis.Redis, streams: Streams, component_id: str) -> bool:
+    """Whether the model normalizes its observations, as the spec it publishes says."""
+    spec = client.hget(streams.model_key(component_id, "policy"), "spec")
+    return bool(spec and json.loads(spec).get("normalize_obs"))
 
 
 def format_report(report: EvolutionReport) -> str:

@@ -1,7 +1,8 @@
 """Does evolution help? Plain online A2C against populations with and without evolution, at equal
 training environment steps.
 
-For each environment (CartPole-v1, Acrobot-v1, with :mod:`bench.hyperparams`' settings) and seed,
+For each environment (CartPole-v1, Acrobot-v1, with :mod:`bench.hyperparams`' settings, Acrobot's
+without ``VecNormalize``: evolution leaves models that normalize their observations alone) and seed,
 each arm trains the swarm (``python -m worker demo``'s processes on a private redis-server: models,
 the aggregator, one lockstep runner) in rounds of ``--steps-per-round`` training steps, each followed
 by a deterministic evaluation and, in the evolving arms, one generation:
@@ -29,6 +30,7 @@ draws the evaluation curves (median and range per arm) to ``--plot``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from dataclasses import dataclass
 
@@ -164,7 +166,7 @@ def main() -> None:
     outcomes: list[Outcome] = []
     curves: dict[tuple[str, str], list[list[RoundResult]]] = {}
     for env_id in args.envs:
-        spec, (steps_per_round, rounds) = SPECS[env_id], budgets[env_id]
+        spec, (steps_per_round, rounds) = dataclasses.replace(SPECS[env_id], normalize=False), budgets[env_id]
         for seed in args.seeds:
             for arm in args.arms:
                 curve = train_arm(spec, arm, seed, steps_per_round, rounds)

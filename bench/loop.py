@@ -7,10 +7,11 @@
 Real environments cost far more than CartPole's 13 µs per step: a physics simulator 0.1 to 10 ms
 of CPU, a remote game or robot milliseconds of waiting. Every environment here is CartPole-v1
 wrapped in :class:`worker.env.cost.StepCost` (``cost_ms`` of CPU work or of waiting per step), on
-every side, training and evaluation alike. For each cost and seed, three systems train the same
-A2C (:mod:`bench.hyperparams`' CartPole-v1 settings but ``--learning-rate``, 5e-3: with 32
-environments the tutorial's 7e-4 needs some 200,000 steps; ``--n-envs`` environments) until the mean
-deterministic return over 20 episodes reaches 475, evaluated every ``--steps-per-round`` steps:
+every side (evaluation aside: it is not timed, and SB3's plays without the cost). For each cost and
+seed, three systems train the same A2C (:mod:`bench.hyperparams`' CartPole-v1 settings but
+``--learning-rate``, 5e-3: with 32 environments the tutorial's 7e-4 needs some 200,000 steps;
+``--n-envs`` environments) until the mean deterministic return over 20 episodes reaches 475,
+evaluated every ``--steps-per-round`` steps:
 
 - **swarm**: one model worker (answering the runners directly; one update per ``--n-envs``
   completed segments, as SB3 updates on a rollout of n_envs segments: ``--segments-per-update``),
@@ -100,7 +101,9 @@ def sb3_curve(seed: int, run: Run, cost: Cost, vec_env_cls: type[VecEnv]) -> lis
     torch.set_num_threads(1)
     wrapper = {} if cost.ms == 0 else {"wrapper_class": StepCost, "wrapper_kwargs": cost_kwargs(cost)}
     env = make_vec_env(SPEC.env_id, n_envs=run.n_envs, seed=seed, vec_env_cls=vec_env_cls, **wrapper)
-    eval_env = make_vec_env(SPEC.env_id, n_envs=1, seed=seed + 10_000, **wrapper)
+    # Evaluation is not timed: SB3's plays without the cost (one environment at a time, it would
+    # take 20 episodes x 500 steps x the cost per round), the swarm's in parallel on its runners.
+    eval_env = make_vec_env(SPEC.env_id, n_envs=1, seed=seed + 10_000)
     try:
         model = A2C("MlpPolicy", env, seed=seed, device="cpu", **run.spec.sb3_kwargs())
         callback = RoundEvaluation(eval_env, run, SPEC.target)

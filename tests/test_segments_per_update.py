@@ -64,3 +64,37 @@ def test_the_default_trains_on_every_batch_s_segments(real_redis, settings: Mode
         xadd(real_redis, "rl:observation", message)
         drain(worker)
     assert (worker.counters.segments, worker.counters.updates) == (4, 4)  # one per segment
+
+
+def test_segments_waiting_outlive_their_environment_s_silence(real_redis, settings: ModelSettings) -> None:
+    """A segment waiting for others is complete: an environment falling silent past --memory-ttl
+    does not take it away, however the observations were batched."""
+    settings = settings.model_copy(update={"n_steps": 1, "segments_per_update": 2, "memory_ttl": 1.0})
+    timeline = [
+        ("1000-0", {"ENV_ID": "a"}),
+        ("1001-0", {"ENV_ID": "a", "REWARD": 1.0, "ACTION": 1}),  # a's segment waits; a falls silent
+        ("1002-0", {"ENV_ID": "b"}),
+        ("2300-0", {"ENV_ID": "c"}),  # a is past the TTL: the sweep runs here, batch by batch
+        ("2400-0", {"ENV_ID": "b", "REWARD": 1.0, "ACTION": 0}),  # b is past it too: no transition
+        ("2401-0", {"ENV_ID": "c", "REWARD": 1.0, "ACTION": 0}),  # the second segment
+    ]
+    results = {}
+    for batch_size in (256, 1):
+        prefix = f"ttl{batch_size}"
+        update = {"prefix": prefix, "batch_size": batch_size}
+        worker = ModelWorker(settings.model_copy(update=update), real_redis)
+        worker.start()
+        for entry_id, message in timeline:
+            xadd(
+                real_redis,
+                f"{prefix}:observation",
+                {"OBSERVATION": [0.1, 0.2, 0.3, 0.4], **message},
+                entry_id=entry_id,
+            )
+            if batch_size == 1:
+                drain(worker)
+        drain(worker)
+        c = worker.counters
+        results[batch_size] = (c.segments, c.updates, c.transitions, weights_as_vector(worker.policy))
+    assert results[256][:3] == results[1][:3] == (2, 1, 2)
+    np.testing.assert_allclose(results[256][3], results[1][3], atol=1e-7)  # batched apart, rounded apart

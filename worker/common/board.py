@@ -61,13 +61,16 @@ class ModelBoard:
                 ret, length = 0.0, 0
             self.running[obs.env_id] = (ret, length, obs.step)
 
-    def dump(self, counters: Any, last: Any | None, learning_rate: float) -> None:
+    def dump(self, counters: Any, last: Any | None, learning_rate: float, envs: Any) -> None:
         """Write the scalars if anything moved since the last write.
 
         :param counters: the model's :class:`~worker.model.learner.Counters` (transitions: the x axis)
         :param last: the last update's :class:`~worker.model.a2c.UpdateStats`, if any
         :param learning_rate: the learning rate of that update
+        :param envs: the environments the model remembers: the episodes of the others are forgotten
         """
+        for env in [env for env in self.running if env not in envs]:
+            del self.running[env]
         transitions, updates = counters.transitions, counters.updates
         if (transitions, updates) == self.dumped:
             return

@@ -40,9 +40,10 @@ class Draws:
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = secrets.randbits(63) if seed is None else seed
-        self._salt = self.seed.to_bytes(16, "little", signed=True)
+        word = self.seed & ((1 << 128) - 1)  # any integer a --seed flag takes
+        self._salt = word.to_bytes(16, "little")
         self._envs: dict[str, int] = {}
-        self._unkeyed = np.random.default_rng(self.seed)
+        self._unkeyed = np.random.default_rng(word)
 
     def _env(self, env_id: str) -> int:
         key = self._envs.get(env_id)

@@ -244,18 +244,18 @@ def decide(
         client.delete(generation_key(streams))  # nobody to resume: nothing left to finish
         raise EvolutionError(f"none of the live models {live} sent its weights within {timeout}s")
 
-    # Individuals must have one layout; a model of another architecture is resumed, not evolved.
-    size = Counter(len(v) for v in own.values()).most_common(1)[0][0]
-    vectors = {cid: v for cid, v in own.items() if len(v) == size and np.isfinite(v).all()}
-    if normalizing := [cid for cid in sorted(vectors) if normalizes(client, streams, cid)]:
-        # Weights moved without the observation statistics they were trained with would act on
-        # inputs scaled for another model (and fitness by returns would play them unscaled).
+    # Weights moved without the observation statistics they were trained with would act on inputs
+    # scaled for another model (and fitness by returns would play them unscaled): not evolved.
+    if normalizing := [cid for cid in sorted(own) if normalizes(client, streams, cid)]:
         log.warning(
             "not evolved: models with --normalize-obs keep their own weights (evolution does not move"
             " their statistics)",
             models=normalizing,
         )
-        vectors = {cid: v for cid, v in vectors.items() if cid not in normalizing}
+    # Individuals must have one layout; a model of another architecture is resumed, not evolved.
+    evolvable = {cid: v for cid, v in own.items() if cid not in normalizing}
+    size = Counter(len(v) for v in evolvable.values()).most_common(1)[0][0] if evolvable else 0
+    vectors = {cid: v for cid, v in evolvable.items() if len(v) == size and np.isfinite(v).all()}
     try:
         if not vectors:
             fitness, new, actions = {}, {}, {}
@@ -276,7 +276,7 @@ def decide(
         await_acks(client, streams, generation, timeout)
         client.delete(generation_key(streams))
         raise
-    for cid in own.keys() - vectors.keys():
+    for cid in evolvable.keys() - vectors.keys():
         actions[cid] = f"kept: {len(own[cid])} weights, not {size}, or not finite"
     for cid in normalizing:
         actions[cid] = "kept: it normalizes its observations"
@@ -285,9 +285,8 @@ def decide(
 
 
 def normalizes(client: redis.Redis, streams: Streams, component_id: str) -> bool:
-    """Whether the model normalizes its observations, as the spec it publishes says."""
-    spec = client.hget(streams.model_key(component_id, "policy"), "spec")
-    return bool(spec and json.loads(spec).get("normalize_obs"))
+    """Whether the model normalizes its observations, as its heartbeat says."""
+    return client.hget(streams.model_key(component_id, "info"), "normalize_obs") == b"1"
 
 
 def format_report(report: EvolutionReport) -> str:

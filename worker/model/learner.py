@@ -197,7 +197,8 @@ class Learner:
                 memory.ready.append(result.segment)
                 self.ready_envs.add(obs.env_id)
         self._complete(recorded)
-        trained = self.train(self._take_ready())
+        paused = self.paused()
+        trained = self.train(self._take_ready(paused), paused)
         if trained:
             # SB3 acts on the newest observations with the updated policy; so do we. The values of
             # the segments' last observations above stay those of the old policy, as in SB3.
@@ -225,14 +226,14 @@ class Learner:
         for (transition, _, bootstrap, _), reward, lp in zip(recorded, rewards, log_probs, strict=True):
             transition.reward, transition.log_prob = reward + bootstrap, lp
 
-    def _take_ready(self) -> list[Segment]:
+    def _take_ready(self, paused: bool) -> list[Segment]:
         """The segments to train on now: all those ready once there are ``--segments-per-update``
         (all at once while training is paused, to be discarded), in the order of their environments'
         IDs, so that an update is the same after a restart; none before. :attr:`ready_envs` keeps
         the environments whose memories this changes until the commit takes them."""
         ready = [env for env in self.ready_envs if env in self.memories and self.memories[env].ready]
         count = sum(len(self.memories[env].ready) for env in ready)
-        if count < self.settings.segments_per_update and not (count and self.paused()):
+        if count < self.settings.segments_per_update and not (count and paused):
             return []
         segments = []
         for env in sorted(ready):
@@ -242,11 +243,11 @@ class Learner:
         self.ready_envs.clear()
         return segments
 
-    def train(self, segments: list[Segment]) -> bool:
-        """One A2C update over ``segments`` unless training is paused; True if the weights changed."""
+    def train(self, segments: list[Segment], paused: bool) -> bool:
+        """One A2C update over ``segments`` unless training is ``paused``; True if the weights changed."""
         if not segments:
             return False
-        if self.paused():
+        if paused:
             self.counters.discarded += len(segments)
             return False
         self.lag.add(self.counters.updates, segments)
@@ -278,10 +279,11 @@ class Learner:
         if below <= self._swept_below:
             return []
         self._swept_below = below
-        silent = [env for env, memory in self.memories.items() if memory.seen_ms < below]
+        # A memory with segments waiting stays until they are trained on: complete, they need no
+        # further step, and whether they were trained must not depend on when this sweep ran.
+        silent = [env for env, m in self.memories.items() if m.seen_ms < below and not m.ready]
         for env in silent:
-            memory = self.memories.pop(env)
-            self.counters.dropped += len(memory.rollout) + sum(len(s.transitions) for s in memory.ready)
+            self.counters.dropped += len(self.memories.pop(env).rollout)
         self.counters.forgotten += len(silent)
         return silent
 

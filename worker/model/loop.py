@@ -136,7 +136,8 @@ class ModelWorker(Service):
         except REDIS_ERRORS as exc:
             log.warning("could not release lease", error=str(exc))
         if self.board is not None:
-            self.board.dump(self.counters, self.learner.last_update, self.learner.last_learning_rate)
+            learner = self.learner
+            self.board.dump(self.counters, learner.last_update, learner.last_learning_rate, self.memories)
             self.board.close()
         reconnects = self.outages.reconnects
         log.info("stopped", component_id=self.component_id, reconnects=reconnects, **vars(self.counters))
@@ -214,13 +215,14 @@ class ModelWorker(Service):
                     "reconnects": self.outages.reconnects,
                     "unreplicated": self.store.unreplicated,
                     "policy_lag": json.dumps(self.learner.lag.summary()),
+                    "normalize_obs": int(self.settings.normalize_obs),
                     "spaces": self.spaces.to_json(),
                 }
             )
             self.metrics.heartbeat(self.redis, self.group, self._inputs, len(self.memories))
             if self.board is not None:
                 learner = self.learner
-                self.board.dump(self.counters, learner.last_update, learner.last_learning_rate)
+                self.board.dump(self.counters, learner.last_update, learner.last_learning_rate, self.memories)
             if not force:
                 self._claim_pending(self.settings.claim_idle_ms)
 

@@ -209,11 +209,11 @@ def observe(
     """
     segment, recorded, dropped, forgotten = None, None, 0, False
     seen_ms = split_id(obs.entry_id)[0]
+    ready = memory.ready if memory is not None else []  # complete: they outlive the TTL
     if memory is not None and seen_ms - memory.seen_ms > rules.ttl_ms:
         # Decided here, by the entry IDs alone, so that what is learned never depends on when a
         # sweep ran (batching, restarts): Learner.forget_silent only frees what never comes back.
-        dropped, forgotten = len(memory.rollout) + sum(len(s.transitions) for s in memory.ready), True
-        memory = None
+        dropped, forgotten, memory = len(memory.rollout), True, None
     if repeat:
         assert memory is not None  # a repeat has a memory within the TTL: find_repeats saw it
         return memory, StepResult(None, 0, False, repeat=True)
@@ -253,7 +253,7 @@ def observe(
         rollout,
         obs.step,
         0.0 if obs.done else ret,
-        ready=memory.ready if memory is not None else [],
+        ready=ready,
     )
     return new, StepResult(segment, dropped, forgotten, recorded=recorded)
 

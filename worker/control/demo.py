@@ -48,6 +48,11 @@ class DemoSettings(TrainSettings):
         " 3 primaries and 3 replicas); env REDIS_URL",
     )
     models: int = Field(2, gt=0, description="model workers in the swarm")
+    evolve: bool = Field(
+        False,
+        description="one evolution step between rounds (with 2+ models); off: at equal steps it did not"
+        " help (README, 'Does evolution help?')",
+    )
     n_envs: int = Field(8, gt=0, description="parallel environments")
     rounds: int = Field(40, gt=0, description="budget: training rounds")
     target: float | None = Field(475.0, description="mean evaluation return that counts as solved")

@@ -194,7 +194,8 @@ def train(
         )
         curve.append(point)
         bar.set_postfix(steps=train_steps, train=f"{point.train_return:.1f}", eval=f"{point.eval_return:.1f}")
-        log.info("round", **asdict(point))
+        lags = {cid: lag.get("mean") for cid, lag in point.policy_lag.items()}
+        log.info("round", **{**asdict(point), "policy_lag": lags})
         if on_round is not None:
             on_round(point)
         if target is not None and point.eval_return >= target:

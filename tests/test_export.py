@@ -20,8 +20,8 @@ from tests.components import model, running
 from worker.cli import main
 from worker.client import PolicyClient
 from worker.common.servers import free_port
-from worker.control.export import read_policy
 from worker.model.policy import make_policy, unpack_state
+from worker.model.sb3zip import read_policy
 from worker.model.store import ModelStore
 from worker.protocol import Streams
 

@@ -16,7 +16,6 @@ from stable_baselines3.common.buffers import RolloutBuffer
 
 from worker.common import logs
 from worker.common.distributions import log_prob
-from worker.control.export import read_policy
 from worker.model import a2c
 from worker.model.inputs import Inputs, row
 from worker.model.memory import EnvMemory, Evaluated, Rules, Segment, Transition, find_repeats, observe
@@ -30,6 +29,7 @@ from worker.model.policy import (
     unpack_state,
     weights_as_vector,
 )
+from worker.model.sb3zip import read_policy
 from worker.model.settings import ModelSettings
 from worker.protocol import Observation
 

@@ -61,17 +61,20 @@ class ModelBoard:
                 ret, length = 0.0, 0
             self.running[obs.env_id] = (ret, length, obs.step)
 
-    def dump(self, counters: Any, last: Any | None, learning_rate: float, envs: Any) -> None:
+    def dump(self, learner: Any) -> None:
         """Write the scalars if anything moved since the last write.
 
-        :param counters: the model's :class:`~worker.model.learner.Counters` (transitions: the x axis)
-        :param last: the last update's :class:`~worker.model.a2c.UpdateStats`, if any
-        :param learning_rate: the learning rate of that update
-        :param envs: the environments the model remembers: the episodes of the others are forgotten
+        :param learner: the model's :class:`~worker.model.learner.Learner`: its counters (transitions:
+            the x axis), its last update and that update's learning rate, and the environments it
+            remembers (the episodes of the others are forgotten here too)
         """
-        for env in [env for env in self.running if env not in envs]:
+        for env in [env for env in self.running if env not in learner.memories]:
             del self.running[env]
-        transitions, updates = counters.transitions, counters.updates
+        transitions, updates, last = (
+            learner.counters.transitions,
+            learner.counters.updates,
+            learner.last_update,
+        )
         if (transitions, updates) == self.dumped:
             return
         now = time.monotonic()
@@ -87,7 +90,7 @@ class ModelBoard:
         record("time/total_timesteps", transitions)
         if last is not None:
             record("train/n_updates", updates)
-            record("train/learning_rate", learning_rate)
+            record("train/learning_rate", learner.last_learning_rate)
             record("train/policy_loss", last.policy_loss)
             record("train/value_loss", last.value_loss)
             record("train/entropy_loss", -last.entropy)

@@ -256,18 +256,12 @@ def decide(
     evolvable = {cid: v for cid, v in own.items() if cid not in normalizing}
     size = Counter(len(v) for v in evolvable.values()).most_common(1)[0][0] if evolvable else 0
     vectors = {cid: v for cid, v in evolvable.items() if len(v) == size and np.isfinite(v).all()}
+    fitness: dict[str, float] = {}
+    new: Vectors = {}
+    actions: dict[str, str] = {}
     try:
-        if not vectors:
-            fitness, new, actions = {}, {}, {}
-        elif settings.fitness == "contribution":
-            fitness = {cid: generation.shares.get(cid, 0.0) for cid in vectors}
-        else:
-            seeds = rng.integers(2**31, size=settings.fitness_episodes).tolist()  # the same for every model
-            fitness = mean_returns(vectors, settings, seeds)
-        if vectors and settings.algorithm == "pbt":
-            new, actions = pbt_step(vectors, fitness, settings, rng)
-        elif vectors:
-            new, actions = ga_step(vectors, fitness, settings, int(rng.integers(2**63)))
+        if vectors:
+            fitness, new, actions = _vary(vectors, generation, settings, rng)
     except BaseException:
         log.exception("generation failed: resuming every model with its own weights")
         kept = {cid: "kept: the generation failed" for cid in own}
@@ -282,6 +276,20 @@ def decide(
         actions[cid] = "kept: it normalizes its observations"
     outcome = {"algorithm": settings.algorithm, "fitness": fitness, "actions": actions, "missing": missing}
     send_weights(client, streams, generation, {**own, **new}, outcome, settings)
+
+
+def _vary(
+    vectors: Vectors, generation: Generation, settings: EvolutionSettings, rng: np.random.Generator
+) -> tuple[dict[str, float], Vectors, dict[str, str]]:
+    """Fitness, the new weights and what became of each model: one PBT or GA step."""
+    if settings.fitness == "contribution":
+        fitness = {cid: generation.shares.get(cid, 0.0) for cid in vectors}
+    else:
+        seeds = rng.integers(2**31, size=settings.fitness_episodes).tolist()  # the same for every model
+        fitness = mean_returns(vectors, settings, seeds)
+    if settings.algorithm == "pbt":
+        return fitness, *pbt_step(vectors, fitness, settings, rng)
+    return fitness, *ga_step(vectors, fitness, settings, int(rng.integers(2**63)))
 
 
 def normalizes(client: redis.Redis, streams: Streams, component_id: str) -> bool:

@@ -136,8 +136,7 @@ class ModelWorker(Service):
         except REDIS_ERRORS as exc:
             log.warning("could not release lease", error=str(exc))
         if self.board is not None:
-            learner = self.learner
-            self.board.dump(self.counters, learner.last_update, learner.last_learning_rate, self.memories)
+            self.board.dump(self.learner)
             self.board.close()
         reconnects = self.outages.reconnects
         log.info("stopped", component_id=self.component_id, reconnects=reconnects, **vars(self.counters))
@@ -221,8 +220,7 @@ class ModelWorker(Service):
             )
             self.metrics.heartbeat(self.redis, self.group, self._inputs, len(self.memories))
             if self.board is not None:
-                learner = self.learner
-                self.board.dump(self.counters, learner.last_update, learner.last_learning_rate, self.memories)
+                self.board.dump(self.learner)
             if not force:
                 self._claim_pending(self.settings.claim_idle_ms)
 
@@ -310,9 +308,10 @@ class ModelWorker(Service):
     def _step(self, run: list[tuple[Observation, bool]], outbox: Outbox) -> None:
         """Let the learner answer and learn from a run of observations (each with whether it came
         from the inbox, which is answered with an action); queue the replies."""
-        answers, trained = self.learner.step([obs for obs, _ in run])
+        observations = [obs for obs, _ in run]
+        answers, trained = self.learner.step(observations)
         if self.board is not None:
-            self.board.observe([obs for obs, _ in run])
+            self.board.observe(observations)
         outbox.weights_changed |= trained
         outbox.touched_envs.update(obs.env_id for obs, _ in run)
         outbox.answered += [obs.entry_id for obs, _ in run if obs.answer]

@@ -32,11 +32,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-from dataclasses import dataclass
 
 import numpy as np
 
 from bench.hyperparams import SPECS, EnvSpec
+from bench.parity import Row, row
 from worker.common import logs
 from worker.control.demo import DemoSettings, train_swarm
 from worker.control.train import RoundResult
@@ -54,17 +54,6 @@ ARMS: dict[str, dict] = {
     "4 models + GA (returns)": {"models": 4, "evolve": True, "algorithm": "ga", "fitness": "returns"},
 }
 BUDGETS = {"CartPole-v1": (5_000, 12), "Acrobot-v1": (8_000, 6)}  # steps per round, rounds
-
-
-@dataclass(frozen=True)
-class Outcome:
-    env_id: str
-    arm: str
-    seed: int
-    solved: bool
-    steps: int  # training steps to the threshold, or the whole budget
-    final: float  # the last evaluation's mean return
-    seconds: float  # wall-clock, evaluations and evolution included
 
 
 def train_arm(spec: EnvSpec, arm: str, seed: int, steps_per_round: int, rounds: int) -> list[RoundResult]:
@@ -85,26 +74,20 @@ def train_arm(spec: EnvSpec, arm: str, seed: int, steps_per_round: int, rounds: 
     return train_swarm(settings)
 
 
-def outcome(spec: EnvSpec, arm: str, seed: int, curve: list[RoundResult]) -> Outcome:
-    last = curve[-1]
-    solved = spec.target is not None and last.eval_return >= spec.target
-    return Outcome(spec.env_id, arm, seed, solved, last.train_steps, last.eval_return, last.seconds)
-
-
 def spread(values: list[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
 
 
-def table(outcomes: list[Outcome], arms: list[str]) -> list[str]:
+def table(outcomes: dict[str, list[Row]], arms: list[str]) -> list[str]:
     """One row per environment and arm: medians and ranges over the seeds."""
     lines = [
         "| environment | arm | reached the threshold | steps to reach it: median [range] | final mean return:"
         " median [range] | wall-clock s: median [range] |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for env_id in dict.fromkeys(o.env_id for o in outcomes):
+    for env_id, rows in outcomes.items():
         for arm in arms:
-            mine = [o for o in outcomes if o.env_id == env_id and o.arm == arm]
+            mine = [o for o in rows if o.system == arm]
             if mine:
                 lines.append(
                     f"| {env_id} | {arm} | {sum(o.solved for o in mine)} of {len(mine)} |"
@@ -163,7 +146,7 @@ def main() -> None:
         args.envs, args.seeds = ["CartPole-v1"], [0]
         budgets["CartPole-v1"] = (1_000, 2)
     logs.configure("warning")
-    outcomes: list[Outcome] = []
+    outcomes: dict[str, list[Row]] = {}
     curves: dict[tuple[str, str], list[list[RoundResult]]] = {}
     for env_id in args.envs:
         spec, (steps_per_round, rounds) = dataclasses.replace(SPECS[env_id], normalize=False), budgets[env_id]
@@ -171,8 +154,8 @@ def main() -> None:
             for arm in args.arms:
                 curve = train_arm(spec, arm, seed, steps_per_round, rounds)
                 curves.setdefault((env_id, arm), []).append(curve)
-                result = outcome(spec, arm, seed, curve)
-                outcomes.append(result)
+                result = row(arm, seed, curve, spec.target)
+                outcomes.setdefault(env_id, []).append(result)
                 print(f"{env_id}, {arm}, seed {seed}: {result}", flush=True)
     print("\n".join(table(outcomes, args.arms)))
     plot(curves, args.plot, budgets)
